@@ -1,0 +1,1 @@
+//! Hardware probe (see probe/mod.rs docs).
