@@ -1,8 +1,17 @@
 //! tilewise: finds, per machine and model, a matmul policy for MLX-LM that is measurably faster and
 //! output-preserving, and serves it to mlx_lm processes over a local socket.
 //!
-//! Modules follow the pipeline: probe → policy → store → ipc (serve). The evolution, worker and
-//! schedule modules plug into the same pipeline (see ../shared/DESIGN.md and docs/).
+//! Modules follow the pipeline: probe → evolve → measure (worker) → store → serve (ipc) → apply
+//! (the Python plugin). `schedule` gates tuning on idle/power/thermal state; `service` installs the
+//! login service. See ../shared/DESIGN.md and docs/.
 
+pub mod config;
+pub mod evolve;
+pub mod ipc;
+pub mod paths;
 pub mod policy;
 pub mod probe;
+pub mod schedule;
+pub mod service;
+pub mod store;
+pub mod worker;
