@@ -1,1 +1,318 @@
-//! Hardware probe (see probe/mod.rs docs).
+//! Hardware probe: one [`Device`] record describing what matters for matmul tuning on this machine,
+//! and a stable [`Device::fingerprint`] that keys every policy, session and measurement in the store.
+//!
+//! What is read where, and why:
+//!
+//! * **macOS (Apple Silicon)** — `sysctl hw machdep.cpu.brand_string` gives the chip brand
+//!   ("Apple M3 Max", from which family and variant are parsed), the performance levels
+//!   (`hw.perflevelN.{name,physicalcpu,logicalcpu,l1dcachesize,l2cachesize,cpusperl2}`: P and E
+//!   clusters differ in core count and cache, which bounds CPU-side work), `hw.memsize`,
+//!   `hw.cachelinesize` and `hw.pagesize`. `ioreg -rc AGXAccelerator` gives `gpu-core-count`: the
+//!   same brand ships with different GPU core counts (M3 Max 30 or 40) and different memory
+//!   bandwidth, and MLX's Metal GEMM tiles depend on both. Both commands' outputs are parsed by
+//!   pure functions in [`apple`], tested on recorded outputs; only [`macos`] runs them.
+//! * **Linux** — `/sys/devices/system/cpu/cpu*/{topology,cache/index*,cpufreq}` gives the cores
+//!   and caches (grouped into performance levels for hybrid CPUs), `/proc/cpuinfo` the model name,
+//!   `sysinfo` the installed memory, `sysconf(_SC_PAGESIZE)` the page size, and
+//!   `nvidia-smi --query-gpu=...` an NVIDIA GPU when one is present (MLX's CUDA backend).
+//!   All parsers in [`linux`] and [`nvidia`] take a root path or text so they run on fixtures.
+//! * Memory bandwidth is not reported by any command; it comes from Apple's published figures in
+//!   [`bandwidth`], keyed by family, variant and GPU core count.
+//!
+//! [`detect`] never panics: whatever cannot be read is `None` (or empty), never guessed.
+
+pub mod apple;
+pub mod bandwidth;
+mod command;
+pub mod linux;
+#[cfg(target_os = "macos")]
+pub mod macos;
+pub mod nvidia;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fmt;
+
+/// Version tag of the fingerprint's canonical form. Changing which fields are hashed changes every
+/// fingerprint (and so orphans stored results): bump this only on purpose.
+pub const FINGERPRINT_VERSION: &str = "tilewise.device/1";
+
+/// The MLX backend a process on this machine is expected to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Metal,
+    Cuda,
+    Cpu,
+}
+
+impl Backend {
+    /// The name used in policies (`target.backend`) and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Metal => "metal",
+            Backend::Cuda => "cuda",
+            Backend::Cpu => "cpu",
+        }
+    }
+
+    /// Metal on Apple Silicon macOS, CUDA where an NVIDIA GPU answers `nvidia-smi`, CPU otherwise.
+    pub fn expected(os: &str, arch: &str, has_nvidia_gpu: bool) -> Backend {
+        if os == "macos" && arch == "aarch64" {
+            Backend::Metal
+        } else if has_nvidia_gpu {
+            Backend::Cuda
+        } else {
+            Backend::Cpu
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Apple Silicon variant, from the brand string ("Apple M3 Max" → `Max`; "Apple M4" → `Base`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Variant {
+    #[serde(rename = "base")]
+    Base,
+    Pro,
+    Max,
+    Ultra,
+}
+
+impl Variant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Base => "base",
+            Variant::Pro => "Pro",
+            Variant::Max => "Max",
+            Variant::Ultra => "Ultra",
+        }
+    }
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One class of CPU cores (Apple: a `hw.perflevelN`; Linux: CPUs with the same caches and top
+/// frequency). Level 0 is the fastest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PerfLevel {
+    /// "Performance", "Efficiency" (Apple's names; Linux uses the same for hybrid CPUs).
+    pub name: String,
+    pub physical_cores: u32,
+    pub logical_cores: u32,
+    /// L1 data cache of one core.
+    pub l1d_bytes: Option<u64>,
+    /// Size of one L2 instance (on Apple Silicon shared by a whole cluster; see `cpus_per_l2`).
+    pub l2_bytes: Option<u64>,
+    /// How many logical CPUs share one L2 instance.
+    pub cpus_per_l2: Option<u32>,
+}
+
+/// An NVIDIA GPU as reported by `nvidia-smi`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvidiaGpu {
+    pub name: String,
+    pub memory_bytes: Option<u64>,
+    pub driver: Option<String>,
+    /// "9.0" for an H100.
+    pub compute_capability: Option<String>,
+}
+
+/// What the probe found. Serialized as-is in `status` replies and `tilewise probe --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    /// `std::env::consts::OS`: "macos", "linux".
+    pub os: String,
+    /// `std::env::consts::ARCH`: "aarch64", "x86_64".
+    pub arch: String,
+    /// Brand string: "Apple M3 Max", "Intel(R) Xeon(R) Processor".
+    pub chip: Option<String>,
+    /// Apple Silicon generation, "M1" … "M5".
+    pub family: Option<String>,
+    pub variant: Option<Variant>,
+    /// Fastest first.
+    pub perf_levels: Vec<PerfLevel>,
+    /// Physical cores of level 0.
+    pub p_cores: u32,
+    /// Physical cores of all other levels.
+    pub e_cores: u32,
+    pub cache_line_bytes: Option<u64>,
+    pub page_size_bytes: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    /// Apple GPU cores (`gpu-core-count`); `None` elsewhere.
+    pub gpu_cores: Option<u32>,
+    /// Unified-memory bandwidth from Apple's published figures ([`bandwidth`]).
+    pub memory_bandwidth_gbs: Option<f64>,
+    pub backend: Backend,
+    pub nvidia: Option<NvidiaGpu>,
+}
+
+/// Probes this machine. Never panics; whatever cannot be read is left `None`.
+pub fn detect() -> Device {
+    #[cfg(target_os = "macos")]
+    {
+        macos::detect()
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        linux::detect()
+    }
+}
+
+impl Device {
+    /// The fields that matter for tuning, one `key=value` per line, in a fixed order. Hostnames,
+    /// memory size (tuning does not depend on it, and VMs report it inexactly), the derived
+    /// bandwidth and the NVIDIA driver version are deliberately left out, so the fingerprint
+    /// survives reboots and driver updates.
+    pub fn fingerprint_input(&self) -> String {
+        fn opt<T: fmt::Display>(v: &Option<T>) -> String {
+            v.as_ref().map_or_else(|| "-".to_string(), |v| v.to_string())
+        }
+        let mut s = String::new();
+        let mut line = |k: &str, v: String| {
+            s.push_str(k);
+            s.push('=');
+            s.push_str(&v);
+            s.push('\n');
+        };
+        line("v", FINGERPRINT_VERSION.to_string());
+        line("os", self.os.clone());
+        line("arch", self.arch.clone());
+        line("chip", opt(&self.chip));
+        line("family", opt(&self.family));
+        line("variant", opt(&self.variant));
+        for (i, l) in self.perf_levels.iter().enumerate() {
+            line(
+                &format!("level{i}"),
+                format!(
+                    "{},{},{},{},{},{}",
+                    l.name,
+                    l.physical_cores,
+                    l.logical_cores,
+                    opt(&l.l1d_bytes),
+                    opt(&l.l2_bytes),
+                    opt(&l.cpus_per_l2)
+                ),
+            );
+        }
+        line("p_cores", self.p_cores.to_string());
+        line("e_cores", self.e_cores.to_string());
+        line("cache_line", opt(&self.cache_line_bytes));
+        line("page_size", opt(&self.page_size_bytes));
+        line("gpu_cores", opt(&self.gpu_cores));
+        line("backend", self.backend.to_string());
+        if let Some(g) = &self.nvidia {
+            line(
+                "nvidia",
+                format!(
+                    "{},{},{}",
+                    g.name,
+                    opt(&g.memory_bytes),
+                    opt(&g.compute_capability)
+                ),
+            );
+        }
+        s
+    }
+
+    /// Stable id of this machine for tuning purposes: `"dev-"` + 16 hex digits of the SHA-256 of
+    /// [`Device::fingerprint_input`].
+    pub fn fingerprint(&self) -> String {
+        let digest = Sha256::digest(self.fingerprint_input().as_bytes());
+        format!("dev-{}", &hex::encode(digest)[..16])
+    }
+}
+
+/// The text `tilewise probe` prints for a person.
+pub fn render_human(device: &Device) -> String {
+    device.to_string()
+}
+
+/// Bytes for a person: whole units where exact ("48 KiB", "16 MiB", "64 GiB"), else one decimal.
+fn fmt_bytes(b: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (name, size) in UNITS {
+        if b >= size {
+            return if b % size == 0 {
+                format!("{} {name}", b / size)
+            } else {
+                format!("{:.1} {name}", b as f64 / size as f64)
+            };
+        }
+    }
+    format!("{b} B")
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNKNOWN: &str = "unknown";
+        let chip = self.chip.as_deref().unwrap_or(UNKNOWN);
+        match (&self.family, &self.variant) {
+            (Some(fam), Some(var)) => writeln!(f, "Chip          {chip} (family {fam}, {var})")?,
+            _ => writeln!(f, "Chip          {chip}")?,
+        }
+        writeln!(f, "System        {} {}", self.os, self.arch)?;
+        writeln!(
+            f,
+            "CPU cores     {} ({} performance + {} efficiency)",
+            self.p_cores + self.e_cores,
+            self.p_cores,
+            self.e_cores
+        )?;
+        for l in &self.perf_levels {
+            let mut parts = vec![format!(
+                "{} cores ({} logical)",
+                l.physical_cores, l.logical_cores
+            )];
+            if let Some(b) = l.l1d_bytes {
+                parts.push(format!("L1d {}", fmt_bytes(b)));
+            }
+            if let Some(b) = l.l2_bytes {
+                match l.cpus_per_l2 {
+                    Some(1) => parts.push(format!("L2 {} per CPU", fmt_bytes(b))),
+                    Some(n) => parts.push(format!("L2 {} shared by {n} CPUs", fmt_bytes(b))),
+                    None => parts.push(format!("L2 {}", fmt_bytes(b))),
+                }
+            }
+            writeln!(f, "  {:<12}{}", l.name, parts.join(", "))?;
+        }
+        let or_unknown = |v: Option<u64>| v.map_or_else(|| UNKNOWN.to_string(), fmt_bytes);
+        writeln!(
+            f,
+            "Cache line    {}; page size {}",
+            or_unknown(self.cache_line_bytes),
+            or_unknown(self.page_size_bytes)
+        )?;
+        let bw = self
+            .memory_bandwidth_gbs
+            .map_or_else(String::new, |g| format!(", bandwidth {g} GB/s"));
+        writeln!(f, "Memory        {}{bw}", or_unknown(self.memory_bytes))?;
+        if let Some(n) = self.gpu_cores {
+            writeln!(f, "GPU cores     {n}")?;
+        }
+        if let Some(g) = &self.nvidia {
+            let mut parts = vec![g.name.clone()];
+            if let Some(m) = g.memory_bytes {
+                parts.push(fmt_bytes(m));
+            }
+            if let Some(cc) = &g.compute_capability {
+                parts.push(format!("compute {cc}"));
+            }
+            if let Some(d) = &g.driver {
+                parts.push(format!("driver {d}"));
+            }
+            writeln!(f, "NVIDIA GPU    {}", parts.join(", "))?;
+        }
+        writeln!(f, "MLX backend   {}", self.backend)?;
+        write!(f, "Fingerprint   {}", self.fingerprint())
+    }
+}
