@@ -1,0 +1,586 @@
+"""The mlx_lm plugin: one call makes every model this process loads run the best *proven* policy.
+
+    import tilewise
+    tilewise.enable_optimizations()            # ask the daemon (the normal case)
+    model, tokenizer = mlx_lm.load(...)        # the policy is applied here
+    print(tilewise.status())                   # what is applied, and why
+
+Where the policy comes from (`source`):
+
+- ``None``: the daemon, over its local socket (docs/protocol.md: ``hello``, ``status`` for the
+  daemon's device fingerprint, ``policy.get`` for this model fingerprint, MLX version and backend),
+  all within one short deadline (:data:`DEFAULT_TIMEOUT_S`). Every answer is cached on disk (the
+  cache mirrors the daemon's *last* answer, native included). When the daemon is absent, slow or
+  broken, the cached answer is used while it is valid, else native.
+- a path to a policy JSON file, or to an OpenEvolve ``best_program.py`` (a trusted local file the user
+  named) whose ``choose_tile_size`` is tabulated over the loaded model's shapes into a policy by the
+  evaluator's tabulate code (run in a separate process with a time limit).
+
+What is refused (and replaced by native, with the reason in :func:`status`): a policy that fails the
+schema or the cross-field checks, one whose content hash differs from what the daemon said, one that
+targets another device, model, MLX version or backend (``*`` matches anything), one with kernel plans
+for a backend this process does not run.
+
+"Native" means the model is left exactly as stock (no layer is patched), so a fallback can never
+cost anything. A policy in force that is all-native is not patched in either, for the same reason.
+
+The cache (``<cache dir>/policies/<key>.json``, key = model fingerprint, MLX version, backend) holds
+the policy, its hash, the daemon's device fingerprint, a host key of this machine and the fetch time.
+It is used only while it is at most :data:`DEFAULT_CACHE_MAX_AGE_S` old (7 days; env
+``TILEWISE_POLICY_CACHE_MAX_AGE_S`` overrides), written on this same host, and its policy still passes
+every check above against the cached device fingerprint. Seven days, because a policy proven for an
+exact (device, model, MLX version) stays correct as long as those do — which the key and target
+already pin — while the age limit bounds how long a policy the daemon has since replaced can outlive
+it on a machine whose daemon stopped running.
+
+Nothing here ever raises into the user's program: every failure becomes native plus ONE warning per
+process (:class:`TilewiseWarning`); later problems are logged at INFO level and all are in status().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any, Optional
+
+from .daemon_client import DEFAULT_TIMEOUT_S, DaemonClient, DaemonError, DaemonUnavailable, cache_dir
+
+log = logging.getLogger("tilewise.plugin")
+
+DEFAULT_CACHE_MAX_AGE_S = 7 * 24 * 3600
+CACHE_FORMAT = "tilewise.policy-cache/1"
+DEVICE_FILE_FORMAT = "tilewise.device-cache/1"
+#: Values of :attr:`ModelRecord.source`.
+SOURCES = ("daemon", "cache", "file", "native")
+
+
+class TilewiseWarning(UserWarning):
+    """The plugin fell back to native (or to a cached policy); the message says why."""
+
+
+@dataclasses.dataclass
+class ModelRecord:
+    """What was done to one model and why."""
+
+    model_fingerprint: Optional[str]
+    #: "daemon" | "cache" | "file" | "native"
+    source: str
+    #: Human-readable explanation (why this policy, or why native).
+    reason: str
+    policy_hash: Optional[str] = None
+    policy_name: Optional[str] = None
+    target: Optional[dict] = None
+    #: How many layers were patched (0 when native: the model is left stock).
+    patched_layers: int = 0
+    #: Evidence the daemon sent with a proven policy (ratio, lo, hi, session_id, promoted_at).
+    evidence: Optional[dict] = None
+    fetched_at: Optional[str] = None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Status:
+    """Returned by :func:`status`: printable (``print(tilewise.status())``) or as a dict."""
+
+    enabled: bool
+    #: "daemon" or the policy/program path the user named.
+    requested: Optional[str]
+    models: list
+    #: Matmul calls per plan kind since this process started (all patched models together).
+    calls: dict
+    warning: Optional[str]
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["models"] = [m.as_dict() if hasattr(m, "as_dict") else m for m in self.models]
+        return d
+
+    def __str__(self) -> str:
+        if not self.enabled and not self.models:
+            return "tilewise: not enabled (call tilewise.enable_optimizations())"
+        lines = [f"tilewise: {'enabled' if self.enabled else 'disabled'}, policy source: {self.requested}"]
+        if not self.models:
+            lines.append("  no model loaded since enabling")
+        for m in self.models:
+            what = f"{m.policy_hash[:19]}… ({m.policy_name or 'unnamed'})" if m.policy_hash else "none"
+            lines.append(
+                f"  model {m.model_fingerprint}: {m.source}, policy {what}, "
+                f"{m.patched_layers} layers patched — {m.reason}"
+            )
+        lines.append("  matmul calls: " + ", ".join(f"{k} {v}" for k, v in self.calls.items()))
+        if self.warning:
+            lines.append(f"  warning: {self.warning}")
+        return "\n".join(lines)
+
+
+class _Config:
+    """Process-wide plugin state (one per process, like the patched mlx_lm.load)."""
+
+    def __init__(self):
+        self.enabled = False
+        self.source: Optional[str] = None
+        self.timeout = DEFAULT_TIMEOUT_S
+        self.announce = False
+        self.records: list = []
+        # model id -> weakref, so disable() can unpatch what we patched without keeping models alive
+        self.patched: dict = {}
+        self.warning: Optional[str] = None
+
+
+_STATE = _Config()
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def enable_optimizations(source=None, *, model=None, timeout: float = DEFAULT_TIMEOUT_S, announce: bool = False):
+    """Applies the best proven policy to every model loaded from now on by ``mlx_lm.load``
+    (and to ``model`` now, when given). Returns :func:`status`. Never raises on a missing daemon or
+    a bad policy: those fall back to native with one warning.
+
+    ``source``: None (ask the daemon), or a path to a policy JSON or an OpenEvolve ``best_program.py``.
+    ``timeout``: seconds for connect + handshake + reply from the daemon.
+    ``announce``: print one status line per applied model on stderr (the CLI wrapper uses it).
+    """
+    _STATE.enabled = True
+    _STATE.source = None if source is None else os.fspath(source)
+    _STATE.timeout = float(timeout)
+    _STATE.announce = announce
+    _install_load_hook()
+    if model is not None:
+        apply_to(model)
+    return status()
+
+
+def apply_to(model, source=...):
+    """Resolves and applies the policy for an already loaded ``model``; returns its ModelRecord.
+    ``source`` defaults to the one given to enable_optimizations (else the daemon)."""
+    src = _STATE.source if source is ... else (None if source is None else os.fspath(source))
+    try:
+        record = _apply(model, src)
+    except Exception as e:  # the plugin must never break the user's program
+        _unpatch(model)
+        record = ModelRecord(None, "native", f"tilewise failed, model left stock: {type(e).__name__}: {e}")
+        _warn(record.reason)
+    _STATE.records.append(record)
+    if _STATE.announce:
+        print(f"tilewise: {record.source}, policy {record.policy_hash or 'native'}, "
+              f"{record.patched_layers} layers patched — {record.reason}", file=sys.stderr, flush=True)
+    return record
+
+
+def status() -> Status:
+    from . import patch
+
+    return Status(
+        enabled=_STATE.enabled,
+        requested=(_STATE.source or "daemon") if _STATE.enabled or _STATE.records else None,
+        models=list(_STATE.records),
+        calls=patch.call_counts(),
+        warning=_STATE.warning,
+    )
+
+
+def disable() -> None:
+    """Restores ``mlx_lm.load`` and unpatches every model this plugin patched (that is still alive)."""
+    _uninstall_load_hook()
+    for ref in list(_STATE.patched.values()):
+        m = ref()
+        if m is not None:
+            _unpatch(m)
+    _STATE.patched.clear()
+    _STATE.enabled = False
+
+
+def _reset_for_tests() -> None:
+    """Forget records and the once-per-process warning flag (tests only)."""
+    disable()
+    _STATE.records.clear()
+    _STATE.warning = None
+    _STATE.source = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution: which policy for this model, from where, and why
+
+
+@dataclasses.dataclass
+class _Resolved:
+    policy: Optional[dict]  # None = native (leave stock)
+    source: str
+    reason: str
+    device: Optional[str] = None
+    evidence: Optional[dict] = None
+    fetched_at: Optional[str] = None
+    warn: bool = False
+
+
+class Refused(ValueError):
+    """A policy failed a check; the message is the reason shown to the user."""
+
+
+def this_target(model) -> dict:
+    """(model fingerprint, MLX version, backend) of this process and model; device comes from the daemon."""
+    import mlx.core as mx
+
+    from . import models, workloads
+
+    return {"device": None, "model": models.fingerprint(model), "mlx": mx.__version__, "backend": workloads.backend()}
+
+
+def check_policy(doc: Any, want: dict, expected_hash: Optional[str] = None) -> str:
+    """Validates ``doc`` for target ``want`` and returns its content hash; raises Refused(reason).
+
+    ``want["device"]`` None means this machine's device fingerprint is unknown: then only a policy
+    for any device (``*``) passes, because an unverified device-specific policy is not proven here.
+    """
+    from . import policy as P
+
+    try:
+        P.validate_for_backend(doc, want["backend"])
+    except P.PolicyError as e:
+        raise Refused(str(e)) from None
+    digest = P.content_hash(doc)
+    if expected_hash is not None and digest != expected_hash:
+        raise Refused(f"content hash {digest} differs from the announced {expected_hash}")
+    target = doc["target"]
+    for field in ("device", "model", "mlx", "backend"):
+        have = target[field]
+        if have == "*":
+            continue
+        if want[field] is None:
+            raise Refused(f"policy targets {field} {have}, and this machine's {field} fingerprint is unknown "
+                          f"(the daemon is not reachable and has never been)")
+        if have != want[field]:
+            raise Refused(f"policy targets {field} {have}, this is {want[field]}")
+    return digest
+
+
+def _apply(model, src: Optional[str]) -> ModelRecord:
+    from . import patch
+    from . import policy as P
+
+    want = this_target(model)
+    if src is None:
+        r = _from_daemon(want, _STATE.timeout)
+    else:
+        r = _from_file(Path(src), model, want)
+    if r.warn:
+        _warn(r.reason)
+    _unpatch(model)  # a re-applied model starts from stock
+    rec = ModelRecord(want["model"], r.source, r.reason, evidence=r.evidence, fetched_at=r.fetched_at)
+    if r.policy is None:
+        return rec
+    rec.policy_hash = P.content_hash(r.policy)
+    rec.policy_name = r.policy.get("name")
+    rec.target = dict(r.policy["target"])
+    if P.is_all_native(r.policy):
+        rec.reason += "; all plans native, model left stock"
+        return rec
+    handle = patch.apply(model, r.policy)
+    rec.patched_layers = len(handle.layers)
+    _STATE.patched[id(model)] = weakref.ref(model)
+    return rec
+
+
+def _from_daemon(want: dict, timeout: float) -> _Resolved:
+    key = (want["model"], want["mlx"], want["backend"])
+    try:
+        with DaemonClient(timeout=timeout) as client:
+            client.hello()
+            device = client.status().get("device_fingerprint")
+            answer = client.policy_get(want["model"], want["mlx"], want["backend"])
+    except (DaemonUnavailable, DaemonError) as e:
+        return _from_cache(key, why=str(e))
+    if not isinstance(device, str) or not device:
+        return _from_cache(key, why="the daemon's status has no device_fingerprint")
+    _write_device_file(device)
+    now = time.time()
+    try:
+        check_policy(answer["policy"], dict(want, device=device), answer.get("hash"))
+    except Refused as e:
+        _remove_cache(key)  # the cache mirrors the daemon's last answer, which was refused
+        return _Resolved(None, "native", f"the daemon's policy was refused: {e}", device, warn=True)
+    entry = _write_cache(key, device, answer, now)
+    reason = str(answer.get("reason") or answer.get("source") or "served by the daemon")
+    return _Resolved(answer["policy"], "daemon", reason, device, answer.get("evidence"), entry["fetched_at_iso"])
+
+
+def _from_cache(key, why: str) -> _Resolved:
+    entry, problem = _read_cache(key)
+    if entry is None:
+        return _Resolved(None, "native", f"{why}; {problem}; using native", warn=True)
+    return _Resolved(
+        entry["policy"], "cache",
+        f"{why}; using the policy cached at {entry['fetched_at_iso']} "
+        f"({entry['answer'].get('source', 'best')}: {entry['answer'].get('reason') or 'no reason given'})",
+        entry["device_fingerprint"], entry["answer"].get("evidence"), entry["fetched_at_iso"], warn=True,
+    )
+
+
+def _from_file(path: Path, model, want: dict) -> _Resolved:
+    from . import policy as P
+
+    if not path.is_file():
+        return _Resolved(None, "native", f"policy source {path} is not a file; using native", warn=True)
+    if path.suffix == ".py":
+        try:
+            doc = _tabulate_program(path, model, want)
+        except Exception as e:
+            return _Resolved(None, "native", f"tabulating {path} failed: {e}; using native", warn=True)
+        try:
+            check_policy(doc, dict(want, device="*"))
+        except Refused as e:
+            return _Resolved(None, "native", f"the policy tabulated from {path} was refused: {e}", warn=True)
+        return _Resolved(doc, "file", f"tabulated choose_tile_size of {path} over the model's shapes")
+    try:
+        doc = P.load(path)
+    except (P.PolicyError, OSError, UnicodeDecodeError) as e:
+        return _Resolved(None, "native", f"policy file {path} refused: {e}", warn=True)
+    device = _this_device(want)
+    try:
+        check_policy(doc, dict(want, device=device))
+    except Refused as e:
+        return _Resolved(None, "native", f"policy file {path} refused: {e}", device, warn=True)
+    return _Resolved(doc, "file", f"policy file {path}", device)
+
+
+def _tabulate_program(path: Path, model, want: dict) -> dict:
+    """An OpenEvolve program's choose_tile_size, run by the evaluator's tabulate code over this
+    model's shapes, as a policy for this model, MLX version and backend (this machine)."""
+    from . import models, worker
+
+    doc = worker.tabulate_source(path.read_text(encoding="utf-8"), models.model_shapes(model))
+    doc["target"] = {"device": "*", "model": want["model"], "mlx": want["mlx"], "backend": want["backend"]}
+    doc.setdefault("name", f"tabulated {path.name}")
+    return doc
+
+
+def _this_device(want: dict) -> Optional[str]:
+    """This machine's device fingerprint: from the daemon if it answers, else the last one it gave."""
+    try:
+        with DaemonClient(timeout=_STATE.timeout) as client:
+            client.hello()
+            device = client.status().get("device_fingerprint")
+        if isinstance(device, str) and device:
+            _write_device_file(device)
+            return device
+    except (DaemonUnavailable, DaemonError):
+        pass
+    return _read_device_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# The on-disk cache
+
+
+def host_key() -> str:
+    """A cheap identity of this machine (never leaves it): a cache written elsewhere is not used."""
+    parts = [platform.node(), sys.platform, platform.machine(), str(os.cpu_count())]
+    try:
+        import mlx.core as mx
+
+        info = mx.device_info()
+        parts += [str(info.get("device_name")), str(info.get("architecture")), str(info.get("memory_size"))]
+    except Exception:
+        pass
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+
+
+def cache_max_age_s() -> float:
+    raw = os.environ.get("TILEWISE_POLICY_CACHE_MAX_AGE_S")
+    try:
+        return float(raw) if raw else DEFAULT_CACHE_MAX_AGE_S
+    except ValueError:
+        return DEFAULT_CACHE_MAX_AGE_S
+
+
+def cache_path(key) -> Path:
+    model, mlx, backend = key
+    digest = hashlib.sha256(f"{model}\0{mlx}\0{backend}".encode()).hexdigest()[:32]
+    return cache_dir() / "policies" / f"{digest}.json"
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_cache(key, device: str, answer: dict, now: float) -> dict:
+    from . import policy as P
+
+    entry = {
+        "format": CACHE_FORMAT,
+        "key": {"model": key[0], "mlx": key[1], "backend": key[2]},
+        "device_fingerprint": device,
+        "host": host_key(),
+        "fetched_at": now,
+        "fetched_at_iso": _iso(now),
+        "answer": {k: answer.get(k) for k in ("source", "reason", "evidence")},
+        "hash": P.content_hash(answer["policy"]),
+        "policy": answer["policy"],
+    }
+    try:
+        _atomic_write_json(cache_path(key), entry)
+    except OSError as e:  # a read-only home must not cost the user their policy
+        log.info("tilewise: cannot write the policy cache: %s", e)
+    return entry
+
+
+def _remove_cache(key) -> None:
+    try:
+        cache_path(key).unlink()
+    except OSError:
+        pass
+
+
+def _read_cache(key):
+    """(entry, None) when a valid cached policy exists, else (None, why not)."""
+    path = cache_path(key)
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "no cached policy"
+    except (OSError, ValueError) as e:
+        return None, f"the cached policy {path} is unreadable ({e})"
+    try:
+        if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT:
+            raise Refused("unknown cache format")
+        if entry.get("key") != {"model": key[0], "mlx": key[1], "backend": key[2]}:
+            raise Refused("written for another model/MLX/backend")
+        if entry.get("host") != host_key():
+            raise Refused("written on another machine")
+        age = time.time() - float(entry["fetched_at"])
+        if age > cache_max_age_s() or age < -60:
+            raise Refused(f"fetched {age / 3600:.1f} h ago, beyond the {cache_max_age_s() / 3600:.1f} h limit")
+        want = {"device": entry["device_fingerprint"], "model": key[0], "mlx": key[1], "backend": key[2]}
+        check_policy(entry["policy"], want, entry.get("hash"))
+        if not isinstance(entry.get("answer"), dict) or not isinstance(entry.get("fetched_at_iso"), str):
+            raise Refused("incomplete entry")
+    except (Refused, KeyError, TypeError, ValueError) as e:
+        return None, f"the cached policy {path} is not usable ({e})"
+    return entry, None
+
+
+def _device_file() -> Path:
+    return cache_dir() / "device.json"
+
+
+def _write_device_file(device: str) -> None:
+    path = _device_file()
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("device_fingerprint") == device and old.get("host") == host_key():
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        _atomic_write_json(path, {"format": DEVICE_FILE_FORMAT, "device_fingerprint": device, "host": host_key(),
+                                  "seen_at": _iso(time.time())})
+    except OSError as e:
+        log.info("tilewise: cannot write %s: %s", path, e)
+
+
+def _read_device_file() -> Optional[str]:
+    try:
+        d = json.loads(_device_file().read_text(encoding="utf-8"))
+        if d.get("format") == DEVICE_FILE_FORMAT and d.get("host") == host_key():
+            dev = d.get("device_fingerprint")
+            return dev if isinstance(dev, str) and dev else None
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Warnings and the mlx_lm.load hook
+
+
+def _warn(message: str) -> None:
+    """One TilewiseWarning per process; everything after the first goes to the log (and status())."""
+    if _STATE.warning is None:
+        _STATE.warning = message
+        warnings.warn(f"tilewise: {message}", TilewiseWarning, stacklevel=_user_stacklevel())
+    else:
+        log.info("tilewise: %s", message)
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel that points the warning at the user's line (the first frame outside tilewise
+    and mlx_lm), so the default warning filter shows where their load happened."""
+    import mlx_lm
+
+    skip = (str(Path(__file__).resolve().parent), str(Path(mlx_lm.__file__).resolve().parent))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _unpatch(model) -> None:
+    from . import patch
+
+    patch.remove(model)
+    _STATE.patched.pop(id(model), None)
+
+
+def _mlx_lm_modules():
+    return [m for name, m in list(sys.modules.items()) if m is not None and (name == "mlx_lm" or name.startswith("mlx_lm."))]
+
+
+def _install_load_hook() -> None:
+    """Wraps ``mlx_lm.utils.load`` and rebinds every ``load`` that mlx_lm modules imported by name
+    (``mlx_lm.load``, ``mlx_lm.generate.load``, ``mlx_lm.server.load``...); modules imported later
+    pick up the wrapper from mlx_lm.utils. Wrapping ``load`` (not ``load_model``) applies the policy
+    after LoRA adapters are in place."""
+    import mlx_lm.utils as U
+
+    if getattr(U.load, "_tilewise_original", None) is not None:
+        return
+    original = U.load
+
+    @functools.wraps(original)
+    def load(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if _STATE.enabled:
+            apply_to(out[0])
+        return out
+
+    load._tilewise_original = original
+    for mod in _mlx_lm_modules():
+        if getattr(mod, "load", None) is original:
+            mod.load = load
+    U.load = load
+
+
+def _uninstall_load_hook() -> None:
+    if "mlx_lm.utils" not in sys.modules:
+        return
+    import mlx_lm.utils as U
+
+    wrapped = U.load
+    original = getattr(wrapped, "_tilewise_original", None)
+    if original is None:
+        return
+    for mod in _mlx_lm_modules():
+        if getattr(mod, "load", None) is wrapped:
+            mod.load = original
