@@ -1,0 +1,283 @@
+// The dashboard. Everything shown comes from the daemon through the app's commands:
+//   invoke("app_state")                     → {link, tray, autostart}   (the app's own view)
+//   invoke("daemon_call", {method, params}) → the daemon's JSON-RPC result (docs/protocol.md)
+//   invoke("start_daemon")                  → spawns tilewised when it is not running
+// and live updates arrive as the "daemon-event" (one protocol event) and "link-state" events.
+// Nothing polls: the page refreshes on an event, on reconnect, and when it becomes visible again.
+"use strict";
+const T = window.__TAURI__;
+const $ = (id) => document.getElementById(id);
+const MAX_EVENTS = 100;
+const state = { events: [], lastRefresh: 0, pending: null, connected: false, status: null };
+
+const call = (method, params) => T.core.invoke("daemon_call", { method, params: params ?? null });
+
+/** Calls a method; an error becomes {error} so one missing method never blanks the whole page. */
+async function tryCall(method, params) {
+  try { return { ok: await call(method, params) }; } catch (e) { return { error: errText(e) }; }
+}
+function errText(e) {
+  if (e && typeof e === "object") return e.message || JSON.stringify(e);
+  return String(e);
+}
+function h(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v; else if (k.startsWith("data-")) e.setAttribute(k, v); else e[k] = v;
+  }
+  for (const k of kids.flat()) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
+  return e;
+}
+function notice(text, kind, action) {
+  const n = h("div", { class: `notice ${kind || ""}` }, text);
+  if (action) n.append(" ", action);
+  $("notices").append(n);
+}
+
+// ---- device -------------------------------------------------------------------------------------
+const first = (o, ...keys) => { for (const k of keys) if (o && o[k] !== undefined && o[k] !== null) return o[k]; };
+/** The device card: the probe's `Device` (daemon/src/probe/mod.rs) as served in status.device. */
+function renderDevice(status) {
+  const d = status.device || {};
+  const dl = $("device");
+  dl.replaceChildren();
+  const row = (label, value, key) => {
+    if (value === undefined || value === null || value === "") return;
+    dl.append(h("dt", {}, label), h("dd", { "data-key": key }, value));
+  };
+  const chip = [d.chip, d.variant && d.family && !String(d.chip || "").includes(d.variant) ? d.variant : null].filter(Boolean).join(" ");
+  row("Chip", chip || `${d.os || "?"} ${d.arch || ""}`.trim(), "chip");
+  row("CPU cores", coresText(d), "cores");
+  if (d.gpu_cores !== undefined && d.gpu_cores !== null) row("GPU cores", d.gpu_cores, "gpu_cores");
+  if (d.nvidia) row("GPU", `${d.nvidia.name}${d.nvidia.memory_bytes ? ", " + fmt.bytes(d.nvidia.memory_bytes) : ""}`, "gpu");
+  row("Caches", cacheText(d), "caches");
+  row("Memory", typeof d.memory_bytes === "number" ? fmt.bytes(d.memory_bytes) : null, "memory");
+  row("Bandwidth", typeof d.memory_bandwidth_gbs === "number" ? `${d.memory_bandwidth_gbs.toFixed(0)} GB/s` : "unknown", "bandwidth");
+  row("Backend", d.backend, "backend");
+  row("OS", [d.os, d.arch].filter(Boolean).join(" / "), "os");
+  row("Fingerprint", h("span", { class: "mono", title: status.device_fingerprint || "" }, status.device_fingerprint || "—"), "fingerprint");
+}
+/** "4 performance + 4 efficiency" (Apple) or "2" (one level), from the probe's perf levels. */
+function coresText(d) {
+  if (typeof d.p_cores !== "number") return null;
+  if (d.e_cores > 0) return `${d.p_cores} performance + ${d.e_cores} efficiency`;
+  const logical = (d.perf_levels || []).reduce((n, l) => n + (l.logical_cores || 0), 0);
+  return `${d.p_cores}` + (logical && logical !== d.p_cores ? ` (${logical} threads)` : "");
+}
+/** "P: L1d 128 KiB, L2 16 MiB · E: ..." from each perf level's caches, plus the cache line. */
+function cacheText(d) {
+  const levels = (d.perf_levels || []).map((l) => {
+    const parts = [];
+    if (typeof l.l1d_bytes === "number") parts.push(`L1d ${fmt.bytes(l.l1d_bytes)}`);
+    if (typeof l.l2_bytes === "number") parts.push(`L2 ${fmt.bytes(l.l2_bytes)}` + (l.cpus_per_l2 ? ` per ${l.cpus_per_l2} CPUs` : ""));
+    return parts.length ? ((d.perf_levels.length > 1 ? `${l.name}: ` : "") + parts.join(", ")) : null;
+  }).filter(Boolean);
+  if (typeof d.cache_line_bytes === "number") levels.push(`line ${d.cache_line_bytes} B`);
+  return levels.join(" · ") || null;
+}
+
+// ---- tuning / session ---------------------------------------------------------------------------
+function renderTuning(status) {
+  const t = status.tuning || {};
+  const pill = $("tuning");
+  const label = { idle: "Idle", tuning: "Tuning", paused: "Paused" }[t.state] || t.state || "—";
+  pill.textContent = label + (t.reason ? ` — ${t.reason}` : "");
+  pill.className = "pill " + ({ tuning: "busy", paused: "paused" }[t.state] || "");
+  $("start-tuning").disabled = t.state === "tuning";
+  $("stop-tuning").disabled = t.state !== "tuning" && t.state !== "paused";
+}
+
+/** Picks the session to show: the running one, else the most recent. */
+function pickSession(status, list) {
+  const sessions = (list && list.sessions) || [];
+  const id = status.tuning && status.tuning.session_id;
+  const byId = (s) => first(s, "id", "session_id");
+  return sessions.find((s) => byId(s) === id) || sessions.slice().sort((a, b) => (byId(b) > byId(a) ? 1 : -1))[0] || null;
+}
+
+function renderSession(show, error) {
+  const box = $("session");
+  box.replaceChildren();
+  if (error) { box.append(h("p", { class: "muted" }, error)); return; }
+  if (!show) { box.append(h("p", { class: "muted" }, "No session yet. Start tuning to begin one.")); return; }
+  const s = show.session || {};
+  const dl = h("dl");
+  const row = (label, v, key) => { if (v !== undefined && v !== null) dl.append(h("dt", {}, label), h("dd", { "data-key": key }, v)); };
+  row("Session", first(s, "id", "session_id"), "session_id");
+  row("Model", first(s, "model_name", "model_path", "model"), "model");
+  row("State", first(s, "state", "status"), "state");
+  row("Generation", first(s, "generation", "generations"), "generation");
+  const done = first(s, "evaluations", "evaluated", "candidates"), budget = first(s.budget || {}, "evaluations");
+  row("Evaluations", budget ? `${done ?? 0} / ${budget}` : done, "evaluations");
+  row("Shape memo", show.memo_size, "memo_size");
+  row("Started", first(s, "started_at", "created_at"), "started_at");
+  box.append(dl);
+  if (typeof done === "number" && typeof budget === "number" && budget > 0) {
+    box.append(h("div", { class: "progress" }, h("div", { style: `width:${Math.min(100, (100 * done) / budget)}%` })));
+    box.lastChild.firstChild.style.width = `${Math.min(100, (100 * done) / budget)}%`;
+  }
+  const best = show.best;
+  if (best && typeof best.ratio === "number") {
+    box.append(h("div", { class: "big " + (best.lo > 1 ? "good" : ""), "data-testid": "session-best" },
+      fmt.pctInterval(best.ratio, best.lo, best.hi)));
+    box.append(h("div", { class: "muted" }, best.lo > 1 ? "best candidate, proven faster" : "best candidate so far (not proven faster)"));
+  }
+}
+
+// ---- policy -------------------------------------------------------------------------------------
+function renderPolicy(got, error) {
+  const tbody = $("rules").querySelector("tbody");
+  tbody.replaceChildren();
+  $("policy-source").textContent = got ? got.source : "";
+  if (error || !got) { $("policy-summary").textContent = error || "No model has been tuned yet."; return; }
+  const p = got.policy || {}, ev = got.evidence;
+  const summary = [h("span", { class: "mono" }, got.hash)];
+  if (ev) summary.push(` · ${fmt.pctInterval(ev.ratio, ev.lo, ev.hi)} (session ${ev.session_id})`);
+  if (got.reason) summary.push(` · ${got.reason}`);
+  $("policy-summary").replaceChildren(...summary);
+  const rules = (p.matmul && p.matmul.rules) || [];
+  rules.forEach((r, i) => tbody.append(h("tr", { "data-rule": i },
+    h("td", {}, i + 1), h("td", {}, fmt.range(r.m)), h("td", {}, fmt.range(r.n)), h("td", {}, fmt.range(r.k)),
+    h("td", { class: "mono" }, fmt.plan(r.plan)))));
+  const def = p.matmul && p.matmul.default;
+  tbody.append(h("tr", { "data-rule": "default" }, h("td", {}, "—"), h("td", { colSpan: 3, class: "muted" }, "every other matmul"),
+    h("td", { class: "mono" }, fmt.plan(def))));
+  const extra = [];
+  if (p.generation && p.generation.prefill_step_size) extra.push(`prefill step ${p.generation.prefill_step_size}`);
+  if (p.training && p.training.loss_chunk_tokens) extra.push(`loss chunk ${p.training.loss_chunk_tokens} tokens`);
+  if (extra.length) $("policy-summary").append(" · " + extra.join(", "));
+}
+
+// ---- charts -------------------------------------------------------------------------------------
+/** Points for "best speedup over time": the promotions; failing that, the session's measured candidates. */
+function speedupPoints(history, show) {
+  const promos = ((history && history.promotions) || []).filter((p) => typeof p.ratio === "number");
+  if (promos.length) {
+    return promos.map((p) => ({ t: fmt.toDate(p.at), ratio: p.ratio, lo: p.lo, hi: p.hi, label: `promoted ${String(p.hash).slice(0, 15)}` }))
+      .filter((p) => p.t).sort((a, b) => a.t - b.t);
+  }
+  const cands = ((show && show.candidates) || []).filter((c) => typeof c.ratio === "number");
+  return cands.map((c) => ({ t: fmt.toDate(first(c, "measured_at", "at", "created_at")), ratio: c.ratio, lo: c.lo, hi: c.hi, label: `candidate ${first(c, "id", "hash") ?? ""}` }))
+    .filter((p) => p.t).sort((a, b) => a.t - b.t);
+}
+/** Per-shape rows from session.show: `shapes` [{m,n,k,native_s,best_s}] when the daemon provides them. */
+function shapeRows(show) {
+  const shapes = (show && (show.shapes || (show.best && show.best.shapes))) || [];
+  return shapes.map((s) => ({
+    label: s.label || `${s.m}×${s.n}×${s.k}${s.dtype ? " " + s.dtype : ""}`,
+    native: first(s, "native_s", "native"), best: first(s, "best_s", "best"),
+  }));
+}
+
+// ---- events -------------------------------------------------------------------------------------
+function eventSummary(ev) {
+  const d = ev.data || {};
+  if (typeof d.ratio === "number") return fmt.pctInterval(d.ratio, d.lo, d.hi) + (d.hash ? ` ${d.hash.slice(0, 15)}` : "");
+  if (d.client) return d.client;
+  if (d.reason) return d.reason;
+  if (d.error) return d.error;
+  const s = JSON.stringify(d);
+  return s === "{}" ? "" : s.slice(0, 160);
+}
+function renderEvents() {
+  $("events").replaceChildren(...state.events.map((ev) => h("li", { "data-kind": ev.kind, "data-id": ev.id },
+    h("span", { class: "muted" }, fmt.clock(ev.at)), h("span", { class: "kind" }, ev.kind),
+    h("span", { class: "mono" }, (ev.session_id ? `session ${ev.session_id} · ` : "") + eventSummary(ev)))));
+}
+function addEvent(ev) {
+  if (state.events.some((e) => e.id === ev.id && ev.id !== undefined)) return;
+  state.events.unshift(ev);
+  state.events.length = Math.min(state.events.length, MAX_EVENTS);
+  renderEvents();
+}
+
+// ---- the page -----------------------------------------------------------------------------------
+function renderLink(app) {
+  const link = app.link || {};
+  state.connected = !!link.connected;
+  const pill = $("link");
+  $("start-daemon").hidden = state.connected;
+  if (state.connected) {
+    pill.textContent = `tilewised ${link.version || ""} · pid ${link.pid ?? "?"}`;
+    pill.className = "pill ok";
+  } else {
+    pill.textContent = "daemon not running";
+    pill.className = "pill bad";
+    $("start-tuning").disabled = $("stop-tuning").disabled = true;
+  }
+}
+
+async function refresh() {
+  state.lastRefresh = Date.now();
+  const app = await T.core.invoke("app_state");
+  $("notices").replaceChildren();
+  renderLink(app);
+  if (app.tray && !app.tray.available) notice(`No menu-bar icon: ${app.tray.reason}. This window stays open instead.`);
+  if (!state.connected) {
+    const b = h("button", { class: "primary", onclick: startDaemon }, "Start it");
+    notice(`tilewised is not running${app.link && app.link.error ? ` (${app.link.error})` : ""}.`, "error", b);
+    return;
+  }
+  const status = await tryCall("status");
+  if (status.error) { notice(`status failed: ${status.error}`, "error"); return; }
+  state.status = status.ok;
+  renderDevice(status.ok);
+  renderTuning(status.ok);
+  $("footer").textContent = `daemon up ${fmt.duration(status.ok.uptime_s)} · home ${status.ok.home} · db ${status.ok.db ? status.ok.db.path : "—"}`;
+
+  const [history, list] = await Promise.all([tryCall("history", { limit: 200 }), tryCall("session.list")]);
+  const current = list.ok ? pickSession(status.ok, list.ok) : null;
+  let show = null, showErr = list.error;
+  if (current) {
+    const r = await tryCall("session.show", { session_id: first(current, "id", "session_id") });
+    show = r.ok || null; showErr = r.error;
+  }
+  renderSession(show, showErr);
+  // The policy to show is the one served for the session's model (or the last promoted model).
+  const sess = (show && show.session) || current || {};
+  const lastPromo = history.ok && history.ok.promotions && history.ok.promotions[0];
+  const model = first(sess, "model_fingerprint", "model_fp", "model") || (lastPromo && lastPromo.model);
+  if (model) {
+    const params = { model, mlx: first(sess, "mlx", "mlx_version") || (lastPromo && lastPromo.mlx) || "*",
+      backend: first(sess, "backend") || (lastPromo && lastPromo.backend) || (status.ok.device && status.ok.device.backend) || "cpu" };
+    const got = await tryCall("policy.get", params);
+    renderPolicy(got.ok, got.error);
+  } else {
+    renderPolicy(null, null);
+  }
+  charts.speedup($("speedup-chart"), speedupPoints(history.ok, show));
+  charts.shapes($("shape-chart"), shapeRows(show));
+  if (history.error) $("speedup-chart").append(h("p", { class: "muted" }, `history: ${history.error}`));
+  document.body.dataset.loaded = String(state.lastRefresh);
+}
+
+/** Coalesces bursts of events into one refresh; skipped while the page is hidden. */
+function scheduleRefresh(delay = 250) {
+  if (document.hidden || state.pending) return;
+  state.pending = setTimeout(() => { state.pending = null; refresh().catch(showFatal); }, delay);
+}
+function showFatal(e) { notice(`dashboard error: ${errText(e)}`, "error"); }
+
+async function startDaemon() {
+  try { await T.core.invoke("start_daemon"); } catch (e) { notice(`could not start tilewised: ${errText(e)}`, "error"); }
+  scheduleRefresh(50);
+}
+
+async function main() {
+  $("start-daemon").onclick = startDaemon;
+  $("start-tuning").onclick = async () => {
+    const r = await tryCall("tuning.start", {});
+    if (r.error) notice(`could not start tuning: ${r.error}`, "error");
+    scheduleRefresh(50);
+  };
+  $("stop-tuning").onclick = async () => {
+    const r = await tryCall("tuning.stop", {});
+    if (r.error) notice(`could not pause: ${r.error}`, "error");
+    scheduleRefresh(50);
+  };
+  await T.event.listen("daemon-event", (e) => { addEvent(e.payload); scheduleRefresh(); });
+  await T.event.listen("link-state", () => scheduleRefresh(50));
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) scheduleRefresh(0); });
+  await refresh().catch(showFatal);
+}
+main();
