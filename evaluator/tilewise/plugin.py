@@ -177,8 +177,9 @@ def apply_to(model, source=...):
         _warn(record.reason)
     _STATE.records.append(record)
     if _STATE.announce:
+        why = "see the warning above" if record.reason == _STATE.warning else record.reason
         print(f"tilewise: {record.source}, policy {record.policy_hash or 'native'}, "
-              f"{record.patched_layers} layers patched — {record.reason}", file=sys.stderr, flush=True)
+              f"{record.patched_layers} layers patched — {why}", file=sys.stderr, flush=True)
     return record
 
 
@@ -531,7 +532,8 @@ def _user_stacklevel() -> int:
 
     skip = (str(Path(__file__).resolve().parent), str(Path(mlx_lm.__file__).resolve().parent))
     frame, level = sys._getframe(1), 1
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(skip):
+    while frame is not None and (frame.f_code.co_filename.startswith("<frozen")
+                                 or str(Path(frame.f_code.co_filename).resolve()).startswith(skip)):
         frame, level = frame.f_back, level + 1
     return level
 
