@@ -1,0 +1,473 @@
+"""The plugin without a daemon: policy files (good, bad, foreign, corrupt), the disk cache, the
+client's deadline against a daemon that is slow or talks garbage, the mlx_lm.load hook, and the
+command-line wrapper. The real-daemon end-to-end runs are in test_plugin_e2e.py."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from tilewise import daemon_client, models, patch, plugin, workloads
+from tilewise import policy as P
+
+EVALUATOR = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugin(tmp_path, monkeypatch):
+    """Each test: its own TILEWISE_HOME, no daemon, the plugin off and its warning flag cleared."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("TILEWISE_HOME", str(home))
+    for var in ("TILEWISE_SOCKET", "TILEWISE_POLICY_CACHE_MAX_AGE_S"):
+        monkeypatch.delenv(var, raising=False)
+    plugin._reset_for_tests()
+    yield home
+    plugin._reset_for_tests()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(models_dir):
+    return models.synthesize("tiny")
+
+
+def load_tiny(tiny_dir):
+    import mlx_lm
+
+    return mlx_lm.load(str(tiny_dir))
+
+
+def target_of(model, **over):
+    t = {"device": "*", "model": models.fingerprint(model), "mlx": mx.__version__, "backend": workloads.backend()}
+    t.update(over)
+    return t
+
+
+def split_head_policy(target, name="split head"):
+    """Splits the output head (N = vocab 1024) along N: exact, and visible in the call counts."""
+    return P.make_policy([{"n": [1024, None], "plan": P.split_plan(None, 256, None)}], target=target, name=name)
+
+
+def write_json(path, doc):
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def tilewise_warnings(record):
+    return [w for w in record if issubclass(w.category, plugin.TilewiseWarning)]
+
+
+def is_patched(model):
+    return patch.applied_policy(model) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# where the daemon is
+
+
+def test_socket_path_follows_the_protocol_table():
+    sp = daemon_client.socket_path
+    assert sp({"TILEWISE_SOCKET": "/s/x.sock", "TILEWISE_HOME": "/h"}) == Path("/s/x.sock")
+    assert sp({"TILEWISE_HOME": "/h", "XDG_RUNTIME_DIR": "/run/user/1"}) == Path("/h/run/tilewised.sock")
+    if sys.platform != "darwin":
+        assert sp({"XDG_RUNTIME_DIR": "/run/user/1"}) == Path("/run/user/1/tilewise/tilewised.sock")
+        assert sp({"XDG_DATA_HOME": "/d"}) == Path("/d/tilewise/run/tilewised.sock")
+    assert daemon_client.cache_dir({"TILEWISE_HOME": "/h"}) == Path("/h/cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# no daemon
+
+
+def test_no_daemon_no_cache_gives_native_and_exactly_one_warning(tiny_dir):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        plugin.enable_optimizations()
+        m1, _ = load_tiny(tiny_dir)
+        m2, _ = load_tiny(tiny_dir)
+    ws = tilewise_warnings(rec)
+    assert len(ws) == 1, [str(w.message) for w in ws]
+    assert "daemon not running" in str(ws[0].message) and "using native" in str(ws[0].message)
+    assert ws[0].filename == __file__, "the warning should point at the user's mlx_lm.load line"
+    st = plugin.status()
+    assert [r.source for r in st.models] == ["native", "native"]
+    assert not is_patched(m1) and not is_patched(m2)
+    assert "daemon not running" in str(st)
+
+
+def test_explicit_model_and_apply_to(tiny_dir, tmp_path):
+    import mlx_lm.utils
+
+    stock_load = mlx_lm.utils.load
+    model, _ = mlx_lm.utils.load(str(tiny_dir))  # loaded before enabling: the hook does not see it
+    doc = split_head_policy(target_of(model))
+    path = write_json(tmp_path / "p.json", doc)
+    st = plugin.enable_optimizations(path, model=model)
+    assert st.models[-1].source == "file" and st.models[-1].policy_hash == P.content_hash(doc)
+    assert is_patched(model) and st.models[-1].patched_layers == 15
+    plugin.disable()
+    assert not is_patched(model) and mlx_lm.utils.load is stock_load
+    rec = plugin.apply_to(model, path)  # one model, no hook
+    assert rec.source == "file" and is_patched(model)
+    patch.remove(model)
+
+
+def test_load_hook_covers_every_name_mlx_lm_imported(tiny_dir):
+    import mlx_lm.generate
+    import mlx_lm.server
+    import mlx_lm.utils
+
+    # (`mlx_lm.generate` the attribute is the function; the modules are in sys.modules)
+    mods = [sys.modules[n] for n in ("mlx_lm", "mlx_lm.generate", "mlx_lm.server", "mlx_lm.utils")]
+    stock = mlx_lm.utils.load
+    assert all(mod.load is stock for mod in mods)
+    plugin.enable_optimizations()
+    for mod in mods:
+        assert mod.load is not stock and mod.load._tilewise_original is stock, mod.__name__
+    import mlx_lm.chat  # imported after enabling: picks the wrapper up from mlx_lm.utils
+
+    assert mlx_lm.chat.load is mlx_lm.utils.load
+    plugin.enable_optimizations()  # twice: not wrapped twice
+    assert mlx_lm.utils.load._tilewise_original is stock
+    plugin.disable()
+    for mod in mods:
+        assert mod.load is stock, mod.__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# policy files
+
+
+def test_policy_file_is_applied_and_generation_matches_stock(tiny_dir, tmp_path):
+    import mlx_lm
+
+    stock_model, tok = load_tiny(tiny_dir)
+    stock_text = mlx_lm.generate(stock_model, tok, "hello world", max_tokens=6)
+    path = write_json(tmp_path / "p.json", split_head_policy(target_of(stock_model)))
+
+    plugin.enable_optimizations(path)
+    model, tok = load_tiny(tiny_dir)
+    patch.reset_call_counts()
+    text = mlx_lm.generate(model, tok, "hello world", max_tokens=6)
+    streamed = "".join(r.text for r in mlx_lm.stream_generate(model, tok, "hello world", max_tokens=6))
+    assert text == stock_text == streamed
+    calls = plugin.status().calls
+    # the head is split, the 14 other linears are native, on every forward pass
+    assert calls["split"] > 0 and calls["native"] == 14 * calls["split"], calls
+    rec = plugin.status().models[-1]
+    assert (rec.source, rec.patched_layers, rec.policy_name) == ("file", 15, "split head")
+
+
+BAD_POLICIES = {
+    "schema": (lambda t: {"schema": "tilewise.policy/1", "target": t,
+                          "matmul": {"rules": [], "default": {"kind": "split", "tile_m": 0, "tile_n": None, "tile_k": None}}},
+               "matmul.default.tile_m"),
+    "unknown plan kind": (lambda t: {"schema": "tilewise.policy/1", "target": t,
+                                     "matmul": {"rules": [], "default": {"kind": "turbo"}}}, "unknown plan kind"),
+    "range lo > hi": (lambda t: {"schema": "tilewise.policy/1", "target": t, "matmul": {
+        "rules": [{"m": [9, 3], "plan": {"kind": "native"}}], "default": {"kind": "native"}}}, "lo > hi"),
+    "not an object": (lambda t: [1, 2], "policy"),
+    "other model": (lambda t: split_head_policy(dict(t, model="mdl-00000000000000000000000000000000")),
+                    "targets model mdl-0000"),
+    "other mlx": (lambda t: split_head_policy(dict(t, mlx="0.1.0")), "targets mlx 0.1.0"),
+    "other backend": (lambda t: split_head_policy(dict(t, backend="metal")), "policy is for metal"),
+    "kernels for another backend": (lambda t: P.make_policy(
+        [{"m": [1, 8], "plan": {"kind": "kernel", "backend": "cuda", "family": "gemv", "rows_per_block": 4,
+                                "vector_width": 4, "split_k": 1}}], target=dict(t, backend="*")),
+        "kernel backend cuda not available on cpu"),
+    "unverifiable device": (lambda t: split_head_policy(dict(t, device="dev-someone-elses")),
+                            "fingerprint is unknown"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_POLICIES))
+def test_bad_and_foreign_policy_files_are_refused_with_the_reason(case, tiny_dir, tmp_path):
+    make, expected = BAD_POLICIES[case]
+    stock_model, _ = load_tiny(tiny_dir)
+    path = write_json(tmp_path / "bad.json", make(target_of(stock_model)))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        plugin.enable_optimizations(path)
+        model, _ = load_tiny(tiny_dir)
+    r = plugin.status().models[-1]
+    assert r.source == "native" and not is_patched(model)
+    assert "refused" in r.reason and expected in r.reason, r.reason
+    assert len(tilewise_warnings(rec)) == 1
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe\x00garbage", b"null"])
+def test_corrupt_policy_files_are_refused(content, tiny_dir, tmp_path):
+    path = tmp_path / "corrupt.json"
+    path.write_bytes(content)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        plugin.enable_optimizations(path)
+        model, _ = load_tiny(tiny_dir)
+    r = plugin.status().models[-1]
+    assert r.source == "native" and "refused" in r.reason and not is_patched(model)
+
+
+def test_missing_policy_file_is_native_not_an_exception(tiny_dir, tmp_path):
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        plugin.enable_optimizations(tmp_path / "nope.json")
+        model, _ = load_tiny(tiny_dir)
+    assert plugin.status().models[-1].source == "native" and not is_patched(model)
+
+
+def test_device_specific_policy_file_needs_a_known_device(tiny_dir, tmp_path):
+    stock_model, _ = load_tiny(tiny_dir)
+    path = write_json(tmp_path / "p.json", split_head_policy(target_of(stock_model, device="dev-here")))
+    # the last device fingerprint the daemon gave on this host (what _from_daemon records)
+    plugin._write_device_file("dev-here")
+    plugin.enable_optimizations(path)
+    model, _ = load_tiny(tiny_dir)
+    assert plugin.status().models[-1].source == "file" and is_patched(model)
+    patch.remove(model)
+    plugin._write_device_file("dev-elsewhere")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        model, _ = load_tiny(tiny_dir)
+    r = plugin.status().models[-1]
+    assert r.source == "native" and "targets device dev-here, this is dev-elsewhere" in r.reason
+
+
+def test_all_native_policy_leaves_the_model_stock(tiny_dir, tmp_path):
+    stock_model, _ = load_tiny(tiny_dir)
+    path = write_json(tmp_path / "n.json", P.make_policy(target=target_of(stock_model), name="all native"))
+    plugin.enable_optimizations(path)
+    model, _ = load_tiny(tiny_dir)
+    r = plugin.status().models[-1]
+    assert r.source == "file" and r.patched_layers == 0 and not is_patched(model)
+    assert "all plans native" in r.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache (what is used when the daemon is away)
+
+
+def seed_cache(model, doc, device="dev-here", fetched_at=None):
+    key = (models.fingerprint(model), mx.__version__, workloads.backend())
+    answer = {"policy": doc, "hash": P.content_hash(doc), "source": "best", "reason": "proven 1.05x",
+              "evidence": {"ratio": 1.05, "lo": 1.02, "hi": 1.08}}
+    plugin._write_cache(key, device, answer, time.time() if fetched_at is None else fetched_at)
+    return plugin.cache_path(key)
+
+
+def test_valid_cache_is_used_when_the_daemon_is_absent(tiny_dir):
+    stock_model, _ = load_tiny(tiny_dir)
+    doc = split_head_policy(target_of(stock_model, device="dev-here"))
+    seed_cache(stock_model, doc)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        plugin.enable_optimizations()
+        model, _ = load_tiny(tiny_dir)
+    r = plugin.status().models[-1]
+    assert r.source == "cache" and r.policy_hash == P.content_hash(doc) and is_patched(model)
+    assert r.evidence["ratio"] == 1.05 and "cached at" in r.reason
+    assert len(tilewise_warnings(rec)) == 1
+
+
+def _tamper(path, fn):
+    entry = json.loads(path.read_text())
+    fn(entry)
+    path.write_text(json.dumps(entry))
+
+
+CACHE_DEFECTS = {
+    "expired": (lambda e: e.update(fetched_at=time.time() - plugin.DEFAULT_CACHE_MAX_AGE_S - 10), "beyond"),
+    "other host": (lambda e: e.update(host="0" * 24), "another machine"),
+    "tampered policy": (lambda e: e["policy"]["matmul"]["default"].update(kind="split", tile_m=2, tile_n=None,
+                                                                          tile_k=None), "content hash"),
+    "policy for another device": (lambda e: e.update(device_fingerprint="dev-other"), "targets device"),
+    "wrong key": (lambda e: e["key"].update(mlx="0.0.1"), "another model"),
+    "schema-invalid policy": (lambda e: e["policy"].update(schema="nope"), "not usable"),
+    "unknown format": (lambda e: e.update(format="x"), "unknown cache format"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CACHE_DEFECTS))
+def test_unusable_cache_falls_back_to_native(case, tiny_dir):
+    fn, expected = CACHE_DEFECTS[case]
+    stock_model, _ = load_tiny(tiny_dir)
+    path = seed_cache(stock_model, split_head_policy(target_of(stock_model, device="dev-here")))
+    _tamper(path, fn)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        plugin.enable_optimizations()
+        model, _ = load_tiny(tiny_dir)
+    r = plugin.status().models[-1]
+    assert r.source == "native" and not is_patched(model)
+    assert expected in r.reason, r.reason
+    assert len(tilewise_warnings(rec)) == 1
+
+
+@pytest.mark.parametrize("content", [b"{truncated", b"\x00\x01\x02", b"[]"])
+def test_corrupt_cache_file_falls_back_to_native(content, tiny_dir):
+    stock_model, _ = load_tiny(tiny_dir)
+    path = seed_cache(stock_model, split_head_policy(target_of(stock_model, device="dev-here")))
+    path.write_bytes(content)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        plugin.enable_optimizations()
+        model, _ = load_tiny(tiny_dir)
+    r = plugin.status().models[-1]
+    assert r.source == "native" and not is_patched(model) and "cached policy" in r.reason
+
+
+def test_cache_max_age_is_configurable(tiny_dir, monkeypatch):
+    stock_model, _ = load_tiny(tiny_dir)
+    seed_cache(stock_model, split_head_policy(target_of(stock_model, device="dev-here")),
+               fetched_at=time.time() - 120)
+    monkeypatch.setenv("TILEWISE_POLICY_CACHE_MAX_AGE_S", "60")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        plugin.enable_optimizations()
+        load_tiny(tiny_dir)
+    assert plugin.status().models[-1].source == "native"
+    monkeypatch.setenv("TILEWISE_POLICY_CACHE_MAX_AGE_S", "600")
+    load_tiny(tiny_dir)
+    assert plugin.status().models[-1].source == "cache"
+
+
+# ---------------------------------------------------------------------------------------------
+# a daemon that misbehaves (a stand-in socket server: these test the *client's* defences)
+
+
+class MisbehavingDaemon:
+    """Listens at the protocol's socket path and, per connection, does `behaviour`."""
+
+    def __init__(self, path, behaviour):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.behaviour = behaviour
+        self.conns = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            if self.behaviour == "garbage":
+                conn.sendall(b"this is not json\n")
+            elif self.behaviour == "huge":
+                conn.sendall(b"x" * (daemon_client.MAX_LINE + 10))
+            elif self.behaviour == "close":
+                conn.close()
+            # "silent": accept and never answer
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.mark.parametrize("behaviour", ["silent", "garbage", "huge", "close"])
+def test_misbehaving_daemon_costs_at_most_the_timeout(behaviour, tiny_dir, fresh_plugin):
+    stock_model, _ = load_tiny(tiny_dir)
+    seed_cache(stock_model, split_head_policy(target_of(stock_model, device="dev-here")))
+    server = MisbehavingDaemon(daemon_client.socket_path(), behaviour)
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            plugin.enable_optimizations(timeout=0.2)
+            t0 = time.monotonic()
+            r = plugin.apply_to(stock_model)
+            elapsed = time.monotonic() - t0
+    finally:
+        server.close()
+        patch.remove(stock_model)
+    assert r.source == "cache", r.reason  # the cached policy is used instead
+    assert len(tilewise_warnings(rec)) == 1
+    # the socket part is bounded by the timeout; fingerprinting and patching the tiny model are fast
+    assert elapsed < 1.0, elapsed
+
+
+def test_stale_socket_file_is_unavailable_not_an_error(tiny_dir):
+    path = daemon_client.socket_path()
+    path.parent.mkdir(parents=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()  # the file stays, nobody listens: connect is refused
+    with pytest.raises(daemon_client.DaemonUnavailable, match="cannot connect"):
+        with daemon_client.DaemonClient(timeout=0.2) as c:
+            c.hello()
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+def run_cli(args, home, timeout=120):
+    env = dict(os.environ, TILEWISE_HOME=str(home))
+    env.pop("TILEWISE_SOCKET", None)
+    return subprocess.run([sys.executable, "-m", "tilewise.mlx_lm", *args], cwd=EVALUATOR, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_generate_with_a_policy_file(tiny_dir, tmp_path, fresh_plugin):
+    stock_model, _ = load_tiny(tiny_dir)
+    path = write_json(tmp_path / "p.json", split_head_policy(target_of(stock_model)))
+    gen = ["generate", "--model", str(tiny_dir), "--prompt", "hello", "--max-tokens", "6"]
+    stock = subprocess.run([sys.executable, "-m", "mlx_lm", *gen], capture_output=True, text=True, timeout=120)
+    out = run_cli(["--policy", str(path), *gen], fresh_plugin)
+    assert out.returncode == 0, out.stderr
+    assert f"tilewise: file, policy {P.content_hash(json.loads(path.read_text()))}, 15 layers patched" in out.stderr
+    # same generated text as stock mlx_lm (the split along N is exact)
+    strip = lambda s: s.split("==========")[1]
+    assert strip(out.stdout) == strip(stock.stdout)
+
+
+def test_cli_usage_errors_are_clear(fresh_plugin):
+    out = run_cli(["--bogus", "generate"], fresh_plugin)
+    assert out.returncode != 0 and "unknown option --bogus" in out.stderr
+    out = run_cli([], fresh_plugin)
+    assert out.returncode != 0 and "missing the mlx_lm subcommand" in out.stderr
+
+
+def test_cli_server_serves_with_the_policy(tiny_dir, tmp_path, fresh_plugin):
+    stock_model, _ = load_tiny(tiny_dir)
+    path = write_json(tmp_path / "p.json", split_head_policy(target_of(stock_model)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, TILEWISE_HOME=str(fresh_plugin))
+    proc = subprocess.Popen([sys.executable, "-m", "tilewise.mlx_lm", "--policy", str(path), "server",
+                             "--model", str(tiny_dir), "--port", str(port)],
+                            cwd=EVALUATOR, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        # the server loads its model at start; the plugin announces what it applied
+        line = ""
+        deadline = time.monotonic() + 60
+        while "tilewise:" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "server exited"
+        assert "tilewise: file" in line and "15 layers patched" in line, line
+        body = json.dumps({"prompt": "hello", "max_tokens": 4}).encode()
+        for _ in range(100):
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    reply = json.loads(resp.read())
+                break
+            except (ConnectionError, urllib.error.URLError):
+                time.sleep(0.2)
+        assert reply["choices"][0]["text"] is not None and reply["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
