@@ -13,7 +13,7 @@ Only these exact classes are patched; subclasses from other libraries may change
 so they are left alone.
 
 At call time a layer computes M = product of x's leading dims, N = output features, K = input
-features, and runs the plan `policy.plan_for(M, N, K)` (memoised per shape):
+features, and runs the plan `policy.plan_for(M, N, K)` (memoised per layer and input shape):
 
 - native: the base class's own method, so the result is bit-identical to stock by construction;
 - split: tiles along M, N and/or K with MLX ops (slices, matmuls, concatenate, a sum over K tiles);
@@ -59,7 +59,7 @@ def plant_bug(kind):
 
 
 # ---------------------------------------------------------------------------------------------
-# Plan execution. Each layer type provides `_tw_native(x)` and `_tw_block(x2, n0, n1, k0, k1)` =
+# Plan execution. Each layer type provides `_tw_block(x2, n0, n1, k0, k1, k)` =
 # x2[:, k0:k1] @ W[n0:n1, k0:k1].T for its weight format; the split logic is shared.
 
 
@@ -134,24 +134,39 @@ class _Resolver:
         return plan
 
 
-def _dispatch(layer, x, n, k):
-    plan = layer._tw_resolver.plan(x.size // k if k else 0, n, k)
-    kind = plan["kind"]
-    _CALLS[kind] += 1
-    if kind == "native":
-        return layer._tw_native(x)
+def _resolve(layer, x):
+    """First call of a layer with this input shape: pick and memoise (kind, plan) on the layer."""
+    k = x.shape[-1]
+    n = layer["weight"].shape[0]
+    m = 1
+    for d in x.shape[:-1]:
+        m *= d
+    plan = layer._tw_resolver.plan(m, n, k)
+    entry = layer._tw_plans[x.shape] = (plan["kind"], plan)
+    return entry
+
+
+def _run_plan(layer, x, kind, plan):
+    n = layer["weight"].shape[0]
+    k = x.shape[-1]
     if kind == "split":
         return _split_matmul(layer, x, n, k, plan)
     return _kernel_matmul(layer, x, n, k, plan)
 
 
+# The per-call path below is kept minimal on purpose (the native policy's overhead goal is >= 0.99
+# of stock generation speed): one dict lookup keyed by x.shape on the layer, one counter increment,
+# then the stock method itself for native.
+
+
 class TilewiseLinear(nn.Linear):
     def __call__(self, x):
-        n, k = self["weight"].shape
-        return _dispatch(self, x, n, k)
-
-    def _tw_native(self, x):
-        return nn.Linear.__call__(self, x)
+        entry = self._tw_plans.get(x.shape) or _resolve(self, x)
+        kind = entry[0]
+        _CALLS[kind] += 1
+        if kind == "native":
+            return _LINEAR_CALL(self, x)
+        return _run_plan(self, x, kind, entry[1])
 
     def _tw_dense_weight(self):
         return self["weight"]
@@ -196,22 +211,24 @@ class _QuantizedBlocks:
 
 class TilewiseQuantizedLinear(_QuantizedBlocks, nn.QuantizedLinear):
     def __call__(self, x):
-        n = self["weight"].shape[0]
-        return _dispatch(self, x, n, x.shape[-1])
-
-    def _tw_native(self, x):
-        return nn.QuantizedLinear.__call__(self, x)
+        entry = self._tw_plans.get(x.shape) or _resolve(self, x)
+        kind = entry[0]
+        _CALLS[kind] += 1
+        if kind == "native":
+            return _QLINEAR_CALL(self, x)
+        return _run_plan(self, x, kind, entry[1])
 
 
 class TilewiseEmbedding(nn.Embedding):
     """Tied output head: only `as_linear` goes through the policy."""
 
     def as_linear(self, x):
-        n, k = self["weight"].shape
-        return _dispatch(self, x, n, k)
-
-    def _tw_native(self, x):
-        return nn.Embedding.as_linear(self, x)
+        entry = self._tw_plans.get(x.shape) or _resolve(self, x)
+        kind = entry[0]
+        _CALLS[kind] += 1
+        if kind == "native":
+            return _EMBEDDING_AS_LINEAR(self, x)
+        return _run_plan(self, x, kind, entry[1])
 
     _tw_dense_weight = TilewiseLinear._tw_dense_weight
     _tw_block = TilewiseLinear._tw_block
@@ -219,12 +236,19 @@ class TilewiseEmbedding(nn.Embedding):
 
 class TilewiseQuantizedEmbedding(_QuantizedBlocks, nn.QuantizedEmbedding):
     def as_linear(self, x):
-        n = self["weight"].shape[0]
-        return _dispatch(self, x, n, x.shape[-1])
+        entry = self._tw_plans.get(x.shape) or _resolve(self, x)
+        kind = entry[0]
+        _CALLS[kind] += 1
+        if kind == "native":
+            return _QEMBEDDING_AS_LINEAR(self, x)
+        return _run_plan(self, x, kind, entry[1])
 
-    def _tw_native(self, x):
-        return nn.QuantizedEmbedding.as_linear(self, x)
 
+# The stock methods native plans call (bit-identical to stock by construction).
+_LINEAR_CALL = nn.Linear.__call__
+_QLINEAR_CALL = nn.QuantizedLinear.__call__
+_EMBEDDING_AS_LINEAR = nn.Embedding.as_linear
+_QEMBEDDING_AS_LINEAR = nn.QuantizedEmbedding.as_linear
 
 # stock class -> patched subclass (exact types only; see the module doc).
 PATCHED = {
@@ -252,14 +276,20 @@ class Handle:
         return f"<tilewise policy {self.policy_hash[:19]}… on {len(self.layers)} layers>"
 
 
+def prepare(doc):
+    """Validates `doc` once (PolicyError) and returns it ready for repeated `apply` calls: the A/B
+    loop switches policies before every sample and must not re-validate each time."""
+    P.validate(doc)
+    return _Resolver(doc)
+
+
 def apply(model, doc):
     """Routes every linear matmul of `model` through `doc`'s plans. Re-applying replaces the policy.
 
-    `doc` is validated first (PolicyError on a bad policy); a policy whose target backend is not
-    "*" must match this process's backend.
+    `doc` is a policy dict (validated first: PolicyError on a bad policy) or the result of
+    `prepare(doc)`. Plan choices are memoised per layer and input shape for this application.
     """
-    P.validate(doc)
-    resolver = _Resolver(doc)
+    resolver = doc if isinstance(doc, _Resolver) else prepare(doc)
     layers = []
     for name, module in model.named_modules():
         cls = type(module)
@@ -268,6 +298,7 @@ def apply(model, doc):
             continue
         module.__class__ = patched
         object.__setattr__(module, "_tw_resolver", resolver)
+        object.__setattr__(module, "_tw_plans", {})  # x.shape -> (kind, plan), filled on first use
         layers.append(name)
     return Handle(model, resolver, layers)
 
@@ -280,10 +311,8 @@ def remove(model):
         if stock is None:
             continue
         module.__class__ = stock
-        try:
-            object.__delattr__(module, "_tw_resolver")
-        except AttributeError:
-            pass
+        module.__dict__.pop("_tw_resolver", None)
+        module.__dict__.pop("_tw_plans", None)
         restored += 1
     return restored
 

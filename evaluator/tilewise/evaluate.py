@@ -1,0 +1,91 @@
+"""One candidate policy, end to end: the correctness gate, then interleaved inference and training
+timing against stock. Produces the `evaluate` result of docs/worker-protocol.md.
+
+Stock and candidate share the same loaded weights; the candidate arm applies the policy (class swap,
+see patch.py) before its sample and removes it after, so the stock arm is the untouched model.
+"""
+
+from . import gate as G
+from . import measure
+from . import patch
+from . import policy as P
+from . import workloads as W
+
+
+def evaluate(model, doc, *, dtype, inference=None, training=None, pairs=10, warmup=2, seed=0,
+             progress=None, should_stop=None, skip_inference=False, skip_training=False):
+    """Gate first, then timing. `inference` = {prompt_tokens, gen_tokens}, `training` = {batch, seq};
+    None picks the backend's defaults, skip_* leaves a workload out. `progress(stage, done, total)`
+    reports; `should_stop()` is polled between samples (measure.Cancelled is raised)."""
+    P.validate_for_backend(doc, W.backend())
+    progress = progress or (lambda *a: None)
+    inf = None if skip_inference else {**W.defaults("inference"), **(inference or {})}
+    trn = None if skip_training else {**W.defaults("training"), **(training or {})}
+    vocab = W.vocab_size(model)
+    prompt = W.token_ids(vocab, (inf or W.defaults("inference"))["prompt_tokens"], seed)
+    batch = W.make_batch(model, trn["batch"], trn["seq"], seed + 1) if trn else None
+
+    result = {"policy_hash": P.content_hash(doc), "correct": False, "gate": None,
+              "inference": None, "training": None, "combined": None, "calls": None}
+    progress("gate", 0, 1)
+    patch.reset_call_counts()
+    correct, gate = G.check(model, doc, dtype=dtype, prompt=prompt, batch=batch)
+    # Counts of the gate's candidate run: proof that the plans were reached.
+    result["calls"] = patch.call_counts()
+    result["gate"] = gate
+    result["correct"] = correct
+    progress("gate", 1, 1)
+    if not correct:
+        return result
+
+    prefill_step = (doc.get("generation") or {}).get("prefill_step_size", 2048)
+
+    prepared = patch.prepare(doc)
+
+    def with_policy(fn):
+        def run():
+            patch.apply(model, prepared)
+            try:
+                return fn()
+            finally:
+                patch.remove(model)
+        return run
+
+    def without_policy(fn):
+        # The stock arm does the same (untimed) bookkeeping walk, so both arms start alike.
+        def run():
+            patch.remove(model)
+            return fn()
+        return run
+
+    if inf is not None:
+        run_stock = without_policy(lambda: W.run_inference(model, prompt, inf["gen_tokens"]))
+        run_cand = with_policy(lambda: W.run_inference(model, prompt, inf["gen_tokens"], prefill_step))
+        r = measure.interleaved({"stock": run_stock, "candidate": run_cand}, pairs, warmup, seed=seed,
+                                should_stop=should_stop,
+                                on_sample=lambda d, t: progress("inference", d, t))
+        r["prefill_tok_s"] = _tok_s(r["samples"], "prefill_s", inf["prompt_tokens"])
+        r["decode_tok_s"] = _tok_s(r["samples"], "decode_s", max(inf["gen_tokens"] - 1, 1))
+        r["sizes"] = inf
+        result["inference"] = r
+    if trn is not None:
+        run_stock = without_policy(lambda: W.run_training_step(model, batch))
+        run_cand = with_policy(lambda: W.run_training_step(model, batch))
+        r = measure.interleaved({"stock": run_stock, "candidate": run_cand}, pairs, warmup, seed=seed,
+                                should_stop=should_stop,
+                                on_sample=lambda d, t: progress("training", d, t))
+        r["sizes"] = trn
+        result["training"] = r
+    result["combined"] = measure.combine(result["inference"], result["training"])
+    return result
+
+
+def _tok_s(samples, field, tokens):
+    """Tokens/s per arm from the median of that arm's `field` seconds."""
+    import numpy as np
+
+    out = {}
+    for arm in ("stock", "candidate"):
+        secs = [s[field] for s in samples if s["arm"] == arm]
+        out[arm] = tokens / float(np.median(secs)) if secs else None
+    return out

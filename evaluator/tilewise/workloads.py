@@ -1,0 +1,108 @@
+"""The two workloads a policy is measured on: mlx_lm generation and full training steps.
+
+Inference: `mlx_lm.generate.generate_step` on a fixed prompt of P token ids, greedy, exactly G tokens
+(EOS does not stop it, so both arms always do the same work). Prefill = time until the first token
+is materialised; decode = the rest. Tokens/s are reported separately.
+
+Training: one full step = forward, mean cross-entropy, `nn.value_and_grad`, AdamW update, all
+evaluated. To keep the arms comparable, every step starts from the *same* weights and a *fresh*
+optimizer state: the weights are restored after the step (MLX arrays are immutable, so keeping the
+old parameter tree and `model.update()`-ing it back is free), and a new AdamW is built per step (its
+lazy state initialisation is part of every step, identical for both arms). Otherwise the candidate
+arm would train a different model than the stock arm one pair later.
+"""
+
+import sys
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+
+# Per-backend default sizes. CPU (reference BLAS, 2 cores) runs the tiny model; GPUs the 0.5B one.
+DEFAULTS = {
+    "cpu": {"inference": {"prompt_tokens": 64, "gen_tokens": 16}, "training": {"batch": 2, "seq": 64}},
+    "cuda": {"inference": {"prompt_tokens": 512, "gen_tokens": 64}, "training": {"batch": 4, "seq": 512}},
+    "metal": {"inference": {"prompt_tokens": 512, "gen_tokens": 64}, "training": {"batch": 4, "seq": 512}},
+}
+
+
+def backend():
+    """This process's MLX backend: "cpu", "cuda" or "metal"."""
+    if mx.default_device().type == mx.DeviceType.cpu:
+        return "cpu"
+    return "metal" if sys.platform == "darwin" else "cuda"
+
+
+def device_name():
+    try:
+        info = mx.device_info()
+        name = info.get("device_name") or info.get("architecture")
+        if name:
+            return str(name)
+    except Exception:  # older MLX or CPU-only builds have no device_info
+        pass
+    import platform
+
+    return f"{platform.machine()} cpu"
+
+
+def defaults(kind, backend_name=None):
+    return dict(DEFAULTS[backend_name or backend()][kind])
+
+
+def token_ids(vocab_size, count, seed):
+    """`count` seeded pseudo-random token ids in [0, vocab_size) (timing does not depend on them)."""
+    key = mx.random.key(seed)
+    return mx.random.randint(0, vocab_size, (count,), key=key).astype(mx.int32)
+
+
+def vocab_size(model):
+    return model.args.vocab_size
+
+
+def run_inference(model, prompt, gen_tokens, prefill_step_size=2048):
+    """One generation: returns {"seconds", "prefill_s", "decode_s", "tokens"}."""
+    from mlx_lm.generate import generate_step
+
+    tokens = []
+    tic = time.perf_counter()
+    first = None
+    for tok, _ in generate_step(prompt, model, max_tokens=gen_tokens, prefill_step_size=prefill_step_size):
+        if first is None:
+            first = time.perf_counter()
+        tokens.append(tok)
+    end = time.perf_counter()
+    return {"seconds": end - tic, "prefill_s": first - tic, "decode_s": end - first, "tokens": tokens}
+
+
+def make_batch(model, batch, seq, seed):
+    """A fixed (inputs, targets) batch of B sequences of L tokens (targets = inputs shifted)."""
+    ids = token_ids(vocab_size(model), batch * (seq + 1), seed).reshape(batch, seq + 1)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def loss_fn(model, inputs, targets):
+    logits = model(inputs)
+    return nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="mean")
+
+
+def loss_and_grads(model, batch):
+    """(loss, grads) on the batch, evaluated; the weights are not changed (for the gate)."""
+    loss, grads = nn.value_and_grad(model, loss_fn)(model, *batch)
+    mx.eval(loss, grads)
+    return loss, grads
+
+
+def run_training_step(model, batch, learning_rate=1e-5):
+    """One full training step, timed; the weights are restored afterwards (see module doc)."""
+    saved = model.parameters()
+    optimizer = optim.AdamW(learning_rate=learning_rate)
+    step = nn.value_and_grad(model, loss_fn)
+    tic = time.perf_counter()
+    loss, grads = step(model, *batch)
+    optimizer.update(model, grads)
+    mx.eval(loss, model.parameters(), optimizer.state)
+    seconds = time.perf_counter() - tic
+    model.update(saved)
+    return {"seconds": seconds, "loss": loss.item()}
