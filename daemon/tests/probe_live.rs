@@ -17,7 +17,11 @@ fn detect_describes_this_machine() {
     assert!(page.is_power_of_two() && page >= 4096);
     if cfg!(target_os = "linux") {
         assert!(d.chip.is_some(), "/proc/cpuinfo has a model name");
-        let expected = if d.nvidia.is_some() { Backend::Cuda } else { Backend::Cpu };
+        let expected = if d.nvidia.is_some() {
+            Backend::Cuda
+        } else {
+            Backend::Cpu
+        };
         assert_eq!(d.backend, expected);
         assert_eq!(d.gpu_cores, None);
     }

@@ -11,8 +11,9 @@ use std::collections::BTreeMap;
 pub struct SysctlFacts {
     /// `machdep.cpu.brand_string`, e.g. "Apple M3 Max".
     pub brand: Option<String>,
-    /// `hw.machine`, e.g. "arm64".
-    pub machine: Option<String>,
+    /// `hw.optional.arm64: 1`: the hardware is Apple Silicon, even when this process runs under
+    /// Rosetta as x86_64 (`sysctl hw` does not list `hw.machine`).
+    pub arm64: bool,
     /// `hw.perflevelN.*` for N in 0..`hw.nperflevels`; when the OS has no perflevels (macOS 11),
     /// one level built from `hw.physicalcpu`, `hw.logicalcpu`, `hw.l1dcachesize`, `hw.l2cachesize`.
     pub perf_levels: Vec<PerfLevel>,
@@ -69,7 +70,7 @@ pub fn parse_sysctl(text: &str) -> SysctlFacts {
     }
     SysctlFacts {
         brand: text_of("machdep.cpu.brand_string"),
-        machine: text_of("hw.machine"),
+        arm64: num("hw.optional.arm64") == Some(1),
         perf_levels,
         memsize: num("hw.memsize"),
         cachelinesize: num("hw.cachelinesize"),
@@ -101,7 +102,9 @@ pub fn parse_ioreg_gpu(text: &str) -> IoregGpu {
     let mut config_cores = None;
     for line in text.lines() {
         let line = line.trim().trim_start_matches('|').trim();
-        let Some((k, v)) = line.split_once(" = ") else { continue };
+        let Some((k, v)) = line.split_once(" = ") else {
+            continue;
+        };
         let v = v.trim();
         match k.trim() {
             "\"gpu-core-count\"" if out.gpu_cores.is_none() => out.gpu_cores = v.parse().ok(),
@@ -148,18 +151,21 @@ pub fn parse_brand(brand: &str) -> Option<(String, Variant)> {
     Some((family.to_string(), variant))
 }
 
-/// Builds the [`Device`] of a Mac from its parsed command outputs. Pure. `fallback_arch` is used
-/// only when sysctl did not report `hw.machine`.
+/// Builds the [`Device`] of a Mac from its parsed command outputs. Pure. `fallback_arch` (this
+/// binary's architecture) is used only when sysctl did not say the hardware is arm64.
 pub fn device_from_facts(fallback_arch: &str, s: &SysctlFacts, gpu: &IoregGpu) -> Device {
-    let brand = s.brand.clone().or_else(|| gpu.model.clone());
+    // macOS 11 reported "Apple processor" as the brand; the GPU's "model" names the chip there.
+    let brand = [&s.brand, &gpu.model]
+        .into_iter()
+        .flatten()
+        .find(|b| parse_brand(b).is_some())
+        .or(s.brand.as_ref())
+        .or(gpu.model.as_ref())
+        .cloned();
     let parsed = brand.as_deref().and_then(parse_brand);
-    let arch = match s.machine.as_deref() {
-        Some("arm64") => "aarch64".to_string(),
-        Some(m) => m.to_string(),
-        None => fallback_arch.to_string(),
-    };
+    let arch = if s.arm64 { "aarch64" } else { fallback_arch }.to_string();
     // MLX runs on Metal on any Apple Silicon Mac, whatever architecture this binary was built for.
-    let backend = if parsed.is_some() || arch == "aarch64" {
+    let backend = if parsed.is_some() || s.arm64 {
         Backend::Metal
     } else {
         Backend::Cpu

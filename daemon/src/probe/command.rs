@@ -37,7 +37,9 @@ pub fn run_stdout(program: &str, args: &[&str], timeout: Duration) -> Option<Str
         }
     };
     let out = reader.join().ok()?.ok()?;
-    status.success().then(|| String::from_utf8_lossy(&out).into_owned())
+    status
+        .success()
+        .then(|| String::from_utf8_lossy(&out).into_owned())
 }
 
 #[cfg(test)]
@@ -52,10 +54,19 @@ mod tests {
 
     #[test]
     fn missing_program_failure_and_timeout_are_none() {
-        assert_eq!(run_stdout("tilewise-no-such-program", &[], COMMAND_TIMEOUT), None);
-        assert_eq!(run_stdout("sh", &["-c", "echo x; exit 3"], COMMAND_TIMEOUT), None);
+        assert_eq!(
+            run_stdout("tilewise-no-such-program", &[], COMMAND_TIMEOUT),
+            None
+        );
+        assert_eq!(
+            run_stdout("sh", &["-c", "echo x; exit 3"], COMMAND_TIMEOUT),
+            None
+        );
         let start = Instant::now();
-        assert_eq!(run_stdout("sleep", &["5"], Duration::from_millis(200)), None);
+        assert_eq!(
+            run_stdout("sleep", &["5"], Duration::from_millis(200)),
+            None
+        );
         assert!(start.elapsed() < Duration::from_secs(3));
     }
 }

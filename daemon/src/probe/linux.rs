@@ -38,9 +38,9 @@ pub struct SysfsCpu {
 
 impl SysfsCpu {
     fn cache(&self, level: u32, data: bool) -> Option<&SysfsCache> {
-        self.caches.iter().find(|c| {
-            c.level == level && if data { c.kind != "Instruction" } else { true }
-        })
+        self.caches
+            .iter()
+            .find(|c| c.level == level && if data { c.kind != "Instruction" } else { true })
     }
     pub fn l1d(&self) -> Option<&SysfsCache> {
         self.cache(1, true)
@@ -53,7 +53,12 @@ impl SysfsCpu {
 /// Parses a kernel CPU list such as `0-3,8,10-11`. Malformed parts are skipped.
 pub fn parse_cpu_list(text: &str) -> Vec<u32> {
     let mut out = Vec::new();
-    for part in text.trim().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for part in text
+        .trim()
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         match part.split_once('-') {
             Some((a, b)) => {
                 if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
@@ -79,7 +84,9 @@ pub fn parse_cache_size(text: &str) -> Option<u64> {
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 fn read_num<T: std::str::FromStr>(path: &Path) -> Option<T> {
@@ -119,7 +126,9 @@ fn read_sysfs_cpu(dir: &Path, id: u32) -> SysfsCpu {
             .collect();
         idx.sort();
         for p in idx {
-            let Some(level) = read_num::<u32>(&p.join("level")) else { continue };
+            let Some(level) = read_num::<u32>(&p.join("level")) else {
+                continue;
+            };
             caches.push(SysfsCache {
                 level,
                 kind: read_trimmed(&p.join("type")).unwrap_or_default(),

@@ -13,6 +13,11 @@ pub fn detect() -> Device {
     sysctl.push_str(
         &run_stdout("sysctl", &["machdep.cpu.brand_string"], COMMAND_TIMEOUT).unwrap_or_default(),
     );
-    let ioreg = run_stdout("ioreg", &["-rc", "AGXAccelerator"], COMMAND_TIMEOUT).unwrap_or_default();
-    device_from_facts(std::env::consts::ARCH, &parse_sysctl(&sysctl), &parse_ioreg_gpu(&ioreg))
+    let ioreg =
+        run_stdout("ioreg", &["-rc", "AGXAccelerator"], COMMAND_TIMEOUT).unwrap_or_default();
+    device_from_facts(
+        std::env::consts::ARCH,
+        &parse_sysctl(&sysctl),
+        &parse_ioreg_gpu(&ioreg),
+    )
 }

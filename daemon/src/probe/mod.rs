@@ -175,7 +175,8 @@ impl Device {
     /// survives reboots and driver updates.
     pub fn fingerprint_input(&self) -> String {
         fn opt<T: fmt::Display>(v: &Option<T>) -> String {
-            v.as_ref().map_or_else(|| "-".to_string(), |v| v.to_string())
+            v.as_ref()
+                .map_or_else(|| "-".to_string(), |v| v.to_string())
         }
         let mut s = String::new();
         let mut line = |k: &str, v: String| {
@@ -242,7 +243,7 @@ fn fmt_bytes(b: u64) -> String {
     const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
     for (name, size) in UNITS {
         if b >= size {
-            return if b % size == 0 {
+            return if b.is_multiple_of(size) {
                 format!("{} {name}", b / size)
             } else {
                 format!("{:.1} {name}", b as f64 / size as f64)
@@ -314,5 +315,218 @@ impl fmt::Display for Device {
         }
         writeln!(f, "MLX backend   {}", self.backend)?;
         write!(f, "Fingerprint   {}", self.fingerprint())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m3_max() -> Device {
+        let level = |name: &str, n, l1d, l2, per| PerfLevel {
+            name: name.to_string(),
+            physical_cores: n,
+            logical_cores: n,
+            l1d_bytes: Some(l1d),
+            l2_bytes: Some(l2),
+            cpus_per_l2: Some(per),
+        };
+        Device {
+            os: "macos".into(),
+            arch: "aarch64".into(),
+            chip: Some("Apple M3 Max".into()),
+            family: Some("M3".into()),
+            variant: Some(Variant::Max),
+            perf_levels: vec![
+                level("Performance", 10, 131072, 16 << 20, 5),
+                level("Efficiency", 4, 65536, 4 << 20, 4),
+            ],
+            p_cores: 10,
+            e_cores: 4,
+            cache_line_bytes: Some(128),
+            page_size_bytes: Some(16384),
+            memory_bytes: Some(36 << 30),
+            gpu_cores: Some(30),
+            memory_bandwidth_gbs: Some(300.0),
+            backend: Backend::Metal,
+            nvidia: None,
+        }
+    }
+
+    fn h100_host() -> Device {
+        Device {
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            chip: Some("Intel(R) Xeon(R) Platinum 8480+".into()),
+            family: None,
+            variant: None,
+            perf_levels: vec![PerfLevel {
+                name: "Performance".into(),
+                physical_cores: 8,
+                logical_cores: 16,
+                l1d_bytes: Some(48 << 10),
+                l2_bytes: Some(2 << 20),
+                cpus_per_l2: Some(2),
+            }],
+            p_cores: 8,
+            e_cores: 0,
+            cache_line_bytes: Some(64),
+            page_size_bytes: Some(4096),
+            memory_bytes: Some(128 << 30),
+            gpu_cores: None,
+            memory_bandwidth_gbs: None,
+            backend: Backend::Cuda,
+            nvidia: Some(NvidiaGpu {
+                name: "NVIDIA H100 80GB HBM3".into(),
+                memory_bytes: Some(81559 << 20),
+                driver: Some("550.54.15".into()),
+                compute_capability: Some("9.0".into()),
+            }),
+        }
+    }
+
+    #[test]
+    fn probe_fingerprint_has_the_documented_shape_and_is_deterministic() {
+        let fp = m3_max().fingerprint();
+        assert_eq!(fp.len(), 20);
+        assert!(fp.starts_with("dev-"));
+        assert!(fp[4..]
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_eq!(fp, m3_max().fingerprint());
+        assert_eq!(fp, m3_max().clone().fingerprint());
+    }
+
+    #[test]
+    fn probe_fingerprint_ignores_volatile_and_derived_fields() {
+        let base = m3_max();
+        let mut d = base.clone();
+        d.memory_bytes = Some(48 << 30);
+        d.memory_bandwidth_gbs = None;
+        assert_eq!(
+            d.fingerprint(),
+            base.fingerprint(),
+            "memory size and bandwidth"
+        );
+
+        let host = h100_host();
+        let mut d = host.clone();
+        d.nvidia.as_mut().unwrap().driver = Some("570.86.10".into());
+        d.memory_bytes = Some(127 << 30);
+        assert_eq!(
+            d.fingerprint(),
+            host.fingerprint(),
+            "driver update and memory"
+        );
+    }
+
+    #[test]
+    fn probe_fingerprint_changes_with_anything_that_matters_for_tuning() {
+        let base = m3_max();
+        type Change = Box<dyn Fn(&mut Device)>;
+        let variants: Vec<(&str, Change)> = vec![
+            ("gpu cores", Box::new(|d| d.gpu_cores = Some(40))),
+            ("chip", Box::new(|d| d.chip = Some("Apple M3 Pro".into()))),
+            ("variant", Box::new(|d| d.variant = Some(Variant::Pro))),
+            ("family", Box::new(|d| d.family = Some("M4".into()))),
+            ("backend", Box::new(|d| d.backend = Backend::Cpu)),
+            (
+                "p cores",
+                Box::new(|d| d.perf_levels[0].physical_cores = 12),
+            ),
+            (
+                "l2",
+                Box::new(|d| d.perf_levels[1].l2_bytes = Some(6 << 20)),
+            ),
+            ("l1d", Box::new(|d| d.perf_levels[0].l1d_bytes = None)),
+            ("page size", Box::new(|d| d.page_size_bytes = Some(4096))),
+            ("cache line", Box::new(|d| d.cache_line_bytes = Some(64))),
+            (
+                "levels",
+                Box::new(|d| {
+                    d.perf_levels.pop();
+                }),
+            ),
+            ("arch", Box::new(|d| d.arch = "x86_64".into())),
+        ];
+        let mut seen = std::collections::BTreeSet::from([base.fingerprint()]);
+        for (what, change) in variants {
+            let mut d = base.clone();
+            change(&mut d);
+            assert!(
+                seen.insert(d.fingerprint()),
+                "changing {what} kept or reused a fingerprint"
+            );
+        }
+
+        let host = h100_host();
+        let mut d = host.clone();
+        d.nvidia.as_mut().unwrap().name = "NVIDIA H200".into();
+        assert_ne!(d.fingerprint(), host.fingerprint(), "GPU model");
+        let mut d = host.clone();
+        d.nvidia.as_mut().unwrap().memory_bytes = Some(95830 << 20);
+        assert_ne!(d.fingerprint(), host.fingerprint(), "GPU memory");
+        let mut d = host.clone();
+        d.nvidia = None;
+        assert_ne!(d.fingerprint(), host.fingerprint(), "GPU present");
+    }
+
+    #[test]
+    fn probe_fingerprint_input_is_one_named_line_per_field() {
+        // Named lines keep values from running into each other (unknown fields hash as "-").
+        let text = m3_max().fingerprint_input();
+        assert!(text.starts_with(&format!("v={FINGERPRINT_VERSION}\n")));
+        assert!(text.contains("\nchip=Apple M3 Max\n"));
+        assert!(text.contains("\nlevel0=Performance,10,10,131072,16777216,5\n"));
+        assert!(text.contains("\ngpu_cores=30\n"));
+        assert!(!text.contains("memory"), "{text}");
+    }
+
+    #[test]
+    fn probe_device_json_round_trips_with_documented_field_values() {
+        let d = h100_host();
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["backend"], "cuda");
+        assert_eq!(v["nvidia"]["compute_capability"], "9.0");
+        assert_eq!(serde_json::to_value(m3_max()).unwrap()["variant"], "Max");
+        let mut base = m3_max();
+        base.variant = Some(Variant::Base);
+        assert_eq!(serde_json::to_value(&base).unwrap()["variant"], "base");
+        let back: Device = serde_json::from_value(v).unwrap();
+        assert_eq!(back, d);
+    }
+
+    #[test]
+    fn probe_render_human_shows_every_known_field() {
+        let text = render_human(&m3_max());
+        for want in [
+            "Apple M3 Max (family M3, Max)",
+            "14 (10 performance + 4 efficiency)",
+            "Performance 10 cores (10 logical), L1d 128 KiB, L2 16 MiB shared by 5 CPUs",
+            "Efficiency  4 cores (4 logical), L1d 64 KiB, L2 4 MiB shared by 4 CPUs",
+            "Cache line    128 B; page size 16 KiB",
+            "Memory        36 GiB, bandwidth 300 GB/s",
+            "GPU cores     30",
+            "MLX backend   metal",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert!(text.ends_with(&m3_max().fingerprint()));
+        let text = render_human(&h100_host());
+        assert!(
+            text.contains(
+                "NVIDIA GPU    NVIDIA H100 80GB HBM3, 79.6 GiB, compute 9.0, driver 550.54.15"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("MLX backend   cuda"));
+    }
+
+    #[test]
+    fn probe_expected_backend() {
+        assert_eq!(Backend::expected("macos", "aarch64", false), Backend::Metal);
+        assert_eq!(Backend::expected("linux", "x86_64", true), Backend::Cuda);
+        assert_eq!(Backend::expected("linux", "aarch64", false), Backend::Cpu);
+        assert_eq!(Backend::expected("macos", "x86_64", false), Backend::Cpu);
     }
 }

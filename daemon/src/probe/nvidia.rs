@@ -10,13 +10,20 @@ pub const NVIDIA_SMI_ARGS: [&str; 2] = [
     "--format=csv,noheader,nounits",
 ];
 
+/// Columns in [`NVIDIA_SMI_ARGS`]'s query.
+const NVIDIA_SMI_COLUMNS: usize = 4;
+
 /// Parses `nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap
-/// --format=csv,noheader,nounits`: one GPU per line, `memory.total` in MiB. Lines that do not
-/// have a name are skipped; fields nvidia-smi cannot report ("[N/A]", "[Not Supported]") are `None`.
+/// --format=csv,noheader,nounits`: one GPU per line, `memory.total` in MiB. Lines without the four
+/// queried columns or without a name (error messages, blank lines) are skipped; fields nvidia-smi
+/// cannot report ("[N/A]", "[Not Supported]") are `None`.
 pub fn parse_nvidia_smi(text: &str) -> Vec<NvidiaGpu> {
     text.lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+            if fields.len() != NVIDIA_SMI_COLUMNS {
+                return None;
+            }
             let known = |i: usize| {
                 fields
                     .get(i)
