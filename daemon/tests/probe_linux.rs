@@ -100,6 +100,44 @@ fn this_ci_machine_becomes_its_exact_device() {
 }
 
 #[test]
+fn h100_host_becomes_its_exact_device() {
+    let dir = fixture_dir("linux-h100-16vcpu");
+    let f = facts(
+        "linux-h100-16vcpu",
+        135_148_564_480,
+        &read(&dir.join("nvidia-smi.csv")),
+    );
+    assert_eq!(f.cpus.len(), 16);
+    let d = device_from_facts(&f);
+    assert_eq!(d.chip.as_deref(), Some("Intel(R) Xeon(R) Processor"));
+    assert_eq!(
+        d.perf_levels,
+        vec![PerfLevel {
+            name: "Performance".into(),
+            physical_cores: 16,
+            logical_cores: 16,
+            l1d_bytes: Some(48 * KIB),
+            l2_bytes: Some(2 * MIB),
+            cpus_per_l2: Some(1),
+        }]
+    );
+    assert_eq!((d.p_cores, d.e_cores), (16, 0));
+    assert_eq!(d.cache_line_bytes, Some(64));
+    assert_eq!(d.backend, Backend::Cuda);
+    assert_eq!(
+        d.nvidia,
+        Some(NvidiaGpu {
+            name: "NVIDIA H100 80GB HBM3".into(),
+            memory_bytes: Some(81559 * MIB),
+            driver: Some("580.159.04".into()),
+            compute_capability: Some("9.0".into()),
+        })
+    );
+    // The value `tilewise::probe::detect()` printed live on that machine (see the README).
+    assert_eq!(d.fingerprint(), "dev-247e487b3d81221d");
+}
+
+#[test]
 fn this_ci_machine_fixture_matches_the_live_probe() {
     // The recording is of this machine; where the tests run elsewhere this only checks that the
     // live probe works, since the hardware differs.
@@ -215,13 +253,13 @@ fn cpuinfo_model_name_falls_back_to_arm_board_fields() {
 
 #[test]
 fn nvidia_smi_h100_line_parses_exactly() {
-    let text = read(&fixture_dir("nvidia").join("h100.csv"));
+    let text = read(&fixture_dir("linux-h100-16vcpu").join("nvidia-smi.csv"));
     assert_eq!(
         parse_nvidia_smi(&text),
         vec![NvidiaGpu {
             name: "NVIDIA H100 80GB HBM3".into(),
             memory_bytes: Some(81559 * MIB),
-            driver: Some("550.54.15".into()),
+            driver: Some("580.159.04".into()),
             compute_capability: Some("9.0".into()),
         }]
     );
@@ -247,7 +285,7 @@ fn nvidia_smi_multiple_gpus_and_unknown_fields() {
 
 #[test]
 fn an_nvidia_gpu_makes_the_backend_cuda_and_enters_the_fingerprint() {
-    let h100 = read(&fixture_dir("nvidia").join("h100.csv"));
+    let h100 = read(&fixture_dir("linux-h100-16vcpu").join("nvidia-smi.csv"));
     let without = device_from_facts(&facts("linux-xeon-2vcpu", 24 * GIB, ""));
     let with = device_from_facts(&facts("linux-xeon-2vcpu", 24 * GIB, &h100));
     assert_eq!(with.backend, Backend::Cuda);

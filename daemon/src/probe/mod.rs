@@ -379,7 +379,7 @@ mod tests {
             nvidia: Some(NvidiaGpu {
                 name: "NVIDIA H100 80GB HBM3".into(),
                 memory_bytes: Some(81559 << 20),
-                driver: Some("550.54.15".into()),
+                driver: Some("580.159.04".into()),
                 compute_capability: Some("9.0".into()),
             }),
         }
@@ -411,7 +411,7 @@ mod tests {
 
         let host = h100_host();
         let mut d = host.clone();
-        d.nvidia.as_mut().unwrap().driver = Some("570.86.10".into());
+        d.nvidia.as_mut().unwrap().driver = Some("590.10.01".into());
         d.memory_bytes = Some(127 << 30);
         assert_eq!(
             d.fingerprint(),
@@ -515,7 +515,7 @@ mod tests {
         let text = render_human(&h100_host());
         assert!(
             text.contains(
-                "NVIDIA GPU    NVIDIA H100 80GB HBM3, 79.6 GiB, compute 9.0, driver 550.54.15"
+                "NVIDIA GPU    NVIDIA H100 80GB HBM3, 79.6 GiB, compute 9.0, driver 580.159.04"
             ),
             "{text}"
         );
