@@ -1,0 +1,205 @@
+//! The gates that decide whether tuning may run now: idle long enough, on AC, not in Low Power
+//! Mode, thermally nominal, machine load low. Each is configurable (see [`Gates`]); the
+//! [`Decision`] says which gates block, in words a person can read in the menu bar.
+
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::activity::{Activity, Thermal};
+
+/// The configurable gates. Defaults: 5 minutes idle, AC required, Low Power Mode blocks,
+/// only a nominal thermal state passes, 1-minute load below the number of CPUs × 0.5.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Gates {
+    /// Seconds without keyboard/mouse input before tuning may start.
+    pub idle_seconds: f64,
+    pub require_ac_power: bool,
+    pub block_in_low_power_mode: bool,
+    /// When true only `Thermal::Nominal` passes (and `Unknown`, see `unknown_thermal_passes`).
+    pub require_thermal_nominal: bool,
+    /// Platforms that cannot tell (Linux without thermal zones) report `Unknown`; let them tune.
+    pub unknown_thermal_passes: bool,
+    /// Tuning is blocked while the 1-minute load average is at or above this; None: no limit.
+    pub max_load_1m: Option<f64>,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+        Gates {
+            idle_seconds: 300.0,
+            require_ac_power: true,
+            block_in_low_power_mode: true,
+            require_thermal_nominal: true,
+            unknown_thermal_passes: true,
+            max_load_1m: Some((cpus * 0.5).max(1.0)),
+        }
+    }
+}
+
+/// One gate, for callers that want to know which blocked without parsing the reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Gate {
+    Idle,
+    AcPower,
+    LowPowerMode,
+    Thermal,
+    Load,
+    /// The activity source failed: we cannot tell, so we do not tune.
+    Source,
+}
+
+/// Whether tuning may run now, and why not.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub run: bool,
+    /// One readable line per blocking gate ("on battery", "user active 12 s ago (needs 300 s
+    /// idle)"); when `run` is true, one line that says why it may run.
+    pub reasons: Vec<String>,
+    /// The gates that block (empty when `run`).
+    pub blocked_by: Vec<Gate>,
+    /// Wall-clock moment the person was last active (now − idle time) at the time of the
+    /// reading. The session runner discards every sample taken at or after this moment.
+    #[serde(serialize_with = "ser_epoch_s")]
+    pub user_active_at: Option<SystemTime>,
+    /// The reading the decision was made from (None when the source failed).
+    pub activity: Option<Activity>,
+}
+
+fn ser_epoch_s<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()) {
+        Some(d) => s.serialize_some(&d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
+}
+
+impl Decision {
+    /// The decision before anything has been sampled: do not run.
+    pub fn pending() -> Self {
+        Decision {
+            run: false,
+            reasons: vec!["activity not sampled yet".into()],
+            blocked_by: vec![Gate::Source],
+            user_active_at: None,
+            activity: None,
+        }
+    }
+
+    /// The decision when the activity source failed: do not run, and say why.
+    pub fn source_failed(error: &str) -> Self {
+        Decision {
+            run: false,
+            reasons: vec![format!("cannot read activity: {error}")],
+            blocked_by: vec![Gate::Source],
+            user_active_at: None,
+            activity: None,
+        }
+    }
+
+    /// Reasons joined for one-line displays (status, logs).
+    pub fn summary(&self) -> String {
+        self.reasons.join("; ")
+    }
+
+    /// True when `other` differs in what a consumer acts on (run or the set of blocking gates);
+    /// a changing idle count alone is not a change worth waking anyone for.
+    pub fn differs_materially(&self, other: &Decision) -> bool {
+        self.run != other.run || self.blocked_by != other.blocked_by
+    }
+}
+
+/// "12 s", "4 min 10 s", "2 h 5 min": short and readable.
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 60 {
+        format!("{s} s")
+    } else if s < 3600 {
+        let (m, r) = (s / 60, s % 60);
+        if r == 0 { format!("{m} min") } else { format!("{m} min {r} s") }
+    } else {
+        let (h, m) = (s / 3600, (s % 3600) / 60);
+        if m == 0 { format!("{h} h") } else { format!("{h} h {m} min") }
+    }
+}
+
+impl Gates {
+    pub fn idle_required(&self) -> Duration {
+        Duration::from_secs_f64(self.idle_seconds.max(0.0))
+    }
+
+    /// Checks the values a person might mistype in the config file.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.idle_seconds.is_finite() && self.idle_seconds >= 0.0) {
+            return Err(format!("idle_seconds must be a number >= 0, got {}", self.idle_seconds));
+        }
+        if let Some(l) = self.max_load_1m {
+            if !(l.is_finite() && l > 0.0) {
+                return Err(format!("max_load_1m must be > 0 (or null for no limit), got {l}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies every gate to one reading, taken at wall-clock time `now`.
+    pub fn decide(&self, a: &Activity, now: SystemTime) -> Decision {
+        let mut reasons = Vec::new();
+        let mut blocked_by = Vec::new();
+        let idle_needed = self.idle_required();
+        if a.user_idle < idle_needed {
+            blocked_by.push(Gate::Idle);
+            reasons.push(format!(
+                "user active {} ago (needs {} idle)",
+                human_duration(a.user_idle),
+                human_duration(idle_needed)
+            ));
+        }
+        if self.require_ac_power && !a.on_ac_power {
+            blocked_by.push(Gate::AcPower);
+            reasons.push(match a.battery_percent {
+                Some(p) => format!("on battery ({p} %)"),
+                None => "on battery".to_owned(),
+            });
+        }
+        if self.block_in_low_power_mode && a.low_power_mode {
+            blocked_by.push(Gate::LowPowerMode);
+            reasons.push("Low Power Mode is on".to_owned());
+        }
+        if self.require_thermal_nominal {
+            let passes = match a.thermal {
+                Thermal::Nominal => true,
+                Thermal::Unknown => self.unknown_thermal_passes,
+                _ => false,
+            };
+            if !passes {
+                blocked_by.push(Gate::Thermal);
+                reasons.push(format!("thermal state {}", a.thermal.as_str()));
+            }
+        }
+        if let Some(max) = self.max_load_1m {
+            if a.load_1m >= max {
+                blocked_by.push(Gate::Load);
+                reasons.push(format!("system load {:.2} (limit {:.2})", a.load_1m, max));
+            }
+        }
+        let run = blocked_by.is_empty();
+        if run {
+            reasons.push(format!(
+                "idle {}, {}, thermal {}, load {:.2}",
+                human_duration(a.user_idle),
+                if a.on_ac_power { "on AC" } else { "on battery (allowed)" },
+                a.thermal.as_str(),
+                a.load_1m
+            ));
+        }
+        Decision { run, reasons, blocked_by, user_active_at: now.checked_sub(a.user_idle), activity: Some(a.clone()) }
+    }
+
+    /// How long until the idle gate alone could open, if it is what blocks (None: not blocking).
+    pub fn idle_remaining(&self, a: &Activity) -> Option<Duration> {
+        let need = self.idle_required();
+        (a.user_idle < need).then(|| need - a.user_idle)
+    }
+}
