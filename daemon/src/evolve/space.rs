@@ -1,0 +1,686 @@
+//! The search space of one session: which policies are worth proposing for this model and workload,
+//! how to seed it, and how to vary a policy (mutation, crossover).
+//!
+//! Candidates are only ever about the model's real linear shapes (from the worker's `load` reply)
+//! and the M values the workload really runs, so no rule is written for a matmul that never happens.
+//! Rules address one shape exactly (`n = [N, N]`, `k = [K, K]`) and an M *band* (midpoints between
+//! the workload's distinct M values), so a rule still fires when the evaluator's exact M differs by a
+//! token from the estimate here (mlx_lm prefills `P - 1` tokens, then decodes one at a time).
+
+use crate::policy::{KernelFamily, KernelPlan, Plan, Policy, Range, Rule, Target, SCHEMA_ID};
+use rand::seq::IndexedRandom;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Largest number of rules a proposed policy may hold (the schema allows 256; more is noise).
+pub const MAX_RULES: usize = 24;
+
+/// One distinct linear (N, K) of the model and how many layers use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shape {
+    pub name: String,
+    pub n: u64,
+    pub k: u64,
+    pub count: u64,
+}
+
+/// The workload a session measures on (the `inference`/`training` fields of the worker's `evaluate`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<Inference>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<Training>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inference {
+    pub prompt_tokens: u64,
+    pub gen_tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Training {
+    pub batch: u64,
+    pub seq: u64,
+}
+
+/// One M value of the workload and how many forward matmul passes at that M one run makes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct WorkM {
+    pub m: u64,
+    pub weight: f64,
+    /// `true` for the training workload (weighted 0.3 in the combined score), else inference (0.7).
+    pub training: bool,
+}
+
+impl Workload {
+    /// The evaluator's per-backend defaults (evaluator/tilewise/workloads.py `DEFAULTS`).
+    pub fn default_for(backend: &str) -> Workload {
+        if backend == "cpu" {
+            Workload { inference: Some(Inference { prompt_tokens: 64, gen_tokens: 16 }), training: Some(Training { batch: 2, seq: 64 }) }
+        } else {
+            Workload { inference: Some(Inference { prompt_tokens: 512, gen_tokens: 64 }), training: Some(Training { batch: 4, seq: 512 }) }
+        }
+    }
+
+    /// The M values this workload runs. Inference: mlx_lm prefills `P - 1` tokens in one step (when
+    /// `P - 1 <= prefill_step_size`, else in steps of that size), then runs `G` single-token steps.
+    /// Training: one forward at `B × L` plus a backward that costs about two forwards.
+    pub fn m_values(&self) -> Vec<WorkM> {
+        let mut out = Vec::new();
+        if let Some(i) = self.inference {
+            let prefill = i.prompt_tokens.saturating_sub(1).clamp(1, 2048);
+            out.push(WorkM { m: prefill, weight: 1.0, training: false });
+            out.push(WorkM { m: 1, weight: i.gen_tokens.max(1) as f64, training: false });
+        }
+        if let Some(t) = self.training {
+            out.push(WorkM { m: (t.batch * t.seq).max(1), weight: 3.0, training: true });
+        }
+        out
+    }
+
+    /// The fields for the worker's `evaluate` request.
+    pub fn request_fields(&self) -> Value {
+        let mut v = json!({});
+        if let Some(i) = self.inference {
+            v["inference"] = json!({"prompt_tokens": i.prompt_tokens, "gen_tokens": i.gen_tokens});
+        }
+        if let Some(t) = self.training {
+            v["training"] = json!({"batch": t.batch, "seq": t.seq});
+        }
+        v
+    }
+}
+
+/// Everything the search needs to know about the session's target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchSpace {
+    pub target: Target,
+    pub shapes: Vec<Shape>,
+    pub workload: Workload,
+    /// Chip name from the device probe (the seed heuristic keys its base tile on it).
+    pub chip: String,
+}
+
+/// The plan actually run for one matmul once tiles that do not split anything are dropped: a split
+/// whose tile covers the whole axis is the same computation as not splitting that axis, and a split
+/// that splits nothing is native. Two policies with the same effective table are the same candidate.
+pub fn effective_plan(plan: &Plan, m: u64, n: u64, k: u64) -> Plan {
+    match plan {
+        Plan::Split { tile_m, tile_n, tile_k } => {
+            let keep = |t: &Option<u32>, dim: u64| t.filter(|&t| (t as u64) < dim);
+            let (tm, tn, tk) = (keep(tile_m, m), keep(tile_n, n), keep(tile_k, k));
+            if tm.is_none() && tn.is_none() && tk.is_none() {
+                Plan::Native
+            } else {
+                Plan::Split { tile_m: tm, tile_n: tn, tile_k: tk }
+            }
+        }
+        other => other.clone(),
+    }
+}
+
+/// `sha256:` of a plan's canonical JSON: the memo's plan key.
+pub fn plan_hash(plan: &Plan) -> String {
+    let text = serde_json::to_string(&serde_json::to_value(plan).expect("plan serializes")).expect("json");
+    format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes())))
+}
+
+/// Tile sizes a split may use along an axis of length `dim`: powers of two from 8 below `dim`
+/// (`None` = do not split that axis). Steps move along this ladder, so tiles stay aligned.
+fn tile_ladder(dim: u64) -> Vec<u32> {
+    (3..=20).map(|p| 1u32 << p).filter(|&t| (t as u64) < dim).collect()
+}
+
+fn step_tile(current: Option<u32>, dim: u64, up: bool) -> Option<u32> {
+    let ladder = tile_ladder(dim);
+    if ladder.is_empty() {
+        return None;
+    }
+    match current {
+        None => {
+            // From "whole axis", stepping down enters the ladder at its top.
+            if up {
+                None
+            } else {
+                ladder.last().copied()
+            }
+        }
+        Some(t) => {
+            let pos = ladder.iter().position(|&x| x >= t).unwrap_or(ladder.len() - 1);
+            if up {
+                ladder.get(pos + 1).copied() // past the top = whole axis
+            } else {
+                Some(ladder[pos.saturating_sub(1)])
+            }
+        }
+    }
+}
+
+impl SearchSpace {
+    /// Distinct workload M values, ascending, with the band each one owns.
+    pub fn m_bands(&self) -> Vec<(u64, Range)> {
+        let mut ms: Vec<u64> = self.workload.m_values().iter().map(|w| w.m).collect();
+        ms.sort_unstable();
+        ms.dedup();
+        let mut out = Vec::new();
+        for (i, &m) in ms.iter().enumerate() {
+            let lo = if i == 0 { 1 } else { (ms[i - 1] + m) / 2 + 1 };
+            let hi = ms.get(i + 1).map(|&next| (m + next) / 2);
+            out.push((m, Range(lo, hi)));
+        }
+        out
+    }
+
+    fn band_of(&self, m: u64) -> Range {
+        self.m_bands().into_iter().find(|(_, r)| r.contains(m)).map(|(_, r)| r).unwrap_or(Range(1, None))
+    }
+
+    /// A policy document for this target.
+    pub fn policy(&self, name: &str, rules: Vec<Rule>, default: Plan) -> Policy {
+        Policy {
+            schema: SCHEMA_ID.to_string(),
+            name: Some(name.to_string()),
+            target: self.target.clone(),
+            matmul: crate::policy::Matmul { rules, default },
+            generation: None,
+            training: None,
+        }
+    }
+
+    /// `native` for this target (the baseline every session holds).
+    pub fn native(&self) -> Policy {
+        self.policy("native", vec![], Plan::Native)
+    }
+
+    /// The seed document's `choose_tile_size` heuristic (reference/seed-openevolve-mlx-lm-optimization.md)
+    /// tabulated as data over this model's shapes and workload M values:
+    /// base tile 512 / alignment 32 on M3/M4-class chips, 256 / 16 otherwise; decode (M ≤ 16) left
+    /// native; tile_m = M rounded up to the alignment, capped at the base tile; tile_n doubled for
+    /// very rectangular problems (aspect > 4); tile_k doubled when K dominates (K > 2 max(M, N)).
+    pub fn seed_heuristic(&self) -> Policy {
+        let big = ["M3", "M4", "M5"].iter().any(|c| self.chip.contains(c));
+        let (base, align) = if big { (512u64, 32u64) } else { (256, 16) };
+        let mut rules = Vec::new();
+        for (m, band) in self.m_bands() {
+            if m <= 16 {
+                continue;
+            }
+            for s in &self.shapes {
+                let k_dominance = s.k as f64 / m.max(s.n) as f64;
+                let aspect = m.max(s.n) as f64 / m.min(s.n).max(1) as f64;
+                let tile_m = (m.div_ceil(align) * align).min(base);
+                let tile_n = if aspect > 4.0 { base * 2 } else { base };
+                let tile_k = if k_dominance > 2.0 { base * 2 } else { base };
+                let plan = Plan::Split { tile_m: Some(tile_m as u32), tile_n: Some(tile_n as u32), tile_k: Some(tile_k as u32) };
+                if effective_plan(&plan, m, s.n, s.k) == Plan::Native {
+                    continue;
+                }
+                rules.push(Rule { m: Some(band), n: Some(Range(s.n, Some(s.n))), k: Some(Range(s.k, Some(s.k))), plan });
+            }
+        }
+        rules.truncate(MAX_RULES);
+        self.policy("seed-choose_tile_size", rules, Plan::Native)
+    }
+
+    /// Every (M, shape) the workload runs, with its weight (forward passes × layers using the shape).
+    pub fn matmuls(&self) -> Vec<(WorkM, &Shape)> {
+        let mut out = Vec::new();
+        for w in self.workload.m_values() {
+            for s in &self.shapes {
+                out.push((w, s));
+            }
+        }
+        out
+    }
+
+    /// The plan each of the workload's matmuls runs under `p`, after dropping non-splits. Two
+    /// policies with the same table do the same work: the search measures only one of them.
+    pub fn effective_table(&self, p: &Policy) -> BTreeMap<(u64, u64, u64), Plan> {
+        let mut t = BTreeMap::new();
+        for (w, s) in self.matmuls() {
+            t.insert((w.m, s.n, s.k), effective_plan(p.plan_for(w.m, s.n, s.k), w.m, s.n, s.k));
+        }
+        t
+    }
+
+    /// Hash of the effective table (the search's identity of a candidate's behaviour).
+    pub fn behaviour_key(&self, p: &Policy) -> String {
+        let table: Vec<Value> = self
+            .effective_table(p)
+            .into_iter()
+            .map(|((m, n, k), plan)| json!([m, n, k, plan]))
+            .collect();
+        let text = serde_json::to_string(&table).expect("json");
+        hex::encode(&Sha256::digest(text.as_bytes())[..12])
+    }
+
+    /// True when every matmul of the workload runs native under `p` (an A/A candidate).
+    pub fn is_effectively_native(&self, p: &Policy) -> bool {
+        self.effective_table(p).values().all(|pl| *pl == Plan::Native)
+    }
+
+    /// Behaviour features for the MAP-Elites grid: (fraction of the workload's matmul FLOPs that run
+    /// non-native, FLOP-weighted mean log2 of the split tiles used; 0 when nothing is split).
+    pub fn features(&self, p: &Policy) -> (f64, f64) {
+        let (mut total, mut non_native, mut tile_log_sum) = (0.0, 0.0, 0.0);
+        for (w, s) in self.matmuls() {
+            let flops = w.weight * s.count as f64 * (w.m * s.n * s.k) as f64;
+            total += flops;
+            let plan = effective_plan(p.plan_for(w.m, s.n, s.k), w.m, s.n, s.k);
+            if plan != Plan::Native {
+                non_native += flops;
+                let tiles: Vec<f64> = match plan {
+                    Plan::Split { tile_m, tile_n, tile_k } => {
+                        [tile_m, tile_n, tile_k].iter().flatten().map(|&t| (t as f64).log2()).collect()
+                    }
+                    Plan::Kernel(k) => [k.block_m, k.block_n, k.block_k, k.rows_per_block].iter().flatten().map(|&t| (t as f64).log2()).collect(),
+                    Plan::Native => vec![],
+                };
+                if !tiles.is_empty() {
+                    tile_log_sum += flops * tiles.iter().sum::<f64>() / tiles.len() as f64;
+                }
+            }
+        }
+        if total == 0.0 || non_native == 0.0 {
+            return (0.0, 0.0);
+        }
+        (non_native / total, tile_log_sum / non_native)
+    }
+
+    /// Runs the document through the same validation the plugin applies; `None` when it fails.
+    pub fn validated(&self, p: Policy) -> Option<Policy> {
+        let v = p.to_value();
+        let parsed = Policy::from_value(&v).ok()?;
+        parsed.validate_for_backend(&self.target.backend).ok()?;
+        Some(parsed)
+    }
+
+    /// Drops rules that no workload matmul reaches (shadowed or out of range) and caps the count, so
+    /// a policy only carries rules that change something.
+    pub fn prune(&self, mut p: Policy) -> Policy {
+        // A GEMV kernel serves only M <= 16: narrow its rule's M range to that, or, when the range
+        // starts above it, switch the plan to the GEMM family (the schema's cross-field rule).
+        for r in &mut p.matmul.rules {
+            if let Plan::Kernel(k) = &mut r.plan {
+                if k.family == KernelFamily::Gemv {
+                    let lo = r.m.map_or(1, |m| m.0);
+                    if lo <= crate::policy::GEMV_MAX_M {
+                        let hi = r.m.and_then(|m| m.1).map_or(crate::policy::GEMV_MAX_M, |h| h.min(crate::policy::GEMV_MAX_M));
+                        r.m = Some(Range(lo, Some(hi)));
+                    } else {
+                        *k = KernelPlan {
+                            backend: k.backend,
+                            family: KernelFamily::Gemm,
+                            rows_per_block: None,
+                            block_m: Some(64),
+                            block_n: Some(64),
+                            block_k: Some(16),
+                            warps: Some(4),
+                            vector_width: k.vector_width,
+                            split_k: 1,
+                        };
+                    }
+                }
+            }
+        }
+        if let Plan::Kernel(k) = &p.matmul.default {
+            if k.family == KernelFamily::Gemv {
+                p.matmul.default = Plan::Native;
+            }
+        }
+        let mut used = vec![false; p.matmul.rules.len()];
+        for (w, s) in self.matmuls() {
+            if let Some(i) = p.matmul.rules.iter().position(|r| r.matches(w.m, s.n, s.k)) {
+                used[i] = true;
+            }
+        }
+        let mut i = 0;
+        p.matmul.rules.retain(|_| {
+            let keep = used[i];
+            i += 1;
+            keep
+        });
+        p.matmul.rules.truncate(MAX_RULES);
+        p
+    }
+
+    fn kernels_available(&self) -> bool {
+        matches!(self.target.backend.as_str(), "cuda" | "metal")
+    }
+
+    /// A random plan for a matmul at (m, n, k). On CPU only `native` and `split` exist.
+    fn random_plan<R: Rng>(&self, rng: &mut R, m: u64, n: u64, k: u64) -> Plan {
+        let pick = |rng: &mut R, dim: u64| -> Option<u32> {
+            let ladder = tile_ladder(dim);
+            if ladder.is_empty() || rng.random_bool(0.4) {
+                None
+            } else {
+                ladder.choose(rng).copied()
+            }
+        };
+        if self.kernels_available() && rng.random_bool(0.3) {
+            return self.random_kernel(rng, m);
+        }
+        let mut plan = Plan::Split { tile_m: pick(rng, m), tile_n: pick(rng, n), tile_k: pick(rng, k) };
+        if effective_plan(&plan, m, n, k) == Plan::Native {
+            // Force at least one real split so the child differs from native.
+            let (ln, lk) = (tile_ladder(n), tile_ladder(k));
+            plan = if !ln.is_empty() && (lk.is_empty() || rng.random_bool(0.5)) {
+                Plan::Split { tile_m: None, tile_n: ln.choose(rng).copied(), tile_k: None }
+            } else if !lk.is_empty() {
+                Plan::Split { tile_m: None, tile_n: None, tile_k: lk.choose(rng).copied() }
+            } else {
+                Plan::Native
+            };
+        }
+        plan
+    }
+
+    /// A kernel plan drawn from the schema's enumerations (docs/kernels.md documents the space).
+    fn random_kernel<R: Rng>(&self, rng: &mut R, m: u64) -> Plan {
+        let backend = if self.target.backend == "cuda" { crate::policy::KernelBackend::Cuda } else { crate::policy::KernelBackend::Metal };
+        let vw = *[1u32, 2, 4, 8].choose(rng).unwrap();
+        if m <= crate::policy::GEMV_MAX_M {
+            Plan::Kernel(KernelPlan {
+                backend,
+                family: KernelFamily::Gemv,
+                rows_per_block: Some(*[1u32, 2, 4, 8, 16, 32].choose(rng).unwrap()),
+                block_m: None,
+                block_n: None,
+                block_k: None,
+                warps: None,
+                vector_width: vw,
+                split_k: 1,
+            })
+        } else {
+            Plan::Kernel(KernelPlan {
+                backend,
+                family: KernelFamily::Gemm,
+                rows_per_block: None,
+                block_m: Some(*[16u32, 32, 64, 128].choose(rng).unwrap()),
+                block_n: Some(*[16u32, 32, 64, 128, 256].choose(rng).unwrap()),
+                block_k: Some(*[8u32, 16, 32, 64].choose(rng).unwrap()),
+                warps: Some(*[1u32, 2, 4, 8].choose(rng).unwrap()),
+                vector_width: vw,
+                split_k: *[1u32, 2, 4, 8].choose(rng).unwrap(),
+            })
+        }
+    }
+
+    /// Steps one kernel parameter to a neighbouring valid value.
+    fn step_kernel<R: Rng>(&self, rng: &mut R, k: &mut KernelPlan) {
+        fn step<R: Rng>(rng: &mut R, v: &mut Option<u32>, values: &[u32]) {
+            if let Some(cur) = *v {
+                let i = values.iter().position(|&x| x == cur).unwrap_or(0);
+                let j = if rng.random_bool(0.5) { i.saturating_sub(1) } else { (i + 1).min(values.len() - 1) };
+                *v = Some(values[j]);
+            }
+        }
+        match rng.random_range(0..4) {
+            0 => step(rng, &mut k.rows_per_block, &[1, 2, 4, 8, 16, 32]),
+            1 => {
+                step(rng, &mut k.block_m, &[16, 32, 64, 128]);
+                step(rng, &mut k.block_n, &[16, 32, 64, 128, 256]);
+            }
+            2 => {
+                step(rng, &mut k.block_k, &[8, 16, 32, 64]);
+                step(rng, &mut k.warps, &[1, 2, 4, 8]);
+            }
+            _ => {
+                let mut vw = Some(k.vector_width);
+                step(rng, &mut vw, &[1, 2, 4, 8]);
+                k.vector_width = vw.unwrap_or(1);
+                if k.family == KernelFamily::Gemm {
+                    let mut sk = Some(k.split_k);
+                    step(rng, &mut sk, &[1, 2, 4, 8]);
+                    k.split_k = sk.unwrap_or(1);
+                }
+            }
+        }
+    }
+
+    /// A rule for one of the workload's matmuls, drawn at random.
+    fn random_rule<R: Rng>(&self, rng: &mut R) -> Option<Rule> {
+        let matmuls = self.matmuls();
+        let (w, s) = matmuls.choose(rng)?;
+        let band = self.band_of(w.m);
+        let plan = self.random_plan(rng, w.m, s.n, s.k);
+        Some(Rule { m: Some(band), n: Some(Range(s.n, Some(s.n))), k: Some(Range(s.k, Some(s.k))), plan })
+    }
+
+    /// One random variation of `p` (before validation). Returns the operator's name for the record.
+    pub fn mutate<R: Rng>(&self, rng: &mut R, p: &Policy) -> (Policy, &'static str) {
+        let mut c = p.clone();
+        let rules = &mut c.matmul.rules;
+        let op = if rules.is_empty() { 0 } else { rng.random_range(0..7) };
+        let name = match op {
+            // Add a rule for a real (M band, shape).
+            0 => {
+                if let Some(r) = self.random_rule(rng) {
+                    let at = rng.random_range(0..=rules.len());
+                    rules.insert(at, r);
+                }
+                "add_rule"
+            }
+            // Remove a rule.
+            1 => {
+                let i = rng.random_range(0..rules.len());
+                rules.remove(i);
+                "remove_rule"
+            }
+            // Move one tile one aligned step along its ladder.
+            2 | 3 => {
+                let i = rng.random_range(0..rules.len());
+                let r = &mut rules[i];
+                let (m_dim, n_dim, k_dim) = self.rule_dims(r);
+                match &mut r.plan {
+                    Plan::Split { tile_m, tile_n, tile_k } => {
+                        let up = rng.random_bool(0.5);
+                        match rng.random_range(0..3) {
+                            0 => *tile_m = step_tile(*tile_m, m_dim, up),
+                            1 => *tile_n = step_tile(*tile_n, n_dim, up),
+                            _ => *tile_k = step_tile(*tile_k, k_dim, up),
+                        }
+                    }
+                    Plan::Kernel(k) => self.step_kernel(rng, k),
+                    Plan::Native => r.plan = self.random_plan(rng, m_dim, n_dim, k_dim),
+                }
+                "step_tile"
+            }
+            // Split a rule in two along M (at a band boundary) or by dropping its shape filter.
+            4 => {
+                let i = rng.random_range(0..rules.len());
+                let r = rules[i].clone();
+                let bands = self.m_bands();
+                let covered: Vec<&(u64, Range)> =
+                    bands.iter().filter(|(m, _)| r.m.is_none_or(|rm| rm.contains(*m))).collect();
+                if covered.len() >= 2 {
+                    let cut = rng.random_range(1..covered.len());
+                    let lo_part = Range(covered[0].1 .0, covered[cut - 1].1 .1);
+                    let hi_part = Range(covered[cut].1 .0, covered.last().unwrap().1 .1);
+                    let mut a = r.clone();
+                    a.m = Some(lo_part);
+                    let mut b = r.clone();
+                    b.m = Some(hi_part);
+                    let (md, nd, kd) = self.rule_dims(&b);
+                    b.plan = self.random_plan(rng, md, nd, kd);
+                    rules[i] = a;
+                    rules.insert(i + 1, b);
+                } else if let Some(extra) = self.random_rule(rng) {
+                    rules.insert(i, extra);
+                }
+                "split_rule"
+            }
+            // Change a rule's bounds: widen its M to the neighbouring band, or drop the N/K filter.
+            5 => {
+                let i = rng.random_range(0..rules.len());
+                let bands = self.m_bands();
+                let r = &mut rules[i];
+                match rng.random_range(0..3) {
+                    0 => {
+                        if let Some(Range(lo, hi)) = r.m {
+                            let widen_up = rng.random_bool(0.5);
+                            let next = if widen_up {
+                                bands.iter().find(|(_, b)| hi.is_some_and(|h| b.0 == h + 1)).map(|(_, b)| Range(lo, b.1))
+                            } else {
+                                bands.iter().find(|(_, b)| b.1 == Some(lo.saturating_sub(1))).map(|(_, b)| Range(b.0, hi))
+                            };
+                            r.m = next.or(r.m);
+                        }
+                    }
+                    1 => r.n = None,
+                    _ => r.k = None,
+                }
+                "change_bounds"
+            }
+            // Switch the plan kind (native / split / kernel where available).
+            _ => {
+                let i = rng.random_range(0..rules.len());
+                let (md, nd, kd) = self.rule_dims(&rules[i]);
+                rules[i].plan = match rules[i].plan {
+                    Plan::Native => self.random_plan(rng, md, nd, kd),
+                    _ if rng.random_bool(0.5) => Plan::Native,
+                    _ => self.random_plan(rng, md, nd, kd),
+                };
+                "switch_plan"
+            }
+        };
+        (c, name)
+    }
+
+    /// The (M, N, K) a rule is mainly about: the largest workload M and shape it matches.
+    fn rule_dims(&self, r: &Rule) -> (u64, u64, u64) {
+        let mut best = (1, 1, 1);
+        for (w, s) in self.matmuls() {
+            if r.matches(w.m, s.n, s.k) && w.m * s.n * s.k >= best.0 * best.1 * best.2 {
+                best = (w.m, s.n, s.k);
+            }
+        }
+        if best == (1, 1, 1) {
+            let s = self.shapes.first();
+            best = (r.m.map_or(1, |m| m.0), s.map_or(1, |s| s.n), s.map_or(1, |s| s.k));
+        }
+        best
+    }
+
+    /// Uniform crossover of two rule lists (rules kept in order, each taken from either parent).
+    pub fn crossover<R: Rng>(&self, rng: &mut R, a: &Policy, b: &Policy) -> Policy {
+        let mut rules = Vec::new();
+        for r in a.matmul.rules.iter().chain(b.matmul.rules.iter()) {
+            if rng.random_bool(0.5) && !rules.iter().any(|x: &Rule| x.m == r.m && x.n == r.n && x.k == r.k) {
+                rules.push(r.clone());
+            }
+        }
+        let default = if rng.random_bool(0.5) { a.matmul.default.clone() } else { b.matmul.default.clone() };
+        let mut c = a.clone();
+        c.matmul.rules = rules;
+        c.matmul.default = default;
+        c
+    }
+
+    /// A policy's name after an operator (names are part of the content hash; keep them short).
+    pub fn named(&self, mut p: Policy, label: String) -> Policy {
+        p.name = Some(label);
+        p
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    /// The tiny synthetic Qwen2's shapes (hidden 64, MLP 128, 4 heads / 2 KV heads of 16, vocab 1024).
+    pub fn tiny_space(backend: &str) -> SearchSpace {
+        SearchSpace {
+            target: Target { device: "dev-test".into(), model: "mdl-test".into(), mlx: "0.32.4".into(), backend: backend.into() },
+            shapes: vec![
+                Shape { name: "o_proj+q_proj".into(), n: 64, k: 64, count: 4 },
+                Shape { name: "k_proj+v_proj".into(), n: 32, k: 64, count: 4 },
+                Shape { name: "gate_proj+up_proj".into(), n: 128, k: 64, count: 4 },
+                Shape { name: "down_proj".into(), n: 64, k: 128, count: 2 },
+                Shape { name: "embed_tokens.as_linear".into(), n: 1024, k: 64, count: 1 },
+            ],
+            workload: Workload::default_for(backend),
+            chip: "x86_64 cpu".into(),
+        }
+    }
+
+    #[test]
+    fn bands_cover_every_m_once() {
+        let s = tiny_space("cpu");
+        let bands = s.m_bands();
+        assert_eq!(bands.iter().map(|b| b.0).collect::<Vec<_>>(), vec![1, 63, 128]);
+        for m in 1..5000 {
+            assert_eq!(bands.iter().filter(|(_, r)| r.contains(m)).count(), 1, "m={m}");
+        }
+    }
+
+    #[test]
+    fn non_splitting_tiles_are_native() {
+        let p = Plan::Split { tile_m: Some(512), tile_n: Some(64), tile_k: None };
+        assert_eq!(effective_plan(&p, 63, 64, 64), Plan::Native);
+        assert_eq!(effective_plan(&p, 600, 64, 64), Plan::Split { tile_m: Some(512), tile_n: None, tile_k: None });
+    }
+
+    #[test]
+    fn seeds_are_valid_and_the_heuristic_splits_something() {
+        let s = tiny_space("cpu");
+        assert!(s.validated(s.native()).is_some());
+        let h = s.validated(s.seed_heuristic()).expect("heuristic policy validates");
+        assert!(!h.matmul.rules.is_empty());
+        assert!(!s.is_effectively_native(&h), "the heuristic splits the output head at least");
+        // Decode stays native.
+        assert_eq!(effective_plan(h.plan_for(1, 1024, 64), 1, 1024, 64), Plan::Native);
+    }
+
+    #[test]
+    fn mutations_and_crossover_keep_policies_valid() {
+        for backend in ["cpu", "cuda"] {
+            let s = tiny_space(backend);
+            let mut rng = ChaCha8Rng::seed_from_u64(1);
+            let mut pop = vec![s.native(), s.seed_heuristic()];
+            let mut invalid = 0;
+            let mut kinds = std::collections::BTreeSet::new();
+            for i in 0..600 {
+                let a = pop[rng.random_range(0..pop.len())].clone();
+                let child = if i % 5 == 0 {
+                    let b = pop[rng.random_range(0..pop.len())].clone();
+                    s.crossover(&mut rng, &a, &b)
+                } else {
+                    s.mutate(&mut rng, &a).0
+                };
+                match s.validated(s.prune(child)) {
+                    Some(c) => {
+                        assert!(c.matmul.rules.len() <= MAX_RULES);
+                        for r in &c.matmul.rules {
+                            kinds.insert(r.plan.kind());
+                        }
+                        pop.push(c);
+                    }
+                    None => invalid += 1,
+                }
+            }
+            // Operators only build valid documents; validation is a guard, not a filter doing work.
+            assert_eq!(invalid, 0, "{backend}");
+            assert!(kinds.contains("split"));
+            assert_eq!(kinds.contains("kernel"), backend == "cuda", "{backend}: {kinds:?}");
+        }
+    }
+
+    #[test]
+    fn features_measure_non_native_share() {
+        let s = tiny_space("cpu");
+        assert_eq!(s.features(&s.native()), (0.0, 0.0));
+        let all = s.policy("all", vec![], Plan::Split { tile_m: None, tile_n: Some(16), tile_k: None });
+        let (share, tile) = s.features(&all);
+        assert!((share - 1.0).abs() < 1e-9, "{share}");
+        assert!((tile - 4.0).abs() < 1e-9, "{tile}");
+    }
+}
