@@ -183,6 +183,10 @@ impl FileSource {
         // Watch the directory, not the file: editors and our own atomic writes replace the file.
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             if let Ok(ev) = ev {
+                // Our own reads show up as access events; only changes matter (else: busy loop).
+                if matches!(ev.kind, notify::EventKind::Access(_)) {
+                    return;
+                }
                 if ev.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == file_name) {
                     signal.notify_one();
                 }
