@@ -281,3 +281,20 @@ fn empty_or_foreign_output_gives_unknowns_not_guesses() {
         }]
     );
 }
+
+#[test]
+fn human_rendering_names_levels_as_the_os_does() {
+    let text = tilewise::probe::render_human(&parsed("apple-m5").2);
+    for want in [
+        "Chip          Apple M5 (family M5, base)",
+        "System        macos aarch64",
+        "CPU cores     10 (4 Super + 6 Efficiency)",
+        "  Super       4 cores (4 logical), L1d 128 KiB, L2 16 MiB shared by 4 CPUs",
+        "  Efficiency  6 cores (6 logical), L1d 64 KiB, L2 6 MiB shared by 6 CPUs",
+        "Memory        24 GiB, bandwidth 153 GB/s",
+        "GPU cores     10",
+        "MLX backend   metal",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+}

@@ -43,6 +43,11 @@ const TABLE: &[Row] = &[
     ("M4", Variant::Max, Some(&[40]), 546.0),
     // Apple newsroom "Apple unveils M5", 2025-10-15: "153GB/s of unified memory bandwidth".
     ("M5", Variant::Base, None, 153.0),
+    // Apple's M5 Pro / M5 Max announcement (March 2026, as reported by lowyat.net and others): M5
+    // Pro "up to 20 GPU cores ... 307GB/s", M5 Max "40 GPU cores ... 614GB/s". Only the top GPU
+    // configurations are stated; lesser ones stay unknown until Apple's spec pages are checked.
+    ("M5", Variant::Pro, Some(&[20]), 307.0),
+    ("M5", Variant::Max, Some(&[40]), 614.0),
 ];
 
 /// Published bandwidth for a chip, or `None` when it is not in the table (or needs a GPU core
@@ -85,6 +90,15 @@ mod tests {
             Some(546.0)
         );
         assert_eq!(memory_bandwidth_gbs("M4", Variant::Max, Some(36)), None);
+        assert_eq!(
+            memory_bandwidth_gbs("M5", Variant::Pro, Some(20)),
+            Some(307.0)
+        );
+        assert_eq!(
+            memory_bandwidth_gbs("M5", Variant::Max, Some(40)),
+            Some(614.0)
+        );
+        assert_eq!(memory_bandwidth_gbs("M5", Variant::Max, Some(32)), None);
     }
 
     #[test]

@@ -141,9 +141,10 @@ pub struct Device {
     pub variant: Option<Variant>,
     /// Fastest first.
     pub perf_levels: Vec<PerfLevel>,
-    /// Physical cores of level 0.
+    /// Physical cores of level 0, the fastest ("Performance"; "Super" on M5-generation chips).
     pub p_cores: u32,
-    /// Physical cores of all other levels.
+    /// Physical cores of all other levels ("Efficiency"; on an M5 Pro/Max the 12 cores Apple
+    /// calls "performance" cores, which are still the second level).
     pub e_cores: u32,
     pub cache_line_bytes: Option<u64>,
     pub page_size_bytes: Option<u64>,
@@ -262,12 +263,17 @@ impl fmt::Display for Device {
             _ => writeln!(f, "Chip          {chip}")?,
         }
         writeln!(f, "System        {} {}", self.os, self.arch)?;
+        // Levels by their own names: an M5 Pro's are "Super" and "Performance", not P and E.
+        let split: Vec<String> = self
+            .perf_levels
+            .iter()
+            .map(|l| format!("{} {}", l.physical_cores, l.name))
+            .collect();
         writeln!(
             f,
-            "CPU cores     {} ({} performance + {} efficiency)",
+            "CPU cores     {} ({})",
             self.p_cores + self.e_cores,
-            self.p_cores,
-            self.e_cores
+            split.join(" + ")
         )?;
         for l in &self.perf_levels {
             let mut parts = vec![format!(
@@ -501,7 +507,7 @@ mod tests {
         let text = render_human(&m3_max());
         for want in [
             "Apple M3 Max (family M3, Max)",
-            "14 (10 performance + 4 efficiency)",
+            "CPU cores     14 (10 Performance + 4 Efficiency)",
             "Performance 10 cores (10 logical), L1d 128 KiB, L2 16 MiB shared by 5 CPUs",
             "Efficiency  4 cores (4 logical), L1d 64 KiB, L2 4 MiB shared by 4 CPUs",
             "Cache line    128 B; page size 16 KiB",
