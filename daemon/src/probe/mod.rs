@@ -234,9 +234,21 @@ impl Device {
     }
 }
 
+/// This machine, probed once per process. The hardware does not change while the daemon runs, and
+/// probing spawns commands (`nvidia-smi` can take a second), so callers share one result.
+pub fn this_machine() -> &'static Device {
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE.get_or_init(detect)
+}
+
 /// The text `tilewise probe` prints for a person.
 pub fn render_human(device: &Device) -> String {
     device.to_string()
+}
+
+/// What `tilewise probe --json` prints: `{"fingerprint": "dev-…", "device": {…Device}}`.
+pub fn render_json(device: &Device) -> serde_json::Value {
+    serde_json::json!({ "fingerprint": device.fingerprint(), "device": device })
 }
 
 /// Bytes for a person: whole units where exact ("48 KiB", "16 MiB", "64 GiB"), else one decimal.
@@ -526,6 +538,24 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("MLX backend   cuda"));
+    }
+
+    #[test]
+    fn probe_json_report_carries_the_fingerprint_and_the_device() {
+        let d = m3_max();
+        let v = render_json(&d);
+        assert_eq!(v["fingerprint"], d.fingerprint());
+        assert_eq!(
+            serde_json::from_value::<Device>(v["device"].clone()).unwrap(),
+            d
+        );
+    }
+
+    #[test]
+    fn probe_this_machine_is_probed_once() {
+        let a = this_machine();
+        assert!(std::ptr::eq(a, this_machine()));
+        assert_eq!(a.fingerprint(), detect().fingerprint());
     }
 
     #[test]
