@@ -250,6 +250,15 @@ fn gpu_cores_fall_back_to_the_configuration_dictionary() {
 }
 
 #[test]
+fn ioreg_tree_output_with_pipes_parses_too() {
+    // `ioreg -l` prefixes properties with the tree's "| |" (scripts often grep it for the count).
+    let text = "  | |   {\n  | |     \"model\" = \"Apple M3 Pro\"\n  | |     \"gpu-core-count\" = 14\n  | |   }\n";
+    let g = parse_ioreg_gpu(text);
+    assert_eq!(g.gpu_cores, Some(14));
+    assert_eq!(g.model.as_deref(), Some("Apple M3 Pro"));
+}
+
+#[test]
 fn empty_or_foreign_output_gives_unknowns_not_guesses() {
     let s = parse_sysctl("");
     assert_eq!(s, SysctlFacts::default());

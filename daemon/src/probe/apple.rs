@@ -101,7 +101,8 @@ pub fn parse_ioreg_gpu(text: &str) -> IoregGpu {
     let mut out = IoregGpu::default();
     let mut config_cores = None;
     for line in text.lines() {
-        let line = line.trim().trim_start_matches('|').trim();
+        // `ioreg -l` draws the tree with "| |" before properties; `-rc` output has none.
+        let line = line.trim_start_matches(|c: char| c == '|' || c.is_whitespace());
         let Some((k, v)) = line.split_once(" = ") else {
             continue;
         };
