@@ -32,10 +32,10 @@ def test_arms_alternate_which_goes_first_and_every_sample_is_kept():
 def test_a_real_difference_is_detected_with_a_tight_interval():
     """Candidate sleeps twice as long: ratio ~0.5, and the interval excludes 1.0."""
     log = []
-    r = measure.interleaved({"stock": sleeper(0.004, log, "s"), "candidate": sleeper(0.008, log, "c")},
+    r = measure.interleaved({"stock": sleeper(0.010, log, "s"), "candidate": sleeper(0.020, log, "c")},
                             pairs=8, warmup=1)
     assert r["hi"] < 1.0
-    assert 0.35 < r["ratio"] < 0.65
+    assert 0.3 < r["ratio"] < 0.8  # 0.5 plus sleep overshoot on a loaded machine
     assert r["lo"] <= r["ratio"] <= r["hi"]
 
 
