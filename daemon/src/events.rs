@@ -1,0 +1,81 @@
+//! The event bus: every event is appended to the store's `events` table AND broadcast to live
+//! subscribers (`events.subscribe` connections, the app). Anyone holding an [`EventBus`] (a cheap
+//! clone) calls [`EventBus::publish`]; event kinds are the constants in [`kind`].
+
+use crate::store::{Event, SessionId, SharedStore, StoreError};
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+/// Names of the events (docs/protocol.md lists them). Use these, not string literals.
+pub mod kind {
+    pub const DAEMON_STARTED: &str = "daemon.started";
+    pub const DAEMON_STOPPING: &str = "daemon.stopping";
+    pub const CLIENT_HELLO: &str = "client.hello";
+    pub const SESSION_STARTED: &str = "session.started";
+    pub const SESSION_PAUSED: &str = "session.paused";
+    pub const SESSION_RESUMED: &str = "session.resumed";
+    pub const SESSION_FINISHED: &str = "session.finished";
+    pub const CANDIDATE_MEASURED: &str = "candidate.measured";
+    pub const CANDIDATE_FAILED: &str = "candidate.failed";
+    pub const POLICY_PROMOTED: &str = "policy.promoted";
+    pub const WORKER_FAILED: &str = "worker.failed";
+    pub const CONFIG_RELOADED: &str = "config.reloaded";
+    pub const MODEL_CHANGED: &str = "model.changed";
+}
+
+/// How many events a slow subscriber may fall behind before it starts missing some (it is told
+/// through `RecvError::Lagged`; the store still has them all).
+const CAPACITY: usize = 1024;
+
+/// Persist-then-broadcast. Clone it freely.
+#[derive(Clone)]
+pub struct EventBus {
+    store: SharedStore,
+    tx: broadcast::Sender<Event>,
+}
+
+impl std::fmt::Debug for EventBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventBus").field("subscribers", &self.tx.receiver_count()).finish()
+    }
+}
+
+impl EventBus {
+    pub fn new(store: SharedStore) -> EventBus {
+        EventBus { store, tx: broadcast::channel(CAPACITY).0 }
+    }
+
+    /// Stores the event, then sends it to every live subscriber. Returns it with its id and time.
+    /// Fails only when the store does (the event is then neither stored nor broadcast).
+    pub fn publish(&self, kind: &str, session_id: Option<SessionId>, data: Value) -> Result<Event, StoreError> {
+        let event = self.store.lock().unwrap_or_else(|p| p.into_inner()).append_event(kind, session_id, &data)?;
+        // No subscribers is fine: the event is in the store.
+        let _ = self.tx.send(event.clone());
+        Ok(event)
+    }
+
+    /// Receives every event published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use serde_json::json;
+    use std::sync::{Arc, Mutex};
+
+    #[tokio::test]
+    async fn publish_persists_and_broadcasts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(Mutex::new(Store::open(&tmp.path().join("db")).unwrap()));
+        let bus = EventBus::new(store.clone());
+        let mut rx = bus.subscribe();
+        let sent = bus.publish(kind::DAEMON_STARTED, None, json!({"pid": 1})).unwrap();
+        assert_eq!(rx.recv().await.unwrap(), sent);
+        let stored = store.lock().unwrap().events_since(0, None, 10).unwrap();
+        assert_eq!(stored, vec![sent]);
+    }
+}

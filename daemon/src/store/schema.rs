@@ -1,0 +1,189 @@
+//! The database schema as an ordered list of migrations. `PRAGMA user_version` records how many ran.
+//!
+//! Append new migrations at the end; never edit one that has shipped (databases in the field already
+//! ran it). A database whose `user_version` exceeds `MIGRATIONS.len()` was written by a newer tilewise
+//! and is refused by `Store::open` before anything touches it.
+
+use rusqlite_migration::{Migrations, M};
+
+/// Schema version 1: everything of issue 2.
+const V1: &str = r#"
+CREATE TABLE devices (
+    fingerprint TEXT PRIMARY KEY,
+    info_json   TEXT NOT NULL,
+    first_seen  TEXT NOT NULL,
+    last_seen   TEXT NOT NULL
+);
+
+CREATE TABLE models (
+    fingerprint TEXT PRIMARY KEY,
+    path        TEXT,
+    config_json TEXT NOT NULL,
+    first_seen  TEXT NOT NULL,
+    last_seen   TEXT NOT NULL
+);
+
+CREATE TABLE sessions (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    device      TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    mlx         TEXT NOT NULL,
+    backend     TEXT NOT NULL,
+    seed        INTEGER NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('created','running','paused','stopped','finished','failed')),
+    reason      TEXT,
+    budget_json TEXT NOT NULL,
+    evaluations INTEGER NOT NULL DEFAULT 0,
+    failures    INTEGER NOT NULL DEFAULT 0,
+    promotions  INTEGER NOT NULL DEFAULT 0,
+    created_at  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL
+);
+CREATE INDEX sessions_target ON sessions (device, model, mlx, backend);
+
+CREATE TABLE candidates (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id     INTEGER NOT NULL REFERENCES sessions(id),
+    hash           TEXT NOT NULL,
+    policy_json    TEXT NOT NULL,
+    parents_json   TEXT NOT NULL DEFAULT '[]',
+    island         INTEGER NOT NULL,
+    generation     INTEGER NOT NULL,
+    origin         TEXT NOT NULL,
+    status         TEXT NOT NULL CHECK (status IN ('pending','measuring','measured','failed')),
+    failure_reason TEXT,
+    created_at     TEXT NOT NULL,
+    updated_at     TEXT NOT NULL
+);
+CREATE INDEX candidates_session ON candidates (session_id, status);
+CREATE INDEX candidates_hash ON candidates (session_id, hash);
+
+CREATE TABLE measurements (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    session_id   INTEGER NOT NULL REFERENCES sessions(id),
+    at           TEXT NOT NULL,
+    correct      INTEGER NOT NULL,
+    ratio        REAL,
+    lo           REAL,
+    hi           REAL,
+    gate_json    TEXT NOT NULL,
+    detail_json  TEXT NOT NULL
+);
+CREATE INDEX measurements_candidate ON measurements (candidate_id);
+CREATE INDEX measurements_session ON measurements (session_id);
+
+CREATE TABLE samples (
+    measurement_id INTEGER NOT NULL REFERENCES measurements(id),
+    workload       TEXT NOT NULL,
+    pair           INTEGER NOT NULL,
+    arm            TEXT NOT NULL CHECK (arm IN ('stock','candidate')),
+    seconds        REAL NOT NULL,
+    extra_json     TEXT,
+    PRIMARY KEY (measurement_id, workload, pair, arm)
+) WITHOUT ROWID;
+
+CREATE TABLE shape_memo (
+    device          TEXT NOT NULL,
+    mlx             TEXT NOT NULL,
+    backend         TEXT NOT NULL,
+    m               INTEGER NOT NULL,
+    n               INTEGER NOT NULL,
+    k               INTEGER NOT NULL,
+    dtype           TEXT NOT NULL,
+    plan_hash       TEXT NOT NULL,
+    plan_json       TEXT NOT NULL,
+    stock_median_s  REAL NOT NULL,
+    plan_median_s   REAL NOT NULL,
+    ratio           REAL NOT NULL,
+    lo              REAL,
+    hi              REAL,
+    samples         INTEGER NOT NULL,
+    updated_at      TEXT NOT NULL,
+    PRIMARY KEY (device, mlx, backend, m, n, k, dtype, plan_hash)
+);
+
+CREATE TABLE best (
+    device       TEXT NOT NULL,
+    model        TEXT NOT NULL,
+    mlx          TEXT NOT NULL,
+    backend      TEXT NOT NULL,
+    hash         TEXT NOT NULL,
+    policy_json  TEXT NOT NULL,
+    ratio        REAL NOT NULL,
+    lo           REAL NOT NULL,
+    hi           REAL NOT NULL,
+    session_id   INTEGER REFERENCES sessions(id),
+    candidate_id INTEGER REFERENCES candidates(id),
+    promoted_at  TEXT NOT NULL,
+    PRIMARY KEY (device, model, mlx, backend)
+);
+
+CREATE TABLE best_history (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    device        TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    mlx           TEXT NOT NULL,
+    backend       TEXT NOT NULL,
+    hash          TEXT NOT NULL,
+    policy_json   TEXT NOT NULL,
+    ratio         REAL NOT NULL,
+    lo            REAL NOT NULL,
+    hi            REAL NOT NULL,
+    session_id    INTEGER REFERENCES sessions(id),
+    candidate_id  INTEGER REFERENCES candidates(id),
+    replaced_hash TEXT,
+    promoted_at   TEXT NOT NULL
+);
+CREATE INDEX best_history_model ON best_history (model, id);
+
+CREATE TABLE events (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    session_id INTEGER,
+    data_json  TEXT NOT NULL
+);
+CREATE INDEX events_session ON events (session_id, id);
+
+CREATE TABLE worker_failures (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    at           TEXT NOT NULL,
+    session_id   INTEGER REFERENCES sessions(id),
+    candidate_id INTEGER REFERENCES candidates(id),
+    kind         TEXT NOT NULL,
+    message      TEXT NOT NULL,
+    exit_code    INTEGER,
+    stderr_tail  TEXT
+);
+CREATE INDEX worker_failures_session ON worker_failures (session_id, id);
+"#;
+
+/// Schema version 2: the evolution engine's resumable state per session (issue 4, store/search.rs).
+const V2: &str = r#"
+CREATE TABLE search_state (
+    session_id INTEGER PRIMARY KEY REFERENCES sessions(id),
+    state_json TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+"#;
+
+/// Every migration, oldest first.
+pub(crate) fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(V1), M::up(V2)])
+}
+
+/// The schema version this binary writes (= number of migrations).
+pub const SCHEMA_VERSION: u32 = 2;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn migrations_are_valid_and_version_matches() {
+        super::migrations().validate().unwrap();
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        super::migrations().to_latest(&mut conn).unwrap();
+        let v: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(v, super::SCHEMA_VERSION);
+    }
+}
