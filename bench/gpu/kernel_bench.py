@@ -35,7 +35,14 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "evaluator"))
-from tilewise.kernels import describe, kernel_matmul, kernel_matmul_checked, machine_backend, plan_problems  # noqa: E402
+from tilewise.kernels import (  # noqa: E402
+    describe,
+    kernel_matmul,
+    kernel_matmul_checked,
+    machine_backend,
+    plan_problems,
+    raw_kernel_fn,
+)
 
 # Qwen2.5-0.5B: hidden 896, intermediate 4864, 14 heads / 2 KV heads of 64, vocab 151936 (tied head).
 SHAPES = [("q_proj/o_proj", 896, 896), ("k_proj/v_proj", 128, 896), ("gate/up", 4864, 896),
@@ -142,6 +149,35 @@ def check(plan, m, n, k, seed):
     return (e_k if math.isfinite(e_k) else float("nan")), e_n
 
 
+TORCH_CEILINGS = r"""
+import json, torch
+a = torch.empty(2**29, dtype=torch.bfloat16, device="cuda").normal_()  # 1 GiB
+b = torch.empty_like(a)
+def t(f, n):
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3): f()
+    torch.cuda.synchronize(); s.record()
+    for _ in range(n): f()
+    e.record(); torch.cuda.synchronize()
+    return s.elapsed_time(e) / 1e3 / n
+bw = 2 * a.numel() * 2 / t(lambda: b.copy_(a), 20)
+x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+w = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+fl = 2 * 8192**3 / t(lambda: x @ w.T, 20)
+print(json.dumps({"copy_bytes_per_s": bw, "bf16_flop_per_s": fl}))
+"""
+
+
+def torch_ceilings():
+    """The same two ceilings through PyTorch (CUDA events, cuBLAS), in a separate process so the two
+    frameworks never share the card's memory pool; None when PyTorch is not there."""
+    try:
+        out = subprocess.run([sys.executable, "-c", TORCH_CEILINGS], capture_output=True, text=True, timeout=120)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except Exception:
+        return None
+
+
 def ceilings():
     """Copy bandwidth (bytes read + written per second) and a large native bf16 matmul's FLOP/s."""
     a = mx.random.normal((2**28,)).astype(DTYPE)  # 512 MiB
@@ -217,6 +253,12 @@ def bench_shape(name, n, k, m, bw, peak, args, log):
                    native_median_s=float(np.median(t_nat)), kernel_median_s=float(np.median(t_ker)))
         finals.append(rec)
     best = max(finals, key=lambda r: r["ratio"]) if finals else None
+    if best:
+        # What the custom_function wrapper (the VJP) costs per call: wrapped vs bare kernel, interleaved.
+        raw = raw_kernel_fn(best["plan"], prob.xs[0], prob.ws[0])
+        t_wrap, t_raw = interleaved(prob, with_plan(best["plan"]), raw, 7)
+        best.update(raw_kernel_s=t_raw, wrapped_kernel_s=t_wrap, raw_median_s=float(np.median(t_raw)),
+                    wrapper_ratio=float(np.median([a / b for a, b in zip(t_wrap, t_raw)])))
     out = {"shape": name, "m": m, "n": n, "k": k, "chunk": prob.chunk, "weight_copies": len(prob.ws),
            "native_screen_s": t_native_screen, "candidates": rows, "best": best and best["label"]}
     t_nat = best["native_median_s"] if best else t_native_screen
@@ -227,6 +269,7 @@ def bench_shape(name, n, k, m, bw, peak, args, log):
         out["build_kernel_s"] = prob.build_cost(with_plan(best["plan"]))
         out["kernel_s"] = best["kernel_median_s"]
         out["kernel_roofline"], _ = roofline(m, n, k, best["kernel_median_s"], bw, peak)
+        out["raw_kernel_s"] = best["raw_median_s"]
         out.update(ratio=best["ratio"], lo=best["lo"], hi=best["hi"], best_plan=best["plan"],
                    best_rel_err=best["rel_err"], native_rel_err=best["native_rel_err"])
     n_ok = sum(r.get("correct", False) for r in rows)
@@ -241,7 +284,7 @@ def bench_shape(name, n, k, m, bw, peak, args, log):
 def training_vjp(results, pairs, log):
     """Forward + backward of one linear at a training shape: kernel forward (+ native VJP) vs native."""
     out = []
-    for name, n, k in [("gate/up", 4864, 896), ("down", 896, 4864)]:
+    for name, n, k in SHAPES:
         m = 4096  # batch 8 x 512 tokens, the evaluator's default training batch on CUDA
         best = next((r for r in results if r["n"] == n and r["k"] == k and r["m"] == 2048 and r.get("best_plan")), None)
         if best is None:
@@ -310,13 +353,20 @@ def main():
            "mlx": mx.__version__, "python": platform.python_version(),
            "device": str(mx.device_info() if hasattr(mx, "device_info") else mx.default_device())}
     log(json.dumps(env))
-    bw, peak = ceilings()
-    log(f"ceilings: copy {bw/1e12:.2f} TB/s (read+write), native bf16 8192^3 matmul {peak/1e12:.0f} TFLOP/s")
+    tc = torch_ceilings()
+    bw_mlx, peak_mlx = ceilings()
+    log(f"ceilings, MLX: copy {bw_mlx/1e12:.2f} TB/s (read+write, elementwise pass), bf16 8192^3 matmul "
+        f"{peak_mlx/1e12:.0f} TFLOP/s; PyTorch: " + (f"copy {tc['copy_bytes_per_s']/1e12:.2f} TB/s, matmul "
+        f"{tc['bf16_flop_per_s']/1e12:.0f} TFLOP/s" if tc else "unavailable"))
+    # The roofline uses the best of each: the card's ceiling, not one framework's.
+    bw = max(bw_mlx, tc["copy_bytes_per_s"] if tc else 0)
+    peak = max(peak_mlx, tc["bf16_flop_per_s"] if tc else 0)
     results = []
     names = set(filter(None, args.shapes.split(",")))
     ms = [int(v) for v in args.ms.split(",")]
     t_start = time.perf_counter()
-    doc = {"env": env, "ceilings": {"copy_bytes_per_s": bw, "bf16_flop_per_s": peak}, "shapes": results,
+    doc = {"env": env, "ceilings": {"copy_bytes_per_s": bw, "bf16_flop_per_s": peak, "mlx": [bw_mlx, peak_mlx],
+                                    "torch": tc}, "shapes": results,
            "training_vjp": [], "args": {k: str(v) for k, v in vars(args).items()}, "skipped": []}
 
     def save():
@@ -340,13 +390,14 @@ def main():
     log("")
     log(f"{env['date_utc']}  {env['nvidia_smi']}  mlx {env['mlx']}")
     log(f"ceilings: copy {bw/1e12:.2f} TB/s, bf16 matmul {peak/1e12:.0f} TFLOP/s")
-    log(f"{'shape':14s} {'M':>5s} {'native us':>10s} {'kernel us':>10s} {'ratio':>6s} {'95% CI':>15s} "
+    log(f"{'shape':14s} {'M':>5s} {'native us':>10s} {'kernel us':>10s} {'bare us':>8s} {'ratio':>6s} {'95% CI':>15s} "
         f"{'nat roof':>8s} {'ker roof':>8s} {'bound':>5s} {'err':>8s} {'nat err':>8s} ok  best plan")
     for r in results:
         if "ratio" not in r:
             log(f"{r['shape']:14s} {r['m']:5d} {r['native_s']*1e6:10.1f}  (no correct candidate)")
             continue
-        log(f"{r['shape']:14s} {r['m']:5d} {r['native_s']*1e6:10.1f} {r['kernel_s']*1e6:10.1f} {r['ratio']:6.3f} "
+        log(f"{r['shape']:14s} {r['m']:5d} {r['native_s']*1e6:10.1f} {r['kernel_s']*1e6:10.1f} "
+            f"{r['raw_kernel_s']*1e6:8.1f} {r['ratio']:6.3f} "
             f"[{r['lo']:.3f},{r['hi']:.3f}] {r['native_roofline']:8.2f} {r['kernel_roofline']:8.2f} {r['bound']:>5s} "
             f"{r['best_rel_err']:8.1e} {r['native_rel_err']:8.1e} {'y' if r['all_correct'] else 'N'}   {r['best']}")
     for t in train:

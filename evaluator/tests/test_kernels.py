@@ -161,17 +161,20 @@ def _sampled_launches(backend):
 
 IDENT = re.compile(r"\b[A-Z][A-Z0-9_]*\b")
 # Upper-case names a body may use that are not template arguments.
-BODY_CONSTANTS = {"THREADS", "TM", "TN", "KV", "N", "K", "M"}
+BODY_CONSTANTS = {"THREADS", "TM", "TN", "KV", "N", "K", "M", "TW_BIAS"}
 
 
 @pytest.mark.parametrize("backend", ["cuda", "metal"])
 def test_every_launch_is_well_formed(backend):
     count = 0
-    for plan, m, n, k, dtype in _sampled_launches(backend):
-        launch = plan_launch(plan, m, n, k, dtype)
+    for i, (plan, m, n, k, dtype) in enumerate(_sampled_launches(backend)):
+        launch = plan_launch(plan, m, n, k, dtype, bias=i % 2 == 1)
         count += 1
-        src = launch.source
-        names = [name for name, _ in launch.template]
+        assert "#define TW_BIAS(col)" in launch.declarations
+        assert ("bias[col]" in launch.declarations) == launch.bias == ("bias" in launch.input_names)
+        src = launch.body_source
+        assert launch.source.startswith(launch.declarations) and re.fullmatch(r"\w+", launch.kernel_name)
+        names = [name for name, _ in launch.params]
         assert len(set(names)) == len(names)
         # Every template argument is used, and every upper-case constant the body uses is defined.
         for name in names:
@@ -197,6 +200,18 @@ def test_every_launch_is_well_formed(backend):
             assert "__syncthreads" not in src and "__shfl" not in src and "wmma" not in src
             assert launch.body in metal_source.SOURCES
     assert count > 100
+
+
+def test_leading_dims_bias_and_names():
+    plan = gemm(s=2)
+    a = plan_launch(plan, 18, 96, 160, "bfloat16", lead=(2, 9), bias=True)
+    assert a.out_shape == (2, 2, 9, 96) and a.reduce_splits and ("XND", 3) in a.params
+    assert "blockIdx.z == 0" in a.declarations  # split-K partials carry the bias once
+    b = plan_launch(plan, 18, 96, 160, "bfloat16", lead=(18,))
+    assert b.out_shape == (2, 18, 96) and ("XND", 2) in b.params and not b.bias
+    assert len({a.kernel_name, b.kernel_name, plan_launch(gemm(s=1), 18, 96, 160, "bfloat16").kernel_name}) == 3
+    with pytest.raises(KernelPlanError, match="leading dims"):
+        plan_launch(plan, 18, 96, 160, "bfloat16", lead=(2, 8))
 
 
 def test_cuda_header_defines_what_bodies_call():

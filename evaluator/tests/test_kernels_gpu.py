@@ -89,22 +89,38 @@ def test_plans_across_the_space_are_correct_for_a_decode_and_a_prefill_shape():
             assert err < TOL["bfloat16"], (plan, err)
 
 
-def test_leading_dims_and_gradient_match_native():
-    x, w = fresh(2 * 9, 96, 160, "float32", seed=3)
-    x = x.reshape(2, 9, 160)
-    plan = gemm(16, 32, 16, 2, 4, 2)
-    out = kernel_matmul(x, w, plan)
-    assert out.shape == (2, 9, 96)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(x @ w.T), rtol=1e-4, atol=1e-4)
-    r = mx.random.normal((2, 9, 96))
+@pytest.mark.parametrize("plan", [gemm(16, 32, 16, 2, 4, 2), gemm(32, 32, 16, 4, 4, 1), gemv(2, 2, 4)],
+                         ids=["gemm-split2", "gemm", "gemv"])
+@pytest.mark.parametrize("lead", [(2, 7), (1, 1, 5)])
+def test_leading_dims_bias_and_gradients_match_native(plan, lead):
+    m = int(np.prod(lead))
+    x, w = fresh(m, 96, 160, "float32", seed=3)
+    x = x.reshape(*lead, 160)
+    b = mx.random.normal((96,))
+    out = kernel_matmul(x, w, plan, bias=b)
+    assert out.shape == (*lead, 96)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(x @ w.T + b), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(kernel_matmul(x, w, plan)), np.asarray(x @ w.T), rtol=1e-4, atol=1e-4)
+    r = mx.random.normal((*lead, 96))
 
-    def loss(fn, x, w):
-        return (fn(x, w) * r).sum()
+    def loss(fn, x, w, b):
+        return (fn(x, w, b) * r).sum()
 
-    gk = mx.grad(lambda x, w: loss(lambda a, b: kernel_matmul(a, b, plan), x, w), argnums=(0, 1))(x, w)
-    gn = mx.grad(lambda x, w: loss(lambda a, b: a @ b.T, x, w), argnums=(0, 1))(x, w)
-    for a, b in zip(gk, gn):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    grad = lambda fn: mx.grad(lambda x, w, b: loss(fn, x, w, b), argnums=(0, 1, 2))(x, w, b)  # noqa: E731
+    gk = grad(lambda a, c, d: kernel_matmul(a, c, plan, bias=d))
+    gn = grad(lambda a, c, d: a @ c.T + d)
+    for a, c in zip(gk, gn):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_bias_in_16_bit_with_split_k(dtype):
+    x, w = fresh(300, 200, 520, dtype, seed=5)
+    b = mx.random.normal((200,)).astype(DT[dtype])
+    out = kernel_matmul_checked(x, w, gemm(64, 64, 32, 4, 8, 4), bias=b)
+    ref = np.asarray(x.astype(mx.float32)) @ np.asarray(w.astype(mx.float32)).T + np.asarray(b.astype(mx.float32))
+    err = np.linalg.norm(np.asarray(out.astype(mx.float32)) - ref) / np.linalg.norm(ref)
+    assert err < TOL[dtype], err
 
 
 def test_the_correctness_check_can_fail():

@@ -20,7 +20,7 @@ from .plans import GEMV_MAX_M, describe, kernel_space, plan_key, plan_problems
 def __getattr__(name):
     # MLX-dependent names load on first use, so that policy tooling can import the plan space cheaply.
     if name in ("kernel_matmul", "kernel_matmul_checked", "kernel_supported", "machine_backend",
-                "KernelUnavailable"):
+                "KernelUnavailable", "raw_kernel_fn"):
         from . import matmul
 
         return getattr(matmul, name)

@@ -1,13 +1,16 @@
 """CUDA source for the kernel families, as bodies for `mx.fast.cuda_kernel`.
 
-MLX wraps a body into `__global__ void custom_kernel_<name><template hash>(const T* x, Shape x_shape,
-const T* w, Shape w_shape, OutT* y)` inside `namespace mlx::core::cu`, declares every template
-argument as a `constexpr int` / `using T = ...` at the top of the body, and JIT-compiles one module per
-(name, template arguments) with NVRTC, cached for the process. So the tile parameters are compile-time
-constants and each parameter set is compiled once. MLX's `grid` counts threads, not blocks.
+MLX wraps a body into `__global__ void custom_kernel_<name>(const T* x, Shape x_shape, const T* w,
+Shape w_shape, OutT* y)` inside `namespace mlx::core::cu` and JIT-compiles one module per name with
+NVRTC, cached for the process. launch.py puts the parameter set at the top of the body as
+`constexpr int BM = 64;` / `using T = __nv_bfloat16;` lines and names the kernel after it, so the tile
+parameters are compile-time constants and each parameter set is compiled once. MLX's `grid` counts
+threads, not blocks.
 
-Inputs are always x (M, K) row-major and w (N, K) row-major (an `nn.Linear` weight); the output is
-y (M, N) = x @ w.T, or float partial sums (split_k, M, N) when a GEMM splits K across blocks.
+Inputs are x (..., K) row-major (M = product of the leading dims) and w (N, K) row-major (an
+`nn.Linear` weight); the output is y (..., N) = x @ w.T, or float partial sums (split_k, ..., N) when a
+GEMM splits K across blocks. With a bias (an optional third input, N elements) the store adds it:
+`TW_BIAS(col)` expands to `+ bias[col]` (only in split 0 of a split-K GEMM) or to nothing.
 
 Three bodies:
   gemv       one warp per output row, `split_k` warps per row meeting in shared memory, every lane
@@ -27,7 +30,6 @@ HEADER = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <mma.h>
-#include <cstdint>
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) tw_vec { T v[V]; };
@@ -47,7 +49,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 tw_zero<__nv_bfloat16>() { 
 
 template <typename T, int V>
 __device__ __forceinline__ bool tw_aligned(const T* p) {
-  return (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * V)) == 0;
+  return (reinterpret_cast<unsigned long long>(p) % (sizeof(T) * V)) == 0;
 }
 
 // Stages a ROWS x BK tile of a row-major (rows, K) matrix into shared memory (row stride LDS),
@@ -87,7 +89,7 @@ __device__ __forceinline__ void tw_stage(T* dst, const T* src, int row0, int nro
 }
 """
 
-# Template arguments: T, MR (= M, rows of x), R (rows per block), S (warps per row), V (vector width).
+# Constants: T, MR (= M, rows of x), R (rows per block), S (warps per row), V (vector width).
 GEMV = r"""
   const int N = w_shape[0];
   const int K = w_shape[1];
@@ -140,7 +142,7 @@ GEMV = r"""
           float s = 0.f;
 #pragma unroll
           for (int p = 0; p < S; ++p) s += tw_partial[(row_in_block * S + p) * MR + i];
-          tw_store(y + (size_t)i * N + n, s);
+          tw_store(y + (size_t)i * N + n, s TW_BIAS(n));
         }
       }
     }
@@ -148,17 +150,20 @@ GEMV = r"""
     if (n < N) {
 #pragma unroll
       for (int i = 0; i < MR; ++i) {
-        if (lane == (i & 31)) tw_store(y + (size_t)i * N + n, acc[i]);
+        if (lane == (i & 31)) tw_store(y + (size_t)i * N + n, acc[i] TW_BIAS(n));
       }
     }
   }
 """
 
-# Common prologue of both GEMM bodies. Template arguments: T, BM, BN, BK, WARPS, V, SPLIT, LDS.
+# Common prologue of both GEMM bodies. Constants: T, XND (x's ndim), BM, BN, BK, WARPS, V,
+# SPLIT, LDS.
 _GEMM_PROLOGUE = r"""
   constexpr int THREADS = WARPS * 32;
-  const int M = x_shape[0];
-  const int K = x_shape[1];
+  int M = 1;  // x may carry leading dims (batch, sequence): M is their product
+#pragma unroll
+  for (int d = 0; d < XND - 1; ++d) M *= x_shape[d];
+  const int K = x_shape[XND - 1];
   const int N = w_shape[0];
   const int tid = threadIdx.x;
   const int n0 = blockIdx.x * BN;
@@ -174,7 +179,7 @@ _GEMM_PROLOGUE = r"""
   auto out_at = [&](int gm, int gn) { return y + (size_t)blockIdx.z * M * N + (size_t)gm * N + gn; };
 """
 
-# Extra template arguments: WN (warps along N; warp w sits at row w / WN, column w % WN), FM, FN (16x16
+# Extra constants: WN (warps along N; warp w sits at row w / WN, column w % WN), FM, FN (16x16
 # fragments per warp along M and N).
 GEMM_TC = _GEMM_PROLOGUE + r"""
   using namespace nvcuda;
@@ -219,14 +224,14 @@ GEMM_TC = _GEMM_PROLOGUE + r"""
       for (int e = lane; e < 256; e += 32) {
         const int gm = rb + (e >> 4);
         const int gn = cb + (e & 15);
-        if (gm < M && gn < N) tw_store(out_at(gm, gn), st[e]);
+        if (gm < M && gn < N) tw_store(out_at(gm, gn), st[e] TW_BIAS(gn));
       }
       __syncwarp();
     }
   }
 """
 
-# Extra template arguments: TROWS, TCOLS (thread grid; each thread owns BM/TROWS x BN/TCOLS outputs).
+# Extra constants: TROWS, TCOLS (thread grid; each thread owns BM/TROWS x BN/TCOLS outputs).
 GEMM_SIMT = _GEMM_PROLOGUE + r"""
   constexpr int TM = BM / TROWS;
   constexpr int TN = BN / TCOLS;
@@ -261,7 +266,7 @@ GEMM_SIMT = _GEMM_PROLOGUE + r"""
     for (int j = 0; j < TN; ++j) {
       const int gm = m0 + ty + i * TROWS;
       const int gn = n0 + tx + j * TCOLS;
-      if (gm < M && gn < N) tw_store(out_at(gm, gn), acc[i][j]);
+      if (gm < M && gn < N) tw_store(out_at(gm, gn), acc[i][j] TW_BIAS(gn));
     }
   }
 """

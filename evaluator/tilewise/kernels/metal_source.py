@@ -8,15 +8,16 @@ incorrect candidate can never be promoted (docs/kernels.md).
 
 MLX wraps a body into `[[kernel]] void custom_kernel_<name>(const device T* x [[buffer(0)]],
 const constant int* x_shape, const device T* w, const constant int* w_shape, device OutT* y, <the
-thread-position attributes the body names>)`, with the template arguments as real Metal template
-parameters. `grid` counts threads (dispatchThreads), so every launch rounds it to whole threadgroups.
+thread-position attributes the body names>)`; launch.py puts the parameter set at the top of the body as
+`constexpr int BM = 64;` / `using T = bfloat16_t;` lines (one kernel per parameter set, as on CUDA).
+`grid` counts threads (dispatchThreads), so every launch rounds it to whole threadgroups.
 
 A simdgroup (32 threads on Apple GPUs) plays the role of a CUDA warp. Both GEMM families use the SIMT
 register tile here (the simdgroup_matrix path is future work); the plan parameters mean the same as on
 CUDA, so one search space serves both backends.
 """
 
-# Template arguments: T, MR, R, S, V (as the CUDA gemv).
+# Constants: T, MR, R, S, V (as the CUDA gemv).
 GEMV = r"""
   const int N = w_shape[0];
   const int K = w_shape[1];
@@ -49,19 +50,20 @@ GEMV = r"""
       for (int i = 0; i < MR; ++i) {
         float s = 0.0f;
         for (int p = 0; p < S; ++p) s += tw_partial[(row_in_block * S + p) * MR + i];
-        y[size_t(i) * N + n] = static_cast<T>(s);
+        y[size_t(i) * N + n] = static_cast<T>(s TW_BIAS(n));
       }
     }
   } else if (n < N && lane == 0) {
-    for (int i = 0; i < MR; ++i) y[size_t(i) * N + n] = static_cast<T>(acc[i]);
+    for (int i = 0; i < MR; ++i) y[size_t(i) * N + n] = static_cast<T>(acc[i] TW_BIAS(n));
   }
 """
 
-# Template arguments: T, OutT, BM, BN, BK, WARPS, V, SPLIT, LDS, TROWS, TCOLS (as the CUDA gemm_simt).
+# Constants: T, OutT, XND, BM, BN, BK, WARPS, SPLIT, LDS, TROWS, TCOLS (as the CUDA gemm_simt).
 GEMM_SIMT = r"""
   const int THREADS = WARPS * 32;
-  const int M = x_shape[0];
-  const int K = x_shape[1];
+  int M = 1;  // x may carry leading dims (batch, sequence): M is their product
+  for (int d = 0; d < XND - 1; ++d) M *= x_shape[d];
+  const int K = x_shape[XND - 1];
   const int N = w_shape[0];
   const int tid = int(thread_index_in_threadgroup);
   const int n0 = int(threadgroup_position_in_grid.x) * BN;
@@ -106,12 +108,10 @@ GEMM_SIMT = r"""
       const int gm = m0 + ty + i * TROWS;
       const int gn = n0 + tx + j * TCOLS;
       if (gm < M && gn < N) {
-        y[size_t(z) * M * N + size_t(gm) * N + gn] = static_cast<OutT>(acc[i][j]);
+        y[size_t(z) * M * N + size_t(gm) * N + gn] = static_cast<OutT>(acc[i][j] TW_BIAS(gn));
       }
     }
   }
 """
 
 SOURCES = {"gemv": GEMV, "gemm_simt": GEMM_SIMT}
-# Metal template arguments that name types rather than integers (the rest are ints).
-TYPE_ARGS = ("T", "OutT")
