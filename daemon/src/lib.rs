@@ -6,6 +6,7 @@
 //! login service. See ../shared/DESIGN.md and docs/.
 
 pub mod config;
+pub mod events;
 pub mod evolve;
 pub mod ipc;
 pub mod paths;
