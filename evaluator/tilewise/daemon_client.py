@@ -224,3 +224,82 @@ class DaemonClient:
         if not isinstance(result, dict):
             raise DaemonUnavailable(f"status returned {type(result).__name__}, not an object")
         return result
+
+
+def find_daemon_binary(name: str = "tilewised") -> Optional[Path]:
+    """``$TILEWISE_DAEMON_BIN``, else a build of this checkout (``target/release`` then
+    ``target/debug``), else ``name`` on PATH; None when there is none."""
+    import shutil
+
+    if os.environ.get("TILEWISE_DAEMON_BIN"):
+        return Path(os.environ["TILEWISE_DAEMON_BIN"])
+    repo = Path(__file__).resolve().parents[2]
+    for profile in ("release", "debug"):
+        p = repo / "target" / profile / name
+        if p.is_file() and os.access(p, os.X_OK):
+            return p
+    found = shutil.which(name)
+    return Path(found) if found else None
+
+
+class LocalDaemon:
+    """A ``tilewised`` child process in its own ``TILEWISE_HOME`` (tests and benchmarks).
+
+    ``with LocalDaemon(binary, home) as d:`` starts it, waits until it answers ``hello``, and on exit
+    asks it to shut down (``daemon.shutdown``), killing it only if it does not stop in time.
+    """
+
+    def __init__(self, binary: os.PathLike, home: os.PathLike, args=(), start_timeout: float = 30.0, env=None):
+        import subprocess
+
+        self.home = Path(home)
+        self.socket = self.home / "run" / "tilewised.sock"
+        self.log = open(self.home / "tilewised.out", "ab")
+        full_env = dict(os.environ if env is None else env, TILEWISE_HOME=str(self.home))
+        full_env.pop("TILEWISE_SOCKET", None)
+        self.proc = subprocess.Popen([str(binary), *args], env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                self.log.close()
+                raise RuntimeError(f"tilewised exited with {self.proc.returncode} at start; log:\n"
+                                   + (self.home / "tilewised.out").read_text(errors="replace")[-4000:])
+            try:
+                with DaemonClient(self.socket, timeout=1.0) as c:
+                    self.hello = c.hello()
+                    self.status = c.status()
+                break
+            except DaemonUnavailable:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"tilewised did not answer on {self.socket} within {start_timeout} s")
+                time.sleep(0.05)
+        self.device_fingerprint = self.status.get("device_fingerprint")
+
+    def client(self, timeout: float = 5.0) -> DaemonClient:
+        return DaemonClient(self.socket, timeout=timeout)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """Graceful shutdown over the socket; SIGKILL after `timeout`. Returns the exit code."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            try:
+                with self.client(timeout=2.0) as c:
+                    c.call("daemon.shutdown")
+            except (DaemonUnavailable, DaemonError):
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "LocalDaemon":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,223 @@
+"""What the mlx_lm plugin costs a user's process, measured side by side in one run.
+
+1. Policy fetch latency: the plugin's whole daemon path (connect, `hello`, `status`, `policy.get`,
+   validation and content hash, cache write) against a real `tilewised` holding a stored best policy,
+   vs the offline path (read the cached file, parse, validate, re-hash). Alternated fetch by fetch.
+2. Generation overhead of the native policy applied through the patch (every linear routed through
+   tilewise's dispatch, every plan native) vs stock mlx_lm, as the median of per-pair ratios
+   stock_time / patched_time with a bootstrap 95 % interval (tilewise.measure.interleaved: warmups,
+   alternating order, GC paused). Goal: >= 0.99. This is the worst case of the plugin's bookkeeping:
+   the plugin itself leaves a model stock when a policy is all-native, so a native fallback costs 0.
+3. Per-call dispatch overhead on one linear layer (patched native vs stock), which predicts (2) for any
+   model: overhead per token = calls per token x this.
+
+Usage:
+  python bench/plugin_bench.py [--model synthetic:tiny] [--dtype float32] [--pairs 60]
+                               [--prompt-tokens 64] [--gen-tokens 16] [--fetches 300]
+                               [--daemon target/debug/tilewised | --no-daemon] [--out results/cpu/plugin-bench.txt]
+On a GPU (the H100 figure): python bench/plugin_bench.py --model synthetic:qwen2.5-0.5b --dtype bfloat16
+  --prompt-tokens 512 --gen-tokens 64 --pairs 40 --no-daemon --out results/h100/plugin-bench.txt
+(--no-daemon skips part 1 where no tilewised binary is built; parts 2-3 need only Python.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "evaluator"))
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+from tilewise import daemon_client, measure, models, patch, plugin, workloads  # noqa: E402
+from tilewise import policy as P  # noqa: E402
+
+LINES: list = []
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+    LINES.append(line)
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def us(x):
+    return f"{x * 1e6:8.1f} µs"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. fetch latency
+
+
+def seed_best_binary() -> Path:
+    """daemon/examples/seed_best.rs (stores a best through the real store), built if missing."""
+    exe = REPO / "target" / "debug" / "examples" / "seed_best"
+    if not exe.is_file():
+        subprocess.run(["cargo", "build", "-q", "-p", "tilewise", "--example", "seed_best"], cwd=REPO, check=True)
+    return exe
+
+
+def fetch_latency(args, model) -> dict:
+    binary = Path(args.daemon) if args.daemon else daemon_client.find_daemon_binary()
+    if binary is None:
+        raise SystemExit("no tilewised binary: build it (cargo build -p tilewise --bins) or pass --daemon / --no-daemon")
+    home = Path(tempfile.mkdtemp(prefix="tw-bench-"))
+    os.environ["TILEWISE_HOME"] = str(home)
+    os.environ.pop("TILEWISE_SOCKET", None)
+    target = plugin.this_target(model)
+    with daemon_client.LocalDaemon(binary, home) as d:
+        doc = P.make_policy(
+            [{"m": [1, 16], "plan": {"kind": "native"}},
+             {"n": [1000, None], "plan": P.split_plan(None, 256, None)}],
+            target=dict(target, device=d.device_fingerprint), name="bench best")
+        (home / "best.json").write_text(json.dumps(doc))
+        subprocess.run([str(seed_best_binary()), str(home / "best.json")], check=True, capture_output=True)
+        key = (target["model"], target["mlx"], target["backend"])
+        first = plugin._from_daemon(target, timeout=2.0)
+        assert first.source == "daemon" and first.policy is not None, first.reason
+        daemon_s, cache_s, raw_s = [], [], []
+        for i in range(args.fetches):
+            t0 = time.perf_counter()
+            r = plugin._from_daemon(target, timeout=2.0)
+            t1 = time.perf_counter()
+            entry, problem = plugin._read_cache(key)
+            t2 = time.perf_counter()
+            with daemon_client.DaemonClient(timeout=2.0) as c:
+                c.policy_get(target["model"], target["mlx"], target["backend"])
+            t3 = time.perf_counter()
+            assert r.source == "daemon" and entry is not None, (r.reason, problem)
+            daemon_s.append(t1 - t0)
+            cache_s.append(t2 - t1)
+            raw_s.append(t3 - t2)
+    say("## 1. policy fetch latency (real tilewised, stored best; alternated, %d each)" % args.fetches)
+    say(f"  plugin daemon path (connect+hello+status+policy.get+validate+cache write): "
+        f"median {us(statistics.median(daemon_s))}  p99 {us(pct(daemon_s, 0.99))}")
+    say(f"  one bare policy.get round trip (connect+request+reply):                     "
+        f"median {us(statistics.median(raw_s))}  p99 {us(pct(raw_s, 0.99))}")
+    say(f"  plugin cache path (read file+parse+validate+re-hash):                        "
+        f"median {us(statistics.median(cache_s))}  p99 {us(pct(cache_s, 0.99))}")
+    say(f"  daemon / cache median ratio: {statistics.median(daemon_s) / statistics.median(cache_s):.2f}x"
+        f"   (timeout budget: {daemon_client.DEFAULT_TIMEOUT_S * 1e3:.0f} ms)")
+    return {"daemon_s": daemon_s, "cache_s": cache_s, "raw_policy_get_s": raw_s}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. generation overhead of the native policy vs stock
+
+
+def generation_overhead(args, model) -> dict:
+    prompt = workloads.token_ids(workloads.vocab_size(model), args.prompt_tokens, 0)
+    native = P.native()
+
+    def stock():
+        patch.remove(model)
+        return workloads.run_inference(model, prompt, args.gen_tokens)
+
+    def patched():
+        patch.apply(model, native)
+        return workloads.run_inference(model, prompt, args.gen_tokens)
+
+    r = measure.interleaved({"stock": stock, "candidate": patched}, pairs=args.pairs, warmup=args.warmup)
+    patch.remove(model)
+    secs = {a: [s["seconds"] for s in r["samples"] if s["arm"] == a] for a in ("stock", "candidate")}
+    tok = args.prompt_tokens + args.gen_tokens
+    say(f"## 2. generation: native policy through the patch vs stock ({args.pairs} interleaved pairs, "
+        f"{args.warmup} warmups; prompt {args.prompt_tokens}, generate {args.gen_tokens})")
+    say(f"  stock   median {statistics.median(secs['stock']) * 1e3:9.2f} ms per run "
+        f"({tok / statistics.median(secs['stock']):.0f} tok/s incl. prefill)")
+    say(f"  patched median {statistics.median(secs['candidate']) * 1e3:9.2f} ms per run "
+        f"({tok / statistics.median(secs['candidate']):.0f} tok/s incl. prefill)")
+    verdict = "meets" if r["ratio"] >= 0.99 else "BELOW"
+    say(f"  ratio stock/patched = {r['ratio']:.4f}  95% CI [{r['lo']:.4f}, {r['hi']:.4f}]  "
+        f"({verdict} the >= 0.99 goal on the median)")
+    return {k: r[k] for k in ("ratio", "lo", "hi", "n_pairs", "ratios", "samples")}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. per-call dispatch overhead
+
+
+def call_overhead(args, n=64, k=64, calls=5000, pairs=15) -> dict:
+    dtype = models.DTYPES[args.dtype] if args.dtype else mx.float32
+    layer = nn.Linear(k, n, bias=False)
+    layer.set_dtype(dtype)
+    x = mx.random.normal((1, k)).astype(dtype)
+    mx.eval(layer.parameters(), x)
+    holder = nn.Sequential(layer)
+
+    def run():
+        t0 = time.perf_counter()
+        ys = [layer(x) for _ in range(calls)]
+        mx.eval(ys)
+        return {"seconds": (time.perf_counter() - t0) / calls}
+
+    def stock():
+        patch.remove(holder)
+        return run()
+
+    def patched():
+        patch.apply(holder, P.native())
+        return run()
+
+    r = measure.interleaved({"stock": stock, "candidate": patched}, pairs=pairs, warmup=2)
+    patch.remove(holder)
+    secs = {a: statistics.median(s["seconds"] for s in r["samples"] if s["arm"] == a) for a in ("stock", "candidate")}
+    say(f"## 3. dispatch cost: one small Linear({k}->{n}) at M=1 (Python overhead dominates), {calls} calls per sample, {pairs} pairs: "
+        f"stock {us(secs['stock'])}/call, patched-native {us(secs['candidate'])}/call, "
+        f"difference {us(secs['candidate'] - secs['stock'])}/call; ratio {r['ratio']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}]")
+    return {"per_call_s": secs, "ratio": r["ratio"], "lo": r["lo"], "hi": r["hi"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="synthetic:tiny")
+    ap.add_argument("--dtype", default=None, choices=sorted(models.DTYPES))
+    ap.add_argument("--pairs", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--gen-tokens", type=int, default=16)
+    ap.add_argument("--fetches", type=int, default=300)
+    ap.add_argument("--daemon", default=None, help="tilewised binary (default: target/release, else target/debug)")
+    ap.add_argument("--no-daemon", action="store_true", help="skip part 1 (no tilewised on this machine)")
+    ap.add_argument("--out", default=None, help="also write this report here (and raw samples next to it as .json)")
+    args = ap.parse_args()
+
+    os.environ.setdefault("TILEWISE_MODELS_DIR", str(Path(tempfile.gettempdir()) / "tilewise-bench-models"))
+    model, _, info = models.load_model(args.model, dtype=args.dtype)
+    say(f"# plugin_bench — {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+    say(f"# machine: {platform.machine()} {workloads.device_name()}, {os.cpu_count()} cores, backend "
+        f"{workloads.backend()}, mlx {mx.__version__}, python {platform.python_version()}")
+    say(f"# model: {args.model} ({info['dtype']}, {info['model_fingerprint']}); command: "
+        f"python bench/plugin_bench.py {' '.join(sys.argv[1:])}")
+    t0 = time.perf_counter()
+    fp = models.fingerprint(model)
+    say(f"# model fingerprint (computed once per load by the plugin): {(time.perf_counter() - t0) * 1e3:.1f} ms")
+    raw = {"args": vars(args), "model_fingerprint": fp}
+    if not args.no_daemon:
+        raw["fetch"] = fetch_latency(args, model)
+    raw["generation"] = generation_overhead(args, model)
+    raw["call"] = call_overhead(args)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(LINES) + "\n")
+        out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
