@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Stock vs tilewise policies, measured side by side in one run: the native policy's overhead and a
+few split policies, per shape (matmul microbenchmarks) and end to end (generation + training steps).
+
+Every ratio is stock_time / policy_time (> 1: the policy is faster): the median of interleaved
+pairs with a bootstrap 95 % interval (tilewise.measure). The native policy's goal is a ratio >= 0.99.
+
+    # CPU, tiny model (results/cpu/)
+    .venv/bin/python bench/evaluator_bench.py
+    # CUDA/Metal, the full Qwen2.5-0.5B architecture
+    python bench/evaluator_bench.py --model synthetic:qwen2.5-0.5b --dtype bfloat16 --out results/h100
+
+Writes <out>/evaluator_bench-<backend>-<model>-<dtype>-<UTC date>.{txt,json}: the printed tables and
+every raw sample.
+"""
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+try:
+    import tilewise  # noqa: F401
+except ImportError:  # a checkout without `pip install -e evaluator`
+    sys.path.insert(0, str(REPO / "evaluator"))
+
+import mlx.core as mx  # noqa: E402
+
+from tilewise import evaluate as E  # noqa: E402
+from tilewise import models, shapes, workloads  # noqa: E402
+from tilewise import policy as P  # noqa: E402
+
+
+def split_policies(model_shapes, cfg):
+    """A few split policies derived from the model's own shapes (so they fit any size of model)."""
+    head = max(model_shapes, key=lambda s: s["n"])
+    inter = cfg["intermediate_size"]
+    hidden = cfg["hidden_size"]
+    return {
+        "split-m128": P.make_policy(name="split-m128", default=P.split_plan(128, None, None)),
+        "split-head-n4": P.make_policy(name="split-head-n4", rules=[
+            {"n": [head["n"], head["n"]], "plan": P.split_plan(None, math.ceil(head["n"] / 4), None)}]),
+        "split-mlp-n2": P.make_policy(name="split-mlp-n2", rules=[
+            {"n": [inter, inter], "plan": P.split_plan(None, inter // 2, None)}]),
+        "split-k2": P.make_policy(name="split-k2", rules=[
+            {"k": [inter, inter], "plan": P.split_plan(None, None, inter // 2)},
+            {"k": [hidden, hidden], "plan": P.split_plan(None, None, hidden // 2)}]),
+    }
+
+
+def fmt_ci(r):
+    if r is None:
+        return "—"
+    return f"{r['ratio']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="synthetic:tiny")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
+    ap.add_argument("--out", default=None, help="output dir (default: results/<backend>)")
+    ap.add_argument("--pairs", type=int, default=20, help="end-to-end pairs per policy")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--shape-pairs", type=int, default=10)
+    ap.add_argument("--prompt-tokens", type=int, default=None)
+    ap.add_argument("--gen-tokens", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--policies", default="native,split-m128,split-head-n4,split-mlp-n2,split-k2",
+                    help="comma-separated subset of the end-to-end policies")
+    ap.add_argument("--no-shapes", action="store_true", help="skip the per-shape microbenchmarks")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    backend = workloads.backend()
+    out_dir = Path(args.out) if args.out else REPO / "results" / backend
+    out_dir.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    inf = workloads.defaults("inference")
+    trn = workloads.defaults("training")
+    for key, v in (("prompt_tokens", args.prompt_tokens), ("gen_tokens", args.gen_tokens)):
+        if v:
+            inf[key] = v
+    for key, v in (("batch", args.batch), ("seq", args.seq)):
+        if v:
+            trn[key] = v
+
+    lines = []
+
+    def say(text=""):
+        print(text, flush=True)
+        lines.append(text)
+
+    t0 = time.perf_counter()
+    model, _, info = models.load_model(args.model, dtype=args.dtype)
+    dtype = info["dtype"]
+    model_shapes = models.model_shapes(model)
+    machine = {"backend": backend, "device_name": workloads.device_name(), "mlx": mx.__version__,
+               "platform": platform.platform(), "python": platform.python_version(),
+               "processor": platform.processor() or platform.machine()}
+    if hasattr(os, "getloadavg"):  # other work on the machine widens every interval: say how much
+        machine["loadavg_start"] = list(os.getloadavg())
+    try:
+        machine["device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (int, float, str))}
+    except Exception:
+        pass
+    say(f"# tilewise evaluator bench — {now:%Y-%m-%d %H:%M} UTC")
+    say(f"machine: {machine['device_name']} ({backend}), mlx {machine['mlx']}, {machine['platform']}, "
+        f"{os.cpu_count()} cpus, load average at start {machine.get('loadavg_start', ['?'])[0]}")
+    say(f"model: {args.model} ({info['model_fingerprint']}), dtype {dtype}, "
+        f"hidden {info['config']['hidden_size']}, layers {info['config']['num_hidden_layers']}, "
+        f"vocab {info['config']['vocab_size']}")
+    say(f"sizes: inference P={inf['prompt_tokens']} G={inf['gen_tokens']}; training B×L={trn['batch']}×{trn['seq']}; "
+        f"pairs {args.pairs} (shapes {args.shape_pairs}), warmup {args.warmup}")
+    say("ratio = stock time / policy time (> 1: policy faster); median of interleaved pairs [bootstrap 95 % CI]")
+
+    policies = {"native": P.native(), **split_policies(model_shapes, info["config"])}
+    wanted = [p for p in args.policies.split(",") if p]
+    for p in wanted:
+        if p not in policies:
+            ap.error(f"unknown policy {p!r}; known: {', '.join(policies)}")
+    result = {"date": now.isoformat(), "machine": machine, "model": {**info, "spec": args.model},
+              "sizes": {"inference": inf, "training": trn}, "pairs": args.pairs,
+              "shape_pairs": args.shape_pairs, "warmup": args.warmup,
+              "policies": {p: policies[p] for p in wanted}, "shapes": [], "end_to_end": {}}
+
+    if not args.no_shapes:
+        say()
+        say("## Per shape (one matmul, M = decode 1 / prefill P / training B·L)")
+        say(f"{'layer':<24} {'M':>6} {'N':>7} {'K':>6}  {'plan':<22} {'native µs':>10} {'plan µs':>10}  "
+            f"{'ratio [95% CI]':<24} rel_err")
+        ms = sorted({1, inf["prompt_tokens"], trn["batch"] * trn["seq"]})
+        for s in model_shapes:
+            n, k = s["n"], s["k"]
+            plans = {"native": {"kind": "native"},
+                     "split M/4": P.split_plan(None, None, None),
+                     "split N/2": P.split_plan(None, max(1, n // 2), None),
+                     "split K/2": P.split_plan(None, None, max(1, k // 2))}
+            for m in ms:
+                plans["split M/4"] = P.split_plan(max(1, m // 4), None, None)
+                for label, plan in plans.items():
+                    if label == "split M/4" and m < 4:
+                        continue
+                    item = {"m": m, "n": n, "k": k, "dtype": dtype, "plan": plan}
+                    r = shapes.bench_item(item, pairs=args.shape_pairs, warmup=args.warmup, seed=args.seed)
+                    r.update(name=s["name"], label=label)
+                    result["shapes"].append(r)
+                    if r["error"]:
+                        say(f"{s['name'][:24]:<24} {m:>6} {n:>7} {k:>6}  {label:<22} error: {r['error']}")
+                        continue
+                    say(f"{s['name'][:24]:<24} {m:>6} {n:>7} {k:>6}  {label:<22} "
+                        f"{r['native_median_s'] * 1e6:>10.1f} {r['plan_median_s'] * 1e6:>10.1f}  "
+                        f"{fmt_ci(r):<24} {r['rel_err']:.2e}")
+
+    say()
+    say("## End to end (gate first; inference = generation, training = full AdamW step)")
+    say(f"{'policy':<15} {'correct':<8} {'logits err':>10}  {'inference':<24} {'training':<24} {'combined':<24} "
+        f"{'prefill tok/s s→p':<20} {'decode tok/s s→p':<18} {'peak MB s→p (inf)'}")
+    for name in wanted:
+        r = E.evaluate(model, policies[name], dtype=dtype, inference=inf, training=trn,
+                       pairs=args.pairs, warmup=args.warmup, seed=args.seed)
+        result["end_to_end"][name] = r
+        g = r["gate"]
+        if not r["correct"]:
+            say(f"{name:<15} {'NO':<8} {g['logits_rel_err'] if g['logits_rel_err'] is not None else float('nan'):>10.2e}  "
+                f"rejected: {g['reason']}")
+            continue
+        i = r["inference"]
+        pre = f"{i['prefill_tok_s']['stock']:.0f}→{i['prefill_tok_s']['candidate']:.0f}"
+        dec = f"{i['decode_tok_s']['stock']:.1f}→{i['decode_tok_s']['candidate']:.1f}"
+        mem = f"{i['peak_memory']['stock'] / 1e6:.2f}→{i['peak_memory']['candidate'] / 1e6:.2f}"
+        say(f"{name:<15} {'yes':<8} {g['logits_rel_err']:>10.2e}  {fmt_ci(r['inference']):<24} "
+            f"{fmt_ci(r['training']):<24} {fmt_ci(r['combined']):<24} {pre:<20} {dec:<18} {mem}")
+
+    nat = result["end_to_end"].get("native")
+    if nat and nat["correct"]:
+        say()
+        for part in ("inference", "training", "combined"):
+            c = nat[part]
+            if c["hi"] < 0.99:
+                verdict = "NOT met (the whole interval is below 0.99)"
+            elif c["ratio"] >= 0.99:
+                verdict = "met (median >= 0.99)"
+            else:
+                verdict = "unclear (median < 0.99, interval reaches 0.99)"
+            say(f"native overhead goal (ratio >= 0.99), {part}: {verdict} — {fmt_ci(c)}"
+                + ("" if c["lo"] <= 1.0 <= c["hi"] else "  (interval excludes 1.0)"))
+    say()
+    if hasattr(os, "getloadavg"):
+        machine["loadavg_end"] = list(os.getloadavg())
+        say(f"load average at end {machine['loadavg_end'][0]:.2f}")
+    say(f"total bench time {time.perf_counter() - t0:.0f} s")
+
+    stem = f"evaluator_bench-{backend}-{args.model.replace('synthetic:', '').replace('/', '_')}-{dtype}-{now:%Y%m%d}"
+    (out_dir / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"wrote {out_dir / stem}.txt and .json")
+
+
+if __name__ == "__main__":
+    main()
