@@ -16,6 +16,7 @@
 //! enabled = true
 //! min_idle_s = 300
 //! require_ac_power = true
+//! block_in_low_power_mode = true
 //! max_cpu_load = 0.5
 //! max_thermal_level = 0
 //! [llm]                                  # optional: an OpenAI-compatible endpoint for mutations
@@ -70,6 +71,8 @@ pub struct IdleConfig {
     pub min_idle_s: u64,
     /// Tune only on AC power (never drain a battery).
     pub require_ac_power: bool,
+    /// Do not tune while Low Power Mode (macOS) / the `low-power` platform profile (Linux) is on.
+    pub block_in_low_power_mode: bool,
     /// Highest 1-minute load average per core at which tuning may start (timings are noise above it).
     pub max_cpu_load: f64,
     /// Highest thermal pressure level tolerated (0 = nominal, 1 = fair, 2 = serious, 3 = critical).
@@ -78,7 +81,7 @@ pub struct IdleConfig {
 
 impl Default for IdleConfig {
     fn default() -> Self {
-        IdleConfig { enabled: true, min_idle_s: 300, require_ac_power: true, max_cpu_load: 0.5, max_thermal_level: 0 }
+        IdleConfig { enabled: true, min_idle_s: 300, require_ac_power: true, block_in_low_power_mode: true, max_cpu_load: 0.5, max_thermal_level: 0 }
     }
 }
 

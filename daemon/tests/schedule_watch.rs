@@ -4,18 +4,17 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use tilewise::config::Config;
 use tilewise::schedule::watch::{map_watch, ConfigWatcher, ModelWatcher, WatchEvent};
 use tilewise::schedule::Gates;
 use tokio::sync::mpsc;
 
 const DEBOUNCE: Duration = Duration::from_millis(150);
 
-/// The loader the test uses for the scheduler's part of the config: JSON gates, validated.
-fn load_gates(path: &Path) -> Result<Gates, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let g: Gates = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    g.validate()?;
-    Ok(g)
+fn load(path: &Path) -> Config {
+    Config::load(path).unwrap()
 }
 
 async fn next_event(rx: &mut mpsc::UnboundedReceiver<WatchEvent>, within: Duration) -> WatchEvent {
@@ -31,49 +30,55 @@ async fn no_event(rx: &mut mpsc::UnboundedReceiver<WatchEvent>, within: Duration
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_edits_apply_live_and_bad_edits_keep_the_old_config() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.json");
-    std::fs::write(&path, r#"{"idle_seconds": 300}"#).unwrap();
-    let initial = load_gates(&path).unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "[idle]\nmin_idle_s = 300\n").unwrap();
     let (tx, mut events) = mpsc::unbounded_channel();
-    let watcher = ConfigWatcher::spawn(&path, initial, load_gates, tx, DEBOUNCE).unwrap();
-    let mut gates_rx = map_watch(watcher.subscribe(), |g: &std::sync::Arc<Gates>| (**g).clone());
-    assert_eq!(watcher.current().idle_seconds, 300.0);
+    let watcher = ConfigWatcher::spawn(&path, load(&path), Config::load, tx, DEBOUNCE).unwrap();
+    // What the scheduler consumes: the gates, derived from the config, changing only with it.
+    let mut gates_rx = map_watch(watcher.subscribe(), |c: &Arc<Config>| Gates::from_config(&c.idle));
+    assert_eq!(gates_rx.borrow_and_update().idle_seconds, 300.0);
 
     // A valid edit, written in place.
-    std::fs::write(&path, r#"{"idle_seconds": 60, "require_ac_power": false}"#).unwrap();
+    std::fs::write(&path, "[idle]\nmin_idle_s = 60\nrequire_ac_power = false\n").unwrap();
     let ev = next_event(&mut events, Duration::from_secs(3)).await;
     assert_eq!(ev, WatchEvent::ConfigReloaded { path: path.clone() });
     assert_eq!(ev.kind(), "config.reloaded");
     assert_eq!(ev.data()["applied"], true);
-    assert_eq!(watcher.current().idle_seconds, 60.0);
-    assert!(!watcher.current().require_ac_power);
+    assert_eq!(watcher.current().idle.min_idle_s, 60);
+    assert!(!watcher.current().idle.require_ac_power);
     tokio::time::timeout(Duration::from_secs(1), gates_rx.changed()).await.unwrap().unwrap();
     assert_eq!(gates_rx.borrow_and_update().idle_seconds, 60.0);
 
-    // An invalid value: rejected with the reason, old config stays.
-    std::fs::write(&path, r#"{"idle_seconds": -5}"#).unwrap();
+    // An out-of-range value: rejected with the field and reason, old config stays.
+    std::fs::write(&path, "[idle]\nmin_idle_s = 5\nmax_thermal_level = 9\n").unwrap();
     match next_event(&mut events, Duration::from_secs(3)).await {
-        WatchEvent::ConfigRejected { error, .. } => assert!(error.contains("idle_seconds"), "{error}"),
+        WatchEvent::ConfigRejected { error, .. } => assert!(error.contains("idle.max_thermal_level"), "{error}"),
         other => panic!("expected rejection, got {other:?}"),
     }
-    assert_eq!(watcher.current().idle_seconds, 60.0);
+    assert_eq!(watcher.current().idle.min_idle_s, 60);
 
-    // Broken JSON, then a typo'd key: both rejected.
-    std::fs::write(&path, r#"{"idle_seconds": "#).unwrap();
+    // Broken TOML, then a typo'd key: both rejected.
+    std::fs::write(&path, "[idle\nmin_idle_s = 5\n").unwrap();
     assert!(matches!(next_event(&mut events, Duration::from_secs(3)).await, WatchEvent::ConfigRejected { .. }));
-    std::fs::write(&path, r#"{"idle_secnds": 5}"#).unwrap();
+    std::fs::write(&path, "[idle]\nmin_idle_secs = 5\n").unwrap();
     let ev = next_event(&mut events, Duration::from_secs(3)).await;
     assert_eq!(ev.data()["applied"], false);
-    assert!(ev.data()["error"].as_str().unwrap().contains("idle_secnds"));
-    assert_eq!(watcher.current().idle_seconds, 60.0);
+    assert!(ev.data()["error"].as_str().unwrap().contains("min_idle_secs"), "{ev:?}");
+    assert_eq!(watcher.current().idle.min_idle_s, 60);
     assert!(gates_rx.has_changed().is_ok_and(|c| !c), "rejected edits do not reach the gates");
 
+    // An edit that leaves the gates alone does not wake the scheduler.
+    std::fs::write(&path, "[idle]\nmin_idle_s = 60\nrequire_ac_power = false\n[worker]\nmax_restarts = 5\n").unwrap();
+    assert!(matches!(next_event(&mut events, Duration::from_secs(3)).await, WatchEvent::ConfigReloaded { .. }));
+    assert_eq!(watcher.current().worker.max_restarts, 5);
+    assert!(gates_rx.has_changed().is_ok_and(|c| !c));
+
     // The way editors save: write a temp file, rename it over the config.
-    let tmp = dir.path().join(".config.json.swp");
-    std::fs::write(&tmp, r#"{"idle_seconds": 120}"#).unwrap();
+    let tmp = dir.path().join(".config.toml.swp");
+    std::fs::write(&tmp, "[idle]\nmin_idle_s = 120\n").unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     assert!(matches!(next_event(&mut events, Duration::from_secs(3)).await, WatchEvent::ConfigReloaded { .. }));
-    assert_eq!(watcher.current().idle_seconds, 120.0);
+    assert_eq!(watcher.current().idle.min_idle_s, 120);
 
     // Unrelated files in the same directory are ignored.
     std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
@@ -83,17 +88,17 @@ async fn config_edits_apply_live_and_bad_edits_keep_the_old_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_writes_is_one_reload() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.json");
-    std::fs::write(&path, r#"{"idle_seconds": 1}"#).unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "[idle]\nmin_idle_s = 1\n").unwrap();
     let (tx, mut events) = mpsc::unbounded_channel();
-    let watcher = ConfigWatcher::spawn(&path, load_gates(&path).unwrap(), load_gates, tx, DEBOUNCE).unwrap();
+    let watcher = ConfigWatcher::spawn(&path, load(&path), Config::load, tx, DEBOUNCE).unwrap();
     for i in 2..=6 {
-        std::fs::write(&path, format!(r#"{{"idle_seconds": {i}}}"#)).unwrap();
+        std::fs::write(&path, format!("[idle]\nmin_idle_s = {i}\n")).unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(matches!(next_event(&mut events, Duration::from_secs(3)).await, WatchEvent::ConfigReloaded { .. }));
     no_event(&mut events, Duration::from_millis(500)).await;
-    assert_eq!(watcher.current().idle_seconds, 6.0);
+    assert_eq!(watcher.current().idle.min_idle_s, 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,41 +1,56 @@
 //! The gates that decide whether tuning may run now: idle long enough, on AC, not in Low Power
-//! Mode, thermally nominal, machine load low. Each is configurable (see [`Gates`]); the
+//! Mode, thermally nominal, machine load low. Each is configurable (`[idle]` in the config, see
+//! [`Gates::from_config`]); the
 //! [`Decision`] says which gates block, in words a person can read in the menu bar.
 
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::activity::{Activity, Thermal};
+use crate::config::IdleConfig;
 
-/// The configurable gates. Defaults: 5 minutes idle, AC required, Low Power Mode blocks,
-/// only a nominal thermal state passes, 1-minute load below the number of CPUs × 0.5.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// The gates in force, derived from the `[idle]` section of the config
+/// ([`crate::config::IdleConfig`], the one place they are configured) by [`Gates::from_config`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Gates {
-    /// Seconds without keyboard/mouse input before tuning may start.
+    /// Start tuning by itself when the gates open (`idle.enabled`); false: only when asked.
+    /// The gates still pause an explicitly started session.
+    pub auto_start: bool,
+    /// Seconds without keyboard/mouse input before tuning may run.
     pub idle_seconds: f64,
     pub require_ac_power: bool,
     pub block_in_low_power_mode: bool,
-    /// When true only `Thermal::Nominal` passes (and `Unknown`, see `unknown_thermal_passes`).
-    pub require_thermal_nominal: bool,
-    /// Platforms that cannot tell (Linux without thermal zones) report `Unknown`; let them tune.
-    pub unknown_thermal_passes: bool,
+    /// Hottest thermal state tolerated. `Unknown` (a platform that cannot tell) always passes.
+    pub max_thermal: Thermal,
     /// Tuning is blocked while the 1-minute load average is at or above this; None: no limit.
     pub max_load_1m: Option<f64>,
 }
 
-impl Default for Gates {
-    fn default() -> Self {
+impl Gates {
+    /// The config's idle section as gates: `max_cpu_load` is per core, so the load limit is it
+    /// times the number of CPUs; `max_thermal_level` 0..=3 is nominal..critical.
+    pub fn from_config(idle: &IdleConfig) -> Gates {
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
         Gates {
-            idle_seconds: 300.0,
-            require_ac_power: true,
-            block_in_low_power_mode: true,
-            require_thermal_nominal: true,
-            unknown_thermal_passes: true,
-            max_load_1m: Some((cpus * 0.5).max(1.0)),
+            auto_start: idle.enabled,
+            idle_seconds: idle.min_idle_s as f64,
+            require_ac_power: idle.require_ac_power,
+            block_in_low_power_mode: idle.block_in_low_power_mode,
+            max_thermal: match idle.max_thermal_level {
+                0 => Thermal::Nominal,
+                1 => Thermal::Fair,
+                2 => Thermal::Serious,
+                _ => Thermal::Critical,
+            },
+            max_load_1m: Some(idle.max_cpu_load * cpus),
         }
+    }
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Gates::from_config(&IdleConfig::default())
     }
 }
 
@@ -130,19 +145,6 @@ impl Gates {
         Duration::from_secs_f64(self.idle_seconds.max(0.0))
     }
 
-    /// Checks the values a person might mistype in the config file.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.idle_seconds.is_finite() && self.idle_seconds >= 0.0) {
-            return Err(format!("idle_seconds must be a number >= 0, got {}", self.idle_seconds));
-        }
-        if let Some(l) = self.max_load_1m {
-            if !(l.is_finite() && l > 0.0) {
-                return Err(format!("max_load_1m must be > 0 (or null for no limit), got {l}"));
-            }
-        }
-        Ok(())
-    }
-
     /// Applies every gate to one reading, taken at wall-clock time `now`.
     pub fn decide(&self, a: &Activity, now: SystemTime) -> Decision {
         let mut reasons = Vec::new();
@@ -167,16 +169,9 @@ impl Gates {
             blocked_by.push(Gate::LowPowerMode);
             reasons.push("Low Power Mode is on".to_owned());
         }
-        if self.require_thermal_nominal {
-            let passes = match a.thermal {
-                Thermal::Nominal => true,
-                Thermal::Unknown => self.unknown_thermal_passes,
-                _ => false,
-            };
-            if !passes {
-                blocked_by.push(Gate::Thermal);
-                reasons.push(format!("thermal state {}", a.thermal.as_str()));
-            }
+        if a.thermal != Thermal::Unknown && a.thermal > self.max_thermal {
+            blocked_by.push(Gate::Thermal);
+            reasons.push(format!("thermal state {} (limit {})", a.thermal.as_str(), self.max_thermal.as_str()));
         }
         if let Some(max) = self.max_load_1m {
             if a.load_1m >= max {
