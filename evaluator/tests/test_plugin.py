@@ -57,6 +57,17 @@ def split_head_policy(target, name="split head"):
     return P.make_policy([{"n": [1024, None], "plan": P.split_plan(None, 256, None)}], target=target, name=name)
 
 
+def mixed_policy(target, name="mixed"):
+    """q_proj/o_proj (N = K = 64): native at M = 1 (decode), split along N at larger M (prefill);
+    the head (N = vocab 1024) split along N always; everything else native. All splits are along N,
+    so outputs are exact. Patches 2 x 2 + 1 = 5 layers."""
+    return P.make_policy([
+        {"m": [1, 1], "n": [64, 64], "k": [64, 64], "plan": {"kind": "native"}},
+        {"n": [64, 64], "k": [64, 64], "plan": P.split_plan(None, 32, None)},
+        {"n": [1024, None], "plan": P.split_plan(None, 256, None)},
+    ], target=target, name=name)
+
+
 def write_json(path, doc):
     path.write_text(json.dumps(doc))
     return path
@@ -113,7 +124,7 @@ def test_explicit_model_and_apply_to(tiny_dir, tmp_path):
     path = write_json(tmp_path / "p.json", doc)
     st = plugin.enable_optimizations(path, model=model)
     assert st.models[-1].source == "file" and st.models[-1].policy_hash == P.content_hash(doc)
-    assert is_patched(model) and st.models[-1].patched_layers == 15
+    assert is_patched(model) and st.models[-1].patched_layers == 1  # only the head can leave native
     plugin.disable()
     assert not is_patched(model) and mlx_lm.utils.load is stock_load
     rec = plugin.apply_to(model, path)  # one model, no hook
@@ -161,10 +172,43 @@ def test_policy_file_is_applied_and_generation_matches_stock(tiny_dir, tmp_path)
     streamed = "".join(r.text for r in mlx_lm.stream_generate(model, tok, "hello world", max_tokens=6))
     assert text == stock_text == streamed
     calls = plugin.status().calls
-    # the head is split, the 14 other linears are native, on every forward pass
-    assert calls["split"] > 0 and calls["native"] == 14 * calls["split"], calls
+    # only the head is patched (the other 14 linears stay stock classes): split on every pass
+    assert calls["split"] > 0 and calls["native"] == 0 and calls["kernel"] == 0, calls
     rec = plugin.status().models[-1]
-    assert (rec.source, rec.patched_layers, rec.policy_name) == ("file", 15, "split head")
+    assert (rec.source, rec.patched_layers, rec.policy_name) == ("file", 1, "split head")
+
+
+def test_only_layers_a_policy_can_change_are_patched(tiny_dir, tmp_path):
+    import mlx_lm
+
+    stock_model, tok = load_tiny(tiny_dir)
+    stock_text = mlx_lm.generate(stock_model, tok, "hello world", max_tokens=6)
+    plugin.enable_optimizations(write_json(tmp_path / "p.json", mixed_policy(target_of(stock_model))))
+    model, tok = load_tiny(tiny_dir)
+    patched = sorted(n for n, m in model.named_modules() if type(m) in patch.PATCHED.values())
+    assert patched == ["model.embed_tokens", "model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.q_proj",
+                       "model.layers.1.self_attn.o_proj", "model.layers.1.self_attn.q_proj"]
+    assert plugin.status().models[-1].patched_layers == 5
+    patch.reset_call_counts()
+    assert mlx_lm.generate(model, tok, "hello world", max_tokens=6) == stock_text
+    calls = plugin.status().calls
+    # prefill: q/o split (4) + head split; each decode step: q/o native (4) + head split
+    assert calls["native"] > 0 and calls["split"] > 0 and calls["native"] % 4 == 0, calls
+
+
+@pytest.mark.parametrize("rules, default, expected", [
+    ([], {"kind": "native"}, False),
+    ([], P.split_plan(2, None, None), True),
+    ([{"n": [1, 10], "plan": P.split_plan(2, None, None)}], {"kind": "native"}, False),  # other N
+    ([{"n": [64, 64], "plan": P.split_plan(2, None, None)}], {"kind": "native"}, True),
+    ([{"m": [1, 1], "plan": {"kind": "native"}}], P.split_plan(2, None, None), True),  # M > 1 splits
+    ([{"m": [1, None], "plan": {"kind": "native"}}], P.split_plan(2, None, None), False),  # every M native
+    ([{"plan": {"kind": "native"}}, {"plan": P.split_plan(2, None, None)}], {"kind": "native"}, False),
+    ([{"k": [65, None], "plan": P.split_plan(2, None, None)}], {"kind": "native"}, False),  # other K
+])
+def test_may_leave_native(rules, default, expected):
+    doc = P.make_policy(rules, default)
+    assert plugin.may_leave_native(doc, 64, 64) is expected
 
 
 BAD_POLICIES = {
@@ -421,12 +465,12 @@ def run_cli(args, home, timeout=120):
 
 def test_cli_generate_with_a_policy_file(tiny_dir, tmp_path, fresh_plugin):
     stock_model, _ = load_tiny(tiny_dir)
-    path = write_json(tmp_path / "p.json", split_head_policy(target_of(stock_model)))
+    path = write_json(tmp_path / "p.json", mixed_policy(target_of(stock_model)))
     gen = ["generate", "--model", str(tiny_dir), "--prompt", "hello", "--max-tokens", "6"]
     stock = subprocess.run([sys.executable, "-m", "mlx_lm", *gen], capture_output=True, text=True, timeout=120)
     out = run_cli(["--policy", str(path), *gen], fresh_plugin)
     assert out.returncode == 0, out.stderr
-    assert f"tilewise: file, policy {P.content_hash(json.loads(path.read_text()))}, 15 layers patched" in out.stderr
+    assert f"tilewise: file, policy {P.content_hash(json.loads(path.read_text()))}, 5 layers patched" in out.stderr
     # same generated text as stock mlx_lm (the split along N is exact)
     strip = lambda s: s.split("==========")[1]
     assert strip(out.stdout) == strip(stock.stdout)
@@ -441,7 +485,7 @@ def test_cli_usage_errors_are_clear(fresh_plugin):
 
 def test_cli_server_serves_with_the_policy(tiny_dir, tmp_path, fresh_plugin):
     stock_model, _ = load_tiny(tiny_dir)
-    path = write_json(tmp_path / "p.json", split_head_policy(target_of(stock_model)))
+    path = write_json(tmp_path / "p.json", mixed_policy(target_of(stock_model)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -456,7 +500,7 @@ def test_cli_server_serves_with_the_policy(tiny_dir, tmp_path, fresh_plugin):
         while "tilewise:" not in line and time.monotonic() < deadline:
             line = proc.stderr.readline()
             assert line or proc.poll() is None, "server exited"
-        assert "tilewise: file" in line and "15 layers patched" in line, line
+        assert "tilewise: file" in line and "5 layers patched" in line, line
         body = json.dumps({"prompt": "hello", "max_tokens": 4}).encode()
         for _ in range(100):
             try:
