@@ -1,1 +1,270 @@
-fn main() {}
+//! `tilewise`: the command-line client. Every command that needs the daemon goes through the one
+//! `ipc::client::Client`; `probe` works without it. `--json` prints machine-readable output.
+//!
+//! Exit codes: 0 ok, 1 error, 3 the daemon is not running.
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+use tilewise::config::Config;
+use tilewise::ipc::client::{Client, ClientError};
+use tilewise::ipc::protocol::{HistoryParams, PolicyGetParams, PolicySource, VERSION};
+use tilewise::paths::Paths;
+
+#[derive(Parser, Debug)]
+#[command(name = "tilewise", version, about = "tilewise: a proven-faster matmul policy for MLX-LM on this machine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Describe this machine as the tuner sees it (works without the daemon).
+    Probe(JsonFlag),
+    /// What the daemon is doing.
+    Status(JsonFlag),
+    /// Policies.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Past promotions of proven policies, newest first.
+    History {
+        /// Only this model fingerprint.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Start or stop the background daemon.
+    #[command(subcommand)]
+    Daemon(DaemonCmd),
+}
+
+#[derive(Args, Debug, Clone, Copy)]
+struct JsonFlag {
+    /// Print JSON for programs instead of text for people.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// The policy the daemon serves for a model (the proven best, or native and why).
+    Get {
+        /// Model fingerprint.
+        #[arg(long)]
+        model: String,
+        /// MLX version; default: the one the configured Python has installed.
+        #[arg(long)]
+        mlx: Option<String>,
+        /// MLX backend (metal, cuda, cpu); default: this machine's.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Device fingerprint; default: this machine's.
+        #[arg(long)]
+        device: Option<String>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DaemonCmd {
+    /// Start `tilewised` in the background and wait until it answers.
+    Start,
+    /// Ask the daemon to stop and wait until its socket is gone.
+    Stop,
+}
+
+fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`tilewise probe | head`) like other command-line tools.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tilewise: {e}");
+            match e.downcast_ref::<ClientError>() {
+                Some(ClientError::DaemonNotRunning { .. }) => ExitCode::from(3),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let paths = Paths::from_env()?;
+    match cli.command {
+        Cmd::Probe(f) => {
+            let device = tilewise::probe::detect();
+            if f.json {
+                print_json(&serde_json::json!({"device": device, "fingerprint": device.fingerprint()}))
+            } else {
+                println!("{}", tilewise::probe::render_human(&device).trim_end());
+                println!("fingerprint: {}", device.fingerprint());
+                Ok(())
+            }
+        }
+        Cmd::Status(f) => {
+            let s = connect(&paths).await?.status().await?;
+            if f.json {
+                return print_json(&s);
+            }
+            println!("tilewised {} (pid {}), up {:.0} s, {} client(s)", s.version, s.pid, s.uptime_s, s.clients);
+            println!("socket:   {}", s.socket.display());
+            println!("database: {} (schema v{})", s.db.path.display(), s.db.schema_version);
+            println!("device:   {} [{}] backend {}", s.device.chip.as_deref().unwrap_or("unknown chip"), s.device_fingerprint, s.device.backend.as_str());
+            let t = &s.tuning;
+            println!(
+                "tuning:   {}{}{}",
+                t.state,
+                t.session_id.map(|i| format!(" (session {i})")).unwrap_or_default(),
+                t.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+            );
+            Ok(())
+        }
+        Cmd::Policy(PolicyCmd::Get { model, mlx, backend, device, json }) => {
+            let mlx = match mlx {
+                Some(v) => v,
+                None => installed_mlx_version(&paths)?,
+            };
+            let r = connect(&paths).await?.policy_get(&PolicyGetParams { model, mlx, backend, device }).await?;
+            if json.json {
+                return print_json(&r);
+            }
+            let source = match r.source {
+                PolicySource::Best => "best",
+                PolicySource::Native => "native",
+            };
+            println!("{source} policy {}", r.hash);
+            println!("why: {}", r.reason);
+            println!("{}", serde_json::to_string_pretty(&r.policy)?);
+            Ok(())
+        }
+        Cmd::History { model, limit, json } => {
+            let h = connect(&paths).await?.history(&HistoryParams { model, limit: Some(limit) }).await?;
+            if json.json {
+                return print_json(&h);
+            }
+            if h.promotions.is_empty() {
+                println!("no policy has been promoted yet");
+            }
+            for p in &h.promotions {
+                println!(
+                    "{}  {:.3}x [{:.3}-{:.3}]  model {}  mlx {} {}  {}{}",
+                    p.at,
+                    p.ratio,
+                    p.lo,
+                    p.hi,
+                    p.model,
+                    p.mlx,
+                    p.backend,
+                    p.hash,
+                    p.session_id.map(|s| format!("  session {s}")).unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        Cmd::Daemon(DaemonCmd::Start) => daemon_start(&paths).await,
+        Cmd::Daemon(DaemonCmd::Stop) => daemon_stop(&paths).await,
+    }
+}
+
+async fn connect(paths: &Paths) -> Result<Client, ClientError> {
+    let mut c = Client::connect(paths).await?.with_name(format!("tilewise-cli/{VERSION}"));
+    c.hello().await?;
+    Ok(c)
+}
+
+fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// The MLX version installed for the configured Python (what the plugin will report).
+fn installed_mlx_version(paths: &Paths) -> anyhow::Result<String> {
+    let python = Config::load(&paths.config_file).unwrap_or_default().python_path();
+    let out = Command::new(&python)
+        .args(["-c", "import mlx.core as mx; print(mx.__version__)"])
+        .stderr(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
+        _ => anyhow::bail!("cannot tell which MLX version {} has installed; pass --mlx VERSION", python.display()),
+    }
+}
+
+/// `tilewised` next to this executable, else from PATH.
+fn daemon_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("tilewised")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("tilewised"))
+}
+
+async fn daemon_start(paths: &Paths) -> anyhow::Result<()> {
+    if let Ok(mut c) = connect(paths).await {
+        let s = c.status().await?;
+        println!("tilewised is already running (pid {}) on {}", s.pid, s.socket.display());
+        return Ok(());
+    }
+    paths.ensure_dirs()?;
+    let stderr_path = paths.logs_dir.join("tilewised.stderr.log");
+    let stderr = std::fs::File::create(&stderr_path)?;
+    let mut cmd = Command::new(daemon_binary());
+    cmd.arg("--foreground").stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+    // Detach: a new session, so closing this terminal does not signal the daemon.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start {}: {e}", daemon_binary().display()))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let why = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            anyhow::bail!("tilewised exited at start ({status}): {}", why.trim());
+        }
+        if let Ok(mut c) = connect(paths).await {
+            let s = c.status().await?;
+            println!("tilewised started (pid {}) on {}; logs in {}", s.pid, s.socket.display(), paths.logs_dir.display());
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("tilewised (pid {}) did not answer within 30 s; see {}", child.id(), paths.logs_dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn daemon_stop(paths: &Paths) -> anyhow::Result<()> {
+    let mut c = connect(paths).await?;
+    let pid = c.status().await?.pid;
+    c.shutdown().await?;
+    drop(c);
+    let socket = paths.client_socket();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while socket_exists(&socket) {
+        if Instant::now() > deadline {
+            anyhow::bail!("tilewised (pid {pid}) was asked to stop but its socket is still there after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("tilewised (pid {pid}) stopped");
+    Ok(())
+}
+
+fn socket_exists(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok()
+}

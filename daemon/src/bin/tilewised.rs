@@ -1,1 +1,91 @@
-fn main() {}
+//! `tilewised`: the resident daemon. Serves the local socket until SIGTERM/SIGINT or a
+//! `daemon.shutdown` request, then removes the socket, closes the database and releases the lock.
+//! Logs go to `<logs dir>/tilewised.log` and to stderr.
+
+use clap::Parser;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tilewise::config::Config;
+use tilewise::ipc::server::{DaemonState, Server};
+use tilewise::paths::Paths;
+use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+
+#[derive(Parser, Debug)]
+#[command(name = "tilewised", version, about = "tilewise daemon: finds and serves a proven-faster matmul policy for MLX-LM")]
+struct Args {
+    /// Run in the foreground (the only mode: `tilewise daemon start` detaches it; launchd/systemd supervise it).
+    #[arg(long, default_value_t = true)]
+    foreground: bool,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive such as `tilewise=debug`.
+    #[arg(long, default_value = "info", env = "TILEWISE_LOG")]
+    log_level: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let paths = match Paths::from_env() {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    if let Err(e) = paths.ensure_dirs() {
+        return fail(&e);
+    }
+    let _log_guard = match init_logging(&paths, &args.log_level) {
+        Ok(g) => g,
+        Err(e) => return fail(&e),
+    };
+    let config = match Config::load(&paths.config_file) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    runtime.block_on(async move {
+        let state = match DaemonState::open(paths, config) {
+            Ok(s) => s,
+            Err(e) => return fail(&e),
+        };
+        // Tuning plugs in here (see the `ipc` module docs): state.tuning = Some(Arc::new(...));
+        let server = match Server::bind(Arc::new(state)) {
+            Ok(s) => s,
+            Err(e) => return fail(&e),
+        };
+        server.run(shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Prints a startup failure for a person and logs it; exit code 1.
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("tilewised: {e}");
+    tracing::error!("{e}");
+    ExitCode::FAILURE
+}
+
+fn init_logging(paths: &Paths, level: &str) -> Result<tracing_appender::non_blocking::WorkerGuard, String> {
+    let filter = EnvFilter::try_new(level).map_err(|e| format!("--log-level {level:?}: {e}"))?;
+    let file = tracing_appender::rolling::never(&paths.logs_dir, "tilewised.log");
+    let (file, guard) = tracing_appender::non_blocking(file);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt::layer().with_writer(std::io::stderr))
+        .with(fmt::layer().with_ansi(false).with_writer(file))
+        .try_init()
+        .map_err(|e| e.to_string())?;
+    Ok(guard)
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the daemon with `tilewise daemon stop`");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}

@@ -1,0 +1,193 @@
+//! [`Client`]: the one way Rust code talks to `tilewised` (the CLI, the app, tests, benchmarks).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tilewise::ipc::client::ClientError> {
+//! use tilewise::ipc::client::Client;
+//! let paths = tilewise::paths::Paths::from_env().unwrap();
+//! let mut client = Client::connect(&paths).await?;     // DaemonNotRunning says how to start it
+//! let hello = client.hello().await?;                    // checks the protocol version
+//! let status = client.status().await?;
+//! let mut events = client.subscribe_events(None).await?; // consumes the client
+//! while let Some(event) = events.recv().await { println!("{} {}", event.kind, event.data); }
+//! # Ok(()) }
+//! ```
+//!
+//! One request at a time per client (calls take `&mut self`); open several clients for concurrency.
+
+use super::protocol::*;
+use crate::config::Config;
+use crate::paths::Paths;
+use crate::store::Event;
+use futures_util::{SinkExt, StreamExt};
+use interprocess::local_socket::tokio::{prelude::*, Stream};
+use interprocess::local_socket::GenericFilePath;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::io;
+use std::path::{Path, PathBuf};
+use tokio::sync::mpsc;
+use tokio_util::codec::{Framed, LinesCodec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the tilewise daemon is not running (no one listens on {}). Start it with `tilewise daemon start`, or run `tilewised` in a terminal", .socket.display())]
+    DaemonNotRunning { socket: PathBuf },
+    #[error("cannot connect to the tilewise daemon at {}: {source}", .socket.display())]
+    Connect { socket: PathBuf, source: io::Error },
+    #[error("connection to the daemon failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("the daemon closed the connection")]
+    Closed,
+    #[error("the daemon sent something that is not a valid reply: {0}")]
+    Protocol(String),
+    /// The daemon answered with an error.
+    #[error("daemon error: {0}")]
+    Rpc(RpcError),
+}
+
+impl ClientError {
+    /// The JSON-RPC error code when the daemon answered with an error.
+    pub fn rpc_code(&self) -> Option<i64> {
+        match self {
+            ClientError::Rpc(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to the daemon.
+pub struct Client {
+    framed: Framed<Stream, LinesCodec>,
+    next_id: u64,
+    socket: PathBuf,
+    name: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("socket", &self.socket).finish()
+    }
+}
+
+impl Client {
+    /// Connects to the daemon of these paths (`TILEWISE_SOCKET` overrides the socket).
+    pub async fn connect(paths: &Paths) -> Result<Client, ClientError> {
+        Client::connect_path(&paths.client_socket()).await
+    }
+
+    /// Connects to a socket path.
+    pub async fn connect_path(socket: &Path) -> Result<Client, ClientError> {
+        let connect_err = |source: io::Error| match source.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ClientError::DaemonNotRunning { socket: socket.to_path_buf() },
+            _ => ClientError::Connect { socket: socket.to_path_buf(), source },
+        };
+        let name = socket.to_fs_name::<GenericFilePath>().map_err(connect_err)?;
+        let stream = Stream::connect(name).await.map_err(connect_err)?;
+        Ok(Client {
+            framed: Framed::new(stream, LinesCodec::new_with_max_length(MAX_REPLY_LINE)),
+            next_id: 1,
+            socket: socket.to_path_buf(),
+            name: format!("tilewise-rs/{VERSION}"),
+        })
+    }
+
+    /// Sets the name sent in `hello` (e.g. `tilewise-cli/0.1.0`, `tilewise-app/0.1.0`).
+    pub fn with_name(mut self, name: impl Into<String>) -> Client {
+        self.name = name.into();
+        self
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Calls `method` and returns its result, or the daemon's error as [`ClientError::Rpc`].
+    /// Event notifications arriving meanwhile are skipped (use [`Client::subscribe_events`]).
+    pub async fn call(&mut self, method: &str, params: Option<Value>) -> Result<Value, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = serde_json::to_string(&Request::new(id, method, params)).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.framed.send(line).await.map_err(codec_err)?;
+        loop {
+            let line = self.framed.next().await.ok_or(ClientError::Closed)?.map_err(codec_err)?;
+            match Incoming::parse(&line).map_err(|e| ClientError::Protocol(format!("{e}: {line}")))? {
+                Incoming::Notification(_) => continue,
+                Incoming::Response(r) if r.id == Value::from(id) => {
+                    return match (r.result, r.error) {
+                        (_, Some(e)) => Err(ClientError::Rpc(e)),
+                        (Some(v), None) => Ok(v),
+                        (None, None) => Err(ClientError::Protocol("reply has neither result nor error".into())),
+                    };
+                }
+                // An error about an unreadable frame (id null) is about our last request.
+                Incoming::Response(r) if r.id.is_null() && r.error.is_some() => return Err(ClientError::Rpc(r.error.unwrap())),
+                Incoming::Response(r) => return Err(ClientError::Protocol(format!("reply for id {} while waiting for {id}", r.id))),
+            }
+        }
+    }
+
+    /// [`Client::call`] with typed params and result.
+    pub async fn call_typed<P: Serialize, R: DeserializeOwned>(&mut self, method: &str, params: &P) -> Result<R, ClientError> {
+        let p = serde_json::to_value(params).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let v = self.call(method, Some(p)).await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Protocol(format!("{method} result: {e}")))
+    }
+
+    /// The handshake: daemon name, version, protocol (a protocol mismatch is an `Rpc` error -32005).
+    pub async fn hello(&mut self) -> Result<HelloResult, ClientError> {
+        let p = HelloParams { client: self.name.clone(), protocol: PROTOCOL_VERSION };
+        self.call_typed(methods::HELLO, &p).await
+    }
+
+    pub async fn status(&mut self) -> Result<StatusResult, ClientError> {
+        self.call_typed(methods::STATUS, &serde_json::json!({})).await
+    }
+
+    pub async fn policy_get(&mut self, params: &PolicyGetParams) -> Result<PolicyGetResult, ClientError> {
+        self.call_typed(methods::POLICY_GET, params).await
+    }
+
+    pub async fn history(&mut self, params: &HistoryParams) -> Result<HistoryResult, ClientError> {
+        self.call_typed(methods::HISTORY, params).await
+    }
+
+    pub async fn config_get(&mut self) -> Result<Config, ClientError> {
+        self.call_typed(methods::CONFIG_GET, &serde_json::json!({})).await
+    }
+
+    /// Asks the daemon to stop (it replies first, then shuts down).
+    pub async fn shutdown(&mut self) -> Result<ShutdownResult, ClientError> {
+        self.call_typed(methods::DAEMON_SHUTDOWN, &serde_json::json!({})).await
+    }
+
+    /// Subscribes to events (all kinds, or only `kinds`) and hands the connection to a task that
+    /// forwards each event. The receiver ends (`recv()` → `None`) when the daemon goes away.
+    /// Needs a tokio runtime.
+    pub async fn subscribe_events(mut self, kinds: Option<Vec<String>>) -> Result<mpsc::Receiver<Event>, ClientError> {
+        let _: SubscribeResult = self.call_typed(methods::EVENTS_SUBSCRIBE, &SubscribeParams { kinds }).await?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            while let Some(Ok(line)) = self.framed.next().await {
+                let Ok(Incoming::Notification(n)) = Incoming::parse(&line) else { continue };
+                if n.method != EVENT_NOTIFICATION {
+                    continue;
+                }
+                let Ok(event) = serde_json::from_value::<Event>(n.params) else { continue };
+                if tx.send(event).await.is_err() {
+                    break; // the receiver was dropped
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+fn codec_err(e: tokio_util::codec::LinesCodecError) -> ClientError {
+    match e {
+        tokio_util::codec::LinesCodecError::MaxLineLengthExceeded => {
+            ClientError::Protocol(format!("reply longer than {MAX_REPLY_LINE} bytes"))
+        }
+        tokio_util::codec::LinesCodecError::Io(e) => ClientError::Io(e),
+    }
+}

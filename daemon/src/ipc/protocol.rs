@@ -1,0 +1,370 @@
+//! THE wire types of the local-socket protocol (docs/protocol.md): JSON-RPC 2.0, one message per
+//! `\n`-terminated line. `tilewised`, `tilewise`, the app and the tests all use these definitions;
+//! the Python plugin mirrors the few it needs.
+
+use crate::probe::Device;
+use crate::store::{Best, Budget, Candidate, Event, HistoryEntry, Session, SessionId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::PathBuf;
+
+/// Protocol major version. A client whose major differs is refused by `hello` with
+/// [`codes::PROTOCOL_MISMATCH`].
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest line the daemon reads (bytes, without the `\n`).
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+/// Longest line a client accepts from the daemon (replies like `session.show` can be large).
+pub const MAX_REPLY_LINE: usize = 16 * 1024 * 1024;
+/// Name the daemon reports in `hello`.
+pub const DAEMON_NAME: &str = "tilewised";
+/// This build's version (daemon and clients share it).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Method name of event notifications sent to subscribers.
+pub const EVENT_NOTIFICATION: &str = "event";
+
+/// Method names.
+pub mod methods {
+    pub const HELLO: &str = "hello";
+    pub const STATUS: &str = "status";
+    pub const POLICY_GET: &str = "policy.get";
+    pub const HISTORY: &str = "history";
+    pub const EVENTS_SUBSCRIBE: &str = "events.subscribe";
+    pub const CONFIG_GET: &str = "config.get";
+    pub const CONFIG_SET: &str = "config.set";
+    pub const TUNING_START: &str = "tuning.start";
+    pub const TUNING_STOP: &str = "tuning.stop";
+    pub const SESSION_LIST: &str = "session.list";
+    pub const SESSION_SHOW: &str = "session.show";
+    pub const POLICY_EXPORT: &str = "policy.export";
+    pub const POLICY_IMPORT: &str = "policy.import";
+    pub const DAEMON_SHUTDOWN: &str = "daemon.shutdown";
+}
+
+/// Error codes (JSON-RPC's standard ones, and ours in -32000..-32099).
+pub mod codes {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INVALID_PARAMS: i64 = -32602;
+    pub const INTERNAL: i64 = -32000;
+    pub const BUSY: i64 = -32001;
+    pub const NOT_FOUND: i64 = -32002;
+    pub const INVALID_POLICY: i64 = -32003;
+    pub const NOT_AVAILABLE: i64 = -32004;
+    pub const PROTOCOL_MISMATCH: i64 = -32005;
+}
+
+/// A request (or, without `id`, a notification) as sent by clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub jsonrpc: String,
+    /// Absent for notifications (the daemon does not answer those).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Value>,
+    pub method: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<Value>,
+}
+
+impl Request {
+    pub fn new(id: u64, method: &str, params: Option<Value>) -> Request {
+        Request { jsonrpc: "2.0".into(), id: Some(Value::from(id)), method: method.into(), params }
+    }
+}
+
+/// A reply: exactly one of `result` / `error` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub jsonrpc: String,
+    /// The request's id; `null` when the request could not be read far enough to know it.
+    pub id: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RpcError>,
+}
+
+impl Response {
+    pub fn ok(id: Value, result: Value) -> Response {
+        Response { jsonrpc: "2.0".into(), id, result: Some(result), error: None }
+    }
+    pub fn err(id: Value, error: RpcError) -> Response {
+        Response { jsonrpc: "2.0".into(), id, result: None, error: Some(error) }
+    }
+}
+
+/// A message the daemon sends without being asked (events).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    pub jsonrpc: String,
+    pub method: String,
+    pub params: Value,
+}
+
+/// A JSON-RPC error object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} (code {code})")]
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+impl RpcError {
+    pub fn new(code: i64, message: impl Into<String>) -> RpcError {
+        RpcError { code, message: message.into(), data: None }
+    }
+    pub fn with_data(mut self, data: Value) -> RpcError {
+        self.data = Some(data);
+        self
+    }
+    pub fn parse(why: impl std::fmt::Display) -> RpcError {
+        RpcError::new(codes::PARSE_ERROR, format!("parse error: {why}"))
+    }
+    pub fn invalid_request(why: impl std::fmt::Display) -> RpcError {
+        RpcError::new(codes::INVALID_REQUEST, format!("invalid request: {why}"))
+    }
+    pub fn method_not_found(method: &str) -> RpcError {
+        RpcError::new(codes::METHOD_NOT_FOUND, format!("method not found: {method}"))
+    }
+    pub fn invalid_params(why: impl std::fmt::Display) -> RpcError {
+        RpcError::new(codes::INVALID_PARAMS, format!("invalid params: {why}"))
+    }
+    pub fn internal(why: impl std::fmt::Display) -> RpcError {
+        RpcError::new(codes::INTERNAL, format!("internal error: {why}"))
+    }
+    /// For methods whose part of the product is not in this build.
+    pub fn not_available(why: impl std::fmt::Display) -> RpcError {
+        RpcError::new(codes::NOT_AVAILABLE, format!("not available: {why}"))
+    }
+}
+
+/// Any line a client may receive.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    Response(Response),
+    Notification(Notification),
+}
+
+impl Incoming {
+    /// Parses one line from the daemon.
+    pub fn parse(line: &str) -> Result<Incoming, serde_json::Error> {
+        let v: Value = serde_json::from_str(line)?;
+        if v.get("method").is_some() && v.get("id").is_none() {
+            Ok(Incoming::Notification(serde_json::from_value(v)?))
+        } else {
+            Ok(Incoming::Response(serde_json::from_value(v)?))
+        }
+    }
+}
+
+// ---- params and results, per method ----
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelloParams {
+    /// Who is calling, e.g. `tilewise-cli/0.1.0`.
+    pub client: String,
+    pub protocol: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelloResult {
+    pub daemon: String,
+    pub version: String,
+    pub protocol: u32,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DbStatus {
+    pub path: PathBuf,
+    pub schema_version: u32,
+}
+
+/// What tuning is doing right now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TuningStatus {
+    /// `idle`, `tuning` or `paused`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<SessionId>,
+    /// Anything else the tuning service wants to show (progress, best so far).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResult {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_s: f64,
+    /// `TILEWISE_HOME` if set.
+    pub home: Option<PathBuf>,
+    pub socket: PathBuf,
+    pub device: Device,
+    pub device_fingerprint: String,
+    pub db: DbStatus,
+    pub tuning: TuningStatus,
+    /// Connections open now (this one included).
+    pub clients: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyGetParams {
+    /// Model fingerprint.
+    pub model: String,
+    /// MLX version the caller runs.
+    pub mlx: String,
+    /// MLX backend (`metal`, `cuda`, `cpu`); default: this machine's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// Device fingerprint; default: this machine's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicySource {
+    Best,
+    Native,
+}
+
+/// Why a served policy is trusted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub ratio: f64,
+    pub lo: f64,
+    pub hi: f64,
+    pub session_id: Option<SessionId>,
+    pub promoted_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyGetResult {
+    pub policy: Value,
+    pub hash: String,
+    pub source: PolicySource,
+    /// Why this policy: the evidence in words, or why native is served.
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HistoryParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryResult {
+    pub promotions: Vec<HistoryEntry>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SubscribeParams {
+    /// Only these event kinds; all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubscribeResult {
+    pub subscribed: bool,
+}
+
+/// Params of the `event` notification: the stored event itself.
+pub type EventParams = Event;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TuningStartParams {
+    /// A model path or `synthetic:<name>`; default: the service's choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TuningStartResult {
+    pub session_id: SessionId,
+    pub resumed: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TuningStopParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<SessionId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TuningStopResult {
+    pub stopped: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionListResult {
+    pub sessions: Vec<Session>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionShowParams {
+    pub session_id: SessionId,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionShowResult {
+    pub session: Session,
+    pub best: Option<Best>,
+    pub candidates: Vec<Candidate>,
+    pub memo_size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigSetParams {
+    /// Dotted key, e.g. `idle.min_idle_s`.
+    pub key: String,
+    pub value: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShutdownResult {
+    pub stopping: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn responses_carry_exactly_one_of_result_or_error() {
+        let ok = serde_json::to_value(Response::ok(json!(1), json!({"a": 1}))).unwrap();
+        assert_eq!(ok, json!({"jsonrpc": "2.0", "id": 1, "result": {"a": 1}}));
+        let err = serde_json::to_value(Response::err(Value::Null, RpcError::parse("eof"))).unwrap();
+        assert_eq!(err, json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32700, "message": "parse error: eof"}}));
+    }
+
+    #[test]
+    fn incoming_tells_notifications_from_responses() {
+        let n = Incoming::parse(r#"{"jsonrpc":"2.0","method":"event","params":{"id":1}}"#).unwrap();
+        assert!(matches!(n, Incoming::Notification(n) if n.method == EVENT_NOTIFICATION));
+        let r = Incoming::parse(r#"{"jsonrpc":"2.0","id":3,"error":{"code":-32601,"message":"m"}}"#).unwrap();
+        assert!(matches!(r, Incoming::Response(r) if r.error.unwrap().code == codes::METHOD_NOT_FOUND));
+    }
+
+    #[test]
+    fn policy_get_params_default_device_and_backend() {
+        let p: PolicyGetParams = serde_json::from_value(json!({"model": "m", "mlx": "0.32.4"})).unwrap();
+        assert_eq!((p.backend, p.device), (None, None));
+        assert!(serde_json::from_value::<PolicyGetParams>(json!({"mlx": "0.32.4"})).is_err());
+    }
+}

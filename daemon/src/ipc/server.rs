@@ -1,0 +1,448 @@
+//! The daemon side of the socket: state, listener, one task per connection, method dispatch.
+//!
+//! Isolation between clients is structural: every connection is its own task with its own bounded
+//! line buffer (64 KiB), so a client that sends garbage, an oversized line, half a frame, or one
+//! byte a second only ever occupies its own task. Store calls are short and synchronous under a
+//! mutex (tens of µs), never held across an `.await`.
+
+use super::instance::{clear_stale_socket, InstanceError, InstanceLock};
+use super::protocol::*;
+use super::TuningService;
+use crate::config::Config;
+use crate::events::{kind, EventBus};
+use crate::paths::{Paths, PathsError};
+use crate::policy::Policy;
+use crate::probe::Device;
+use crate::store::{BestKey, Event, SharedStore, Store, StoreError};
+use futures_util::{SinkExt, StreamExt};
+use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
+use interprocess::local_socket::{GenericFilePath, ListenerOptions};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+use tokio::sync::broadcast;
+use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Paths(#[from] PathsError),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {}: {source}", .socket.display())]
+    Listen { socket: std::path::PathBuf, source: std::io::Error },
+}
+
+/// Everything the daemon's handlers share. Built by [`DaemonState::open`]; the tuning service is
+/// plugged into `tuning` before the state is wrapped in an `Arc` (see `ipc` module docs).
+pub struct DaemonState {
+    pub paths: Paths,
+    pub config: RwLock<Config>,
+    pub store: SharedStore,
+    pub events: EventBus,
+    /// This machine, probed once at start.
+    pub device: Device,
+    pub device_fingerprint: String,
+    pub tuning: Option<Arc<dyn TuningService>>,
+    /// Cancel to stop the daemon (what `daemon.shutdown` and the signal handler do).
+    pub shutdown: CancellationToken,
+    started: Instant,
+    clients: AtomicUsize,
+    native: PolicyGetResult,
+    /// Hashes of stored best policies that passed validation (checked once, served many times).
+    validated: Mutex<HashSet<String>>,
+    lock: Mutex<Option<InstanceLock>>,
+}
+
+impl DaemonState {
+    /// Prepares a daemon: private dirs, the single-instance lock, the store (migrated), the probe.
+    pub fn open(paths: Paths, config: Config) -> Result<DaemonState, StartError> {
+        paths.ensure_dirs()?;
+        let lock = InstanceLock::acquire(&paths.lock_file)?;
+        let store = Store::open(&paths.db_file)?;
+        let device = crate::probe::detect();
+        let device_fingerprint = device.fingerprint();
+        store.upsert_device(&device_fingerprint, &serde_json::to_value(&device).unwrap_or(Value::Null))?;
+        let store: SharedStore = Arc::new(Mutex::new(store));
+        let native_policy = Policy::native();
+        Ok(DaemonState {
+            events: EventBus::new(store.clone()),
+            store,
+            paths,
+            config: RwLock::new(config),
+            device,
+            device_fingerprint,
+            tuning: None,
+            shutdown: CancellationToken::new(),
+            started: Instant::now(),
+            clients: AtomicUsize::new(0),
+            native: PolicyGetResult {
+                policy: native_policy.to_value(),
+                hash: native_policy.content_hash(),
+                source: PolicySource::Native,
+                reason: String::new(),
+                evidence: None,
+            },
+            validated: Mutex::new(HashSet::new()),
+            lock: Mutex::new(Some(lock)),
+        })
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back), so a
+        // poisoned mutex is still safe to use.
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Connections open now.
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    fn status(&self) -> Result<StatusResult, RpcError> {
+        let schema_version = self.store().schema_version().map_err(RpcError::internal)?;
+        let tuning = match &self.tuning {
+            Some(t) => t.status(),
+            None => TuningStatus {
+                state: "idle".into(),
+                reason: Some("tuning is not available in this build".into()),
+                session_id: None,
+                detail: None,
+            },
+        };
+        Ok(StatusResult {
+            version: VERSION.into(),
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            home: self.paths.home.clone(),
+            socket: self.paths.socket.clone(),
+            device: self.device.clone(),
+            device_fingerprint: self.device_fingerprint.clone(),
+            db: DbStatus { path: self.paths.db_file.clone(), schema_version },
+            tuning,
+            clients: self.clients(),
+        })
+    }
+
+    /// `policy.get`: the stored best for the key if it is (still) a valid policy, else native with why.
+    pub fn policy_get(&self, p: &PolicyGetParams) -> Result<PolicyGetResult, RpcError> {
+        let key = BestKey {
+            device: p.device.clone().unwrap_or_else(|| self.device_fingerprint.clone()),
+            model: p.model.clone(),
+            mlx: p.mlx.clone(),
+            backend: p.backend.clone().unwrap_or_else(|| self.device.backend.as_str().to_string()),
+        };
+        let best = self.store().best(&key).map_err(RpcError::internal)?;
+        let native = |reason: String| PolicyGetResult { reason, ..self.native.clone() };
+        let Some(best) = best else {
+            return Ok(native(format!(
+                "no policy has been proven yet for model {} with mlx {} ({}) on device {}",
+                key.model, key.mlx, key.backend, key.device
+            )));
+        };
+        if !self.validated.lock().unwrap_or_else(|p| p.into_inner()).contains(&best.hash) {
+            let problem = match Policy::from_value(&best.policy) {
+                Ok(policy) if policy.content_hash() == best.hash => None,
+                Ok(policy) => Some(format!("its content hashes to {}, not {}", policy.content_hash(), best.hash)),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(problem) = problem {
+                warn!(hash = %best.hash, %problem, "stored best policy refused");
+                return Ok(native(format!("the stored best policy {} was refused ({problem}); serving native", best.hash)));
+            }
+            self.validated.lock().unwrap_or_else(|p| p.into_inner()).insert(best.hash.clone());
+        }
+        let reason = format!(
+            "proven {:.3}x faster (95% interval {:.3}-{:.3}){}, promoted {}",
+            best.ratio,
+            best.lo,
+            best.hi,
+            best.session_id.map(|s| format!(" in session {s}")).unwrap_or_default(),
+            best.promoted_at
+        );
+        Ok(PolicyGetResult {
+            policy: best.policy,
+            hash: best.hash,
+            source: PolicySource::Best,
+            reason,
+            evidence: Some(Evidence {
+                ratio: best.ratio,
+                lo: best.lo,
+                hi: best.hi,
+                session_id: best.session_id,
+                promoted_at: best.promoted_at,
+            }),
+        })
+    }
+}
+
+/// A bound listener, ready to serve.
+pub struct Server {
+    state: Arc<DaemonState>,
+    listener: Listener,
+}
+
+impl Server {
+    /// Clears a stale socket (only if connecting to it is refused), binds, and makes the socket 0600.
+    pub fn bind(state: Arc<DaemonState>) -> Result<Server, StartError> {
+        let socket = state.paths.socket.clone();
+        if clear_stale_socket(&socket)? {
+            info!(socket = %socket.display(), "removed a stale socket left by a previous daemon");
+        }
+        let listen_err = |source| StartError::Listen { socket: socket.clone(), source };
+        let name = socket.as_path().to_fs_name::<GenericFilePath>().map_err(listen_err)?;
+        let listener = ListenerOptions::new().name(name).create_tokio().map_err(listen_err)?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+        Ok(Server { state, listener })
+    }
+
+    pub fn state(&self) -> &Arc<DaemonState> {
+        &self.state
+    }
+
+    /// Serves until `stop` completes or `state.shutdown` is cancelled, then shuts down cleanly:
+    /// the tuning service is told, the socket file removed, the WAL checkpointed, the lock released.
+    pub async fn run(self, stop: impl Future<Output = ()>) {
+        let Server { state, listener } = self;
+        let _ = state.events.publish(
+            kind::DAEMON_STARTED,
+            None,
+            json!({"pid": std::process::id(), "version": VERSION, "socket": state.paths.socket,
+                   "device_fingerprint": state.device_fingerprint}),
+        );
+        info!(socket = %state.paths.socket.display(), pid = std::process::id(), "tilewised serving");
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(stream) => {
+                        let st = state.clone();
+                        tokio::spawn(async move { serve_connection(st, stream).await });
+                    }
+                    // EMFILE and friends: keep serving the connections we have.
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                _ = &mut stop => break,
+                _ = state.shutdown.cancelled() => break,
+            }
+        }
+        info!("shutting down");
+        state.shutdown.cancel();
+        let _ = state.events.publish(kind::DAEMON_STOPPING, None, json!({"pid": std::process::id()}));
+        if let Some(t) = &state.tuning {
+            t.shutdown().await;
+        }
+        drop(listener);
+        match std::fs::remove_file(&state.paths.socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(error = %e, "cannot remove the socket file"),
+        }
+        if let Err(e) = state.store().checkpoint() {
+            warn!(error = %e, "WAL checkpoint at shutdown failed");
+        }
+        state.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+        info!("stopped");
+    }
+}
+
+/// Counts a connection for `status.clients` while it lives.
+struct ClientGuard<'a>(&'a AtomicUsize);
+impl<'a> ClientGuard<'a> {
+    fn new(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        ClientGuard(c)
+    }
+}
+impl Drop for ClientGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection's event subscription: the receiver and the kinds it wants (all when `None`).
+type Subscription = (broadcast::Receiver<Event>, Option<Vec<String>>);
+
+async fn next_event(sub: &mut Option<Subscription>) -> Result<Event, broadcast::error::RecvError> {
+    match sub {
+        Some((rx, _)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn serve_connection(state: Arc<DaemonState>, stream: Stream) {
+    // Only this user's processes may talk to the daemon (the 0700 dir is the first fence).
+    let me = unsafe { libc::geteuid() };
+    match stream.peer_creds().map(|c| c.euid()) {
+        Ok(Some(uid)) if uid == me => {}
+        other => {
+            warn!(peer = ?other, "refused a connection from another user");
+            return;
+        }
+    }
+    let _guard = ClientGuard::new(&state.clients);
+    let mut framed = Framed::new(stream, LinesCodec::new_with_max_length(MAX_REQUEST_LINE));
+    let mut sub: Option<Subscription> = None;
+    loop {
+        let reply: Option<String> = tokio::select! {
+            frame = framed.next() => match frame {
+                None => break,
+                Some(Ok(line)) => {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    handle_line(&state, &line, &mut sub).await.map(|r| to_line(&r))
+                }
+                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                    let err = RpcError::new(
+                        codes::INVALID_REQUEST,
+                        format!("frame too large: a line may hold at most {MAX_REQUEST_LINE} bytes; closing the connection"),
+                    );
+                    let _ = framed.send(to_line(&Response::err(Value::Null, err))).await;
+                    break;
+                }
+                Some(Err(LinesCodecError::Io(e))) => {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        let _ = framed.send(to_line(&Response::err(Value::Null, RpcError::parse("line is not UTF-8; closing the connection")))).await;
+                    }
+                    debug!(error = %e, "connection read error");
+                    break;
+                }
+            },
+            ev = next_event(&mut sub) => match ev {
+                Ok(ev) => {
+                    let wanted = sub.as_ref().and_then(|(_, k)| k.as_ref()).is_none_or(|k| k.iter().any(|k| *k == ev.kind));
+                    wanted.then(|| to_line(&Notification { jsonrpc: "2.0".into(), method: EVENT_NOTIFICATION.into(), params: serde_json::to_value(&ev).unwrap_or(Value::Null) }))
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(missed = n, "a subscriber fell behind; events skipped (they remain in the store)");
+                    None
+                }
+                Err(broadcast::error::RecvError::Closed) => { sub = None; None }
+            },
+            _ = state.shutdown.cancelled() => break,
+        };
+        if let Some(line) = reply {
+            if framed.send(line).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn to_line<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| {
+        format!(r#"{{"jsonrpc":"2.0","id":null,"error":{{"code":{},"message":"cannot encode reply: {e}"}}}}"#, codes::INTERNAL)
+    })
+}
+
+/// One line in, at most one reply out (`None` for notifications).
+async fn handle_line(state: &Arc<DaemonState>, line: &str, sub: &mut Option<Subscription>) -> Option<Response> {
+    let value: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return Some(Response::err(Value::Null, RpcError::parse(e))),
+    };
+    let id = value.get("id").cloned();
+    if value.is_array() {
+        return Some(Response::err(Value::Null, RpcError::invalid_request("batches are not supported")));
+    }
+    let req: Request = match serde_json::from_value(value) {
+        Ok(r) => r,
+        Err(e) => return Some(Response::err(id.unwrap_or(Value::Null), RpcError::invalid_request(e))),
+    };
+    if req.jsonrpc != "2.0" {
+        return Some(Response::err(id.unwrap_or(Value::Null), RpcError::invalid_request("jsonrpc must be \"2.0\"")));
+    }
+    let result = dispatch(state, &req.method, req.params, sub).await;
+    let id = req.id?; // a notification gets no reply
+    Some(match result {
+        Ok(v) => Response::ok(id, v),
+        Err(e) => Response::err(id, e),
+    })
+}
+
+/// Params of a method; absent params read as `{}` so all-optional param structs work without them.
+fn params<T: DeserializeOwned>(p: Option<Value>) -> Result<T, RpcError> {
+    serde_json::from_value(p.unwrap_or_else(|| json!({}))).map_err(RpcError::invalid_params)
+}
+
+fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
+    serde_json::to_value(v).map_err(RpcError::internal)
+}
+
+const NO_TUNING: &str = "tuning sessions are not part of this build of tilewised";
+
+async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub: &mut Option<Subscription>) -> Result<Value, RpcError> {
+    match method {
+        methods::HELLO => {
+            let h: HelloParams = params(p)?;
+            if h.protocol != PROTOCOL_VERSION {
+                return Err(RpcError::new(
+                    codes::PROTOCOL_MISMATCH,
+                    format!("protocol mismatch: tilewised {VERSION} speaks protocol {PROTOCOL_VERSION}, the client {} speaks {}", h.client, h.protocol),
+                ));
+            }
+            let _ = state.events.publish(kind::CLIENT_HELLO, None, json!({"client": h.client}));
+            to_value(HelloResult { daemon: DAEMON_NAME.into(), version: VERSION.into(), protocol: PROTOCOL_VERSION, pid: std::process::id() })
+        }
+        methods::STATUS => to_value(state.status()?),
+        methods::POLICY_GET => to_value(state.policy_get(&params(p)?)?),
+        methods::HISTORY => {
+            let h: HistoryParams = params(p)?;
+            let limit = h.limit.unwrap_or(50).min(10_000);
+            let promotions = state.store().history(h.model.as_deref(), limit).map_err(RpcError::internal)?;
+            to_value(HistoryResult { promotions })
+        }
+        methods::EVENTS_SUBSCRIBE => {
+            let s: SubscribeParams = params(p)?;
+            *sub = Some((state.events.subscribe(), s.kinds));
+            to_value(SubscribeResult { subscribed: true })
+        }
+        methods::CONFIG_GET => to_value(&*state.config.read().unwrap_or_else(|p| p.into_inner())),
+        methods::DAEMON_SHUTDOWN => {
+            info!("shutdown requested by a client");
+            state.shutdown.cancel();
+            to_value(ShutdownResult { stopping: true })
+        }
+        methods::TUNING_START => match &state.tuning {
+            Some(t) => to_value(t.start(params(p)?).await?),
+            None => Err(RpcError::not_available(NO_TUNING)),
+        },
+        methods::TUNING_STOP => match &state.tuning {
+            Some(t) => to_value(t.stop(params(p)?).await?),
+            None => Err(RpcError::not_available(NO_TUNING)),
+        },
+        methods::SESSION_LIST => match &state.tuning {
+            Some(t) => to_value(t.list_sessions().await?),
+            None => Err(RpcError::not_available(NO_TUNING)),
+        },
+        methods::SESSION_SHOW => match &state.tuning {
+            Some(t) => to_value(t.show_session(params(p)?).await?),
+            None => Err(RpcError::not_available(NO_TUNING)),
+        },
+        other => {
+            if let Some(fut) = state.tuning.as_ref().and_then(|t| t.call_other(other, p)) {
+                return fut.await;
+            }
+            match other {
+                methods::CONFIG_SET | methods::POLICY_EXPORT | methods::POLICY_IMPORT => {
+                    Err(RpcError::not_available(format!("{other} is not part of this build of tilewised")))
+                }
+                _ => Err(RpcError::method_not_found(other)),
+            }
+        }
+    }
+}
