@@ -515,3 +515,55 @@ def test_cli_server_serves_with_the_policy(tiny_dir, tmp_path, fresh_plugin):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenEvolve programs (mlx_lm_openevolve.enable_optimizations(path), the seed's integration line)
+
+SPLIT_HEAD_PROGRAM = '''
+def choose_tile_size(M, N, K, device_info):
+    # the shape of an evolved program: consults device_info, splits the big output head along N
+    assert device_info["backend"] in ("cpu", "cuda", "metal")
+    if N >= 1000:
+        return (None, 256, None)
+    return None
+'''
+
+
+def test_openevolve_program_is_tabulated_and_applied(tiny_dir, tmp_path):
+    import mlx_lm
+    import mlx_lm_openevolve
+
+    stock_model, tok = load_tiny(tiny_dir)
+    stock_text = mlx_lm.generate(stock_model, tok, "hello world", max_tokens=6)
+    program = tmp_path / "best_program.py"
+    program.write_text(SPLIT_HEAD_PROGRAM)
+    mlx_lm_openevolve.enable_optimizations(str(program))
+    model, tok = mlx_lm.load(str(tiny_dir))
+    r = mlx_lm_openevolve.status().models[-1]
+    assert r.source == "file" and r.patched_layers == 1, r.reason
+    assert r.policy_name == "tabulated best_program.py" and "tabulated choose_tile_size" in r.reason
+    assert r.target["model"] == models.fingerprint(model) and r.target["device"] == "*"
+    patch.reset_call_counts()
+    assert mlx_lm.generate(model, tok, "hello world", max_tokens=6) == stock_text
+    assert plugin.status().calls["split"] > 0
+
+
+@pytest.mark.parametrize("program, expected", [
+    ("def choose_tile_size(M, N, K, device_info):\n    raise RuntimeError('evolved badly')\n", "evolved badly"),
+    ("def something_else():\n    pass\n", "does not define choose_tile_size"),
+    ("def choose_tile_size(M, N, K, device_info):\n    return 'big'\n", "choose_tile_size"),
+    ("this is not python(\n", "SyntaxError"),
+])
+def test_broken_openevolve_programs_fall_back_to_native(program, expected, tiny_dir, tmp_path):
+    import mlx_lm_openevolve
+
+    path = tmp_path / "best_program.py"
+    path.write_text(program)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        mlx_lm_openevolve.enable_optimizations(str(path))
+        model, _ = load_tiny(tiny_dir)
+    r = plugin.status().models[-1]
+    assert r.source == "native" and not is_patched(model) and expected in r.reason, r.reason
+    assert len(tilewise_warnings(rec)) == 1

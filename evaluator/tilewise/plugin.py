@@ -408,14 +408,15 @@ def _from_file(path: Path, model, want: dict) -> _Resolved:
 
 
 def _tabulate_program(path: Path, model, want: dict) -> dict:
-    """An OpenEvolve program's choose_tile_size, run by the evaluator's tabulate code over this
-    model's shapes, as a policy for this model, MLX version and backend (this machine)."""
-    from . import models, worker
+    """An OpenEvolve program's choose_tile_size, run by the evaluator's tabulate code (a separate
+    `python -I` process with time and memory limits) over this model's shapes, as a policy for this
+    model, MLX version and backend. Its device is "*": it was made here, now, for this process."""
+    from . import models, tabulate
 
-    doc = worker.tabulate_source(path.read_text(encoding="utf-8"), models.model_shapes(model))
-    doc["target"] = {"device": "*", "model": want["model"], "mlx": want["mlx"], "backend": want["backend"]}
-    doc.setdefault("name", f"tabulated {path.name}")
-    return doc
+    return tabulate.tabulate(
+        path.read_text(encoding="utf-8"), models.model_shapes(model), device_info=tabulate.device_info(),
+        target={"device": "*", "model": want["model"], "mlx": want["mlx"], "backend": want["backend"]},
+        name=f"tabulated {path.name}"[:200])
 
 
 def _this_device(want: dict) -> Optional[str]:

@@ -57,6 +57,20 @@ class TabulateError(ValueError):
     pass
 
 
+def device_info():
+    """The `device_info` dict `choose_tile_size` receives on this machine (worker and plugin alike)."""
+    import mlx.core as mx
+
+    from . import workloads
+
+    info = {"backend": workloads.backend(), "device_name": workloads.device_name(), "mlx": mx.__version__}
+    try:
+        info.update({k: v for k, v in mx.device_info().items() if isinstance(v, (int, float, str))})
+    except Exception:
+        pass
+    return info
+
+
 def _buckets(m_values):
     if (not isinstance(m_values, list) or not m_values
             or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in m_values)
