@@ -2,9 +2,13 @@
 # Runs on the lent GPU machine (root, Python 3.12 with numpy/pytest/transformers, no network), from the
 # repository root. Installs MLX CUDA from the wheels this repo's caller carried (see bench/gpu/README.md),
 # then one STEP, writing logs under $OUT (the device tool returns that folder):
-#   kernels [ARGS]   smoke-compile one kernel of each body, the GPU kernel tests, bench/gpu/kernel_bench.py ARGS
+#   tests            smoke-compile one kernel of each body, then the kernel tests (CPU and GPU suites)
+#   kernels [ARGS]   smoke, then bench/gpu/kernel_bench.py ARGS (wall time per op, pairs, intervals)
+#   gputime          bench/gpu/gpu_time.py under Nsight Compute (GPU time per op, native vs best plan)
 #   e2e [ARGS]       bench/gpu/e2e_bench.py ARGS (tuned policy vs stock through the evaluator)
 #   evaluator [ARGS] evaluator/bench/evaluator_bench.py ARGS (issue 3's H100 benchmark)
+# Kernel results for gputime/e2e: $KR, else /root/kb/kernel_bench.json (this machine's last kernels
+# step), else results/h100/kernel_bench.json (committed).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/root/mlxw
@@ -29,15 +33,31 @@ export PYTHONPATH=$SITE:$PWD/evaluator
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), 'cuda', mx.cuda.is_available())"
 
-step=${1:-kernels}; shift || true
-case "$step" in
-  kernels)
-    python3 bench/gpu/smoke.py 2>&1 | tee "$OUT/smoke.log" || exit 1
-    python3 -m pytest -q -x evaluator/tests/test_kernels.py evaluator/tests/test_kernels_gpu.py 2>&1 | tail -n 40 | tee "$OUT/pytest_gpu.log"
-    python3 bench/gpu/kernel_bench.py --out "$OUT" "$@"
-    mkdir -p /root/kb && cp "$OUT/kernel_bench.json" /root/kb/ 2>/dev/null  # for a later e2e step on this machine
-    ;;
-  e2e) python3 bench/gpu/e2e_bench.py --out "$OUT" "$@" ;;
-  evaluator) python3 evaluator/bench/evaluator_bench.py "$@" 2>&1 | tee "$OUT/evaluator_bench.log" ;;
-  *) echo "unknown step $step"; exit 2 ;;
-esac
+# STEP may be several, comma-separated (e.g. tests,gputime); ARGS go to the last python step.
+steps=${1:-kernels}; shift || true
+KR=${KR:-/root/kb/kernel_bench.json}; [ -f "$KR" ] || KR=results/h100/kernel_bench.json
+rc=0
+for step in ${steps//,/ }; do
+  case "$step" in
+    tests)
+      python3 bench/gpu/smoke.py 2>&1 | tee "$OUT/smoke.log" || exit 1
+      python3 -m pytest -q evaluator/tests/test_kernels.py evaluator/tests/test_kernels_gpu.py 2>&1 | tail -n 60 | tee "$OUT/pytest_gpu.log"
+      ;;
+    kernels)
+      python3 bench/gpu/smoke.py 2>&1 | tee "$OUT/smoke.log" || exit 1
+      python3 bench/gpu/kernel_bench.py --out "$OUT" "$@" || rc=1
+      mkdir -p /root/kb && cp "$OUT/kernel_bench.json" /root/kb/ 2>/dev/null  # for later steps on this machine
+      ;;
+    gputime)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+      echo "ncu: $NCU; kernel results: $KR"
+      "$NCU" --csv --print-units base --clock-control none --metrics gpu__time_duration.sum \
+        python3 bench/gpu/gpu_time.py --emit --kernel-results "$KR" > "$OUT/ncu_raw.csv" 2> "$OUT/ncu_stderr.log" || { rc=1; tail -n 20 "$OUT/ncu_stderr.log"; }
+      python3 bench/gpu/gpu_time.py --parse "$OUT/ncu_raw.csv" --kernel-results "$KR" --out "$OUT" 2>&1 | tee "$OUT/gpu_time.log"
+      ;;
+    e2e) python3 bench/gpu/e2e_bench.py --out "$OUT" --kernel-results "$KR" "$@" 2>&1 | tee "$OUT/e2e.log" || rc=1 ;;
+    evaluator) python3 evaluator/bench/evaluator_bench.py "$@" 2>&1 | tee "$OUT/evaluator_bench.log" || rc=1 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+exit $rc

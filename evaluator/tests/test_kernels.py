@@ -122,13 +122,16 @@ def test_plan_for_another_backend_is_refused():
     assert not ok and "block_k" in why
 
 
-def test_kernel_matmul_on_this_cpu_machine_refuses_instead_of_running():
-    assert machine_backend() == "cpu"  # this suite runs on MLX CPU; the GPU suite covers the rest
+def test_kernel_matmul_refuses_a_plan_for_a_backend_this_machine_lacks():
+    # Real MLX on whatever this machine runs (CPU here; CUDA on the GPU machine): a plan for a backend
+    # the machine does not have raises instead of running.
+    here = machine_backend()
+    other = "metal" if here == "cuda" else "cuda"
     x, w = mx.ones((2, 64)), mx.ones((32, 64))
-    with pytest.raises(KernelUnavailable, match="kernel backend cuda not available on cpu"):
-        kernel_matmul(x, w, gemv())
+    with pytest.raises(KernelUnavailable, match=f"kernel backend {other} not available on {here}"):
+        kernel_matmul(x, w, gemv(backend=other))
     with pytest.raises(KernelPlanError, match="shapes do not multiply"):
-        kernel_matmul(x, mx.ones((32, 63)), gemv())
+        kernel_matmul(x, mx.ones((32, 63)), gemv(backend=here if here != "cpu" else "cuda"))
 
 
 def test_plan_selection_in_a_policy_and_refusal_by_backend():
