@@ -1,0 +1,393 @@
+//! The real `tilewised` binary in a temp `TILEWISE_HOME`, spoken to over its real socket: every
+//! "Must show" bullet of issue 2, plus the error contract of docs/protocol.md.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::time::{Duration, Instant};
+use tilewise::ipc::client::{Client, ClientError};
+use tilewise::ipc::protocol::{codes, HistoryParams, PolicyGetParams, PolicySource, PROTOCOL_VERSION};
+use tilewise::policy::Policy;
+use tilewise::store::{BestKey, Promotion, Store};
+
+fn code(reply: &Value) -> i64 {
+    reply["error"]["code"].as_i64().unwrap_or_else(|| panic!("expected an error reply, got {reply}"))
+}
+
+/// A second, well-behaved client must keep getting answers (quickly) while another misbehaves.
+async fn assert_answers(client: &mut Client) {
+    let t = Instant::now();
+    let s = client.status().await.expect("the well-behaved client got no answer");
+    assert_eq!(s.pid, s.pid);
+    assert!(t.elapsed() < Duration::from_secs(2), "status took {:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn hello_reports_daemon_and_protocol_versions() {
+    let d = TestDaemon::start();
+    let mut c = d.client().await;
+    let h = c.hello().await.unwrap();
+    assert_eq!(h.daemon, "tilewised");
+    assert_eq!(h.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(h.protocol, PROTOCOL_VERSION);
+    assert_eq!(h.pid, d.pid());
+
+    // A client of another protocol major is refused with -32005, and the connection stays usable.
+    let err = c.call("hello", Some(json!({"client": "future/9", "protocol": PROTOCOL_VERSION + 1}))).await.unwrap_err();
+    assert_eq!(err.rpc_code(), Some(codes::PROTOCOL_MISMATCH), "{err}");
+    assert!(err.to_string().contains("protocol mismatch"), "{err}");
+
+    let s = c.status().await.unwrap();
+    assert_eq!(s.device_fingerprint, s.device.fingerprint());
+    assert_eq!(s.socket, d.paths.socket);
+    assert_eq!(s.db.schema_version, tilewise::store::SCHEMA_VERSION);
+    assert_eq!(s.home.as_deref(), Some(d.home.path()));
+    assert_eq!(s.tuning.state, "idle");
+}
+
+#[tokio::test]
+async fn unknown_model_gets_native_with_a_reason() {
+    let d = TestDaemon::start();
+    let mut c = d.client().await;
+    let r = c
+        .policy_get(&PolicyGetParams { model: "no-such-model".into(), mlx: "0.32.4".into(), backend: None, device: None })
+        .await
+        .unwrap();
+    assert_eq!(r.source, PolicySource::Native);
+    assert_eq!(r.hash, Policy::native().content_hash());
+    assert_eq!(r.policy, Policy::native().to_value());
+    assert!(r.reason.contains("no policy has been proven") && r.reason.contains("no-such-model"), "{}", r.reason);
+    assert!(r.evidence.is_none());
+}
+
+/// A split policy proven for `key` (a real, schema-valid document).
+fn proven_policy(key: &BestKey) -> Value {
+    json!({
+        "schema": "tilewise.policy/1",
+        "name": "test-split",
+        "target": {"device": key.device, "model": key.model, "mlx": key.mlx, "backend": key.backend},
+        "matmul": {
+            "rules": [{"m": [257, null], "plan": {"kind": "split", "tile_m": 256, "tile_n": null, "tile_k": null}}],
+            "default": {"kind": "native"}
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_stored_best_is_served_only_for_its_exact_key() {
+    let d = TestDaemon::start();
+    let mut c = d.client().await;
+    let device = c.status().await.unwrap().device_fingerprint;
+    let key = BestKey { device, model: "model-a".into(), mlx: "0.32.4".into(), backend: "cpu".into() };
+    let doc = proven_policy(&key);
+    let hash = Policy::from_value(&doc).unwrap().content_hash();
+    {
+        // Written through the store, on the same file, while the daemon runs (WAL).
+        let store = Store::open(&d.paths.db_file).unwrap();
+        store
+            .promote(&Promotion { key: key.clone(), policy: doc.clone(), hash: hash.clone(), ratio: 1.12, lo: 1.05, hi: 1.2, session_id: None, candidate_id: None })
+            .unwrap();
+    }
+    let get = |mlx: &str| PolicyGetParams { model: "model-a".into(), mlx: mlx.into(), backend: Some("cpu".into()), device: None };
+    let r = c.policy_get(&get("0.32.4")).await.unwrap();
+    assert_eq!(r.source, PolicySource::Best, "{}", r.reason);
+    assert_eq!((r.hash.as_str(), &r.policy), (hash.as_str(), &doc));
+    let ev = r.evidence.unwrap();
+    assert_eq!((ev.ratio, ev.lo, ev.hi), (1.12, 1.05, 1.2));
+    assert!(r.reason.contains("1.120x"), "{}", r.reason);
+
+    // Another MLX version is another key: native.
+    assert_eq!(c.policy_get(&get("0.33.0")).await.unwrap().source, PolicySource::Native);
+
+    // history lists the promotion.
+    let h = c.history(&HistoryParams::default()).await.unwrap();
+    assert_eq!(h.promotions.len(), 1);
+    assert_eq!(h.promotions[0].hash, hash);
+
+    // A stored best that is not a valid policy is never served: native, with the reason.
+    let bad_key = BestKey { model: "model-b".into(), ..key.clone() };
+    let mut bad = proven_policy(&bad_key);
+    bad["matmul"]["rules"][0]["m"] = json!([900, 10]);
+    Store::open(&d.paths.db_file)
+        .unwrap()
+        .promote(&Promotion { key: bad_key, policy: bad, hash: "sha256:bogus".into(), ratio: 2.0, lo: 1.9, hi: 2.1, session_id: None, candidate_id: None })
+        .unwrap();
+    let r = c
+        .policy_get(&PolicyGetParams { model: "model-b".into(), mlx: "0.32.4".into(), backend: Some("cpu".into()), device: None })
+        .await
+        .unwrap();
+    assert_eq!(r.source, PolicySource::Native);
+    assert!(r.reason.contains("refused") && r.reason.contains("lo > hi"), "{}", r.reason);
+}
+
+#[tokio::test]
+async fn malformed_json_gets_a_parse_error_and_the_connection_stays_open() {
+    let d = TestDaemon::start();
+    let mut good = d.client().await;
+    good.hello().await.unwrap();
+    let mut bad = d.raw();
+    let reply = bad.call("{this is not json");
+    assert_eq!(code(&reply), codes::PARSE_ERROR);
+    assert_eq!(reply["id"], Value::Null);
+    assert_answers(&mut good).await;
+    // Same connection still works.
+    let reply = bad.call(r#"{"jsonrpc":"2.0","id":7,"method":"hello","params":{"client":"raw","protocol":1}}"#);
+    assert_eq!((reply["id"].clone(), reply["result"]["daemon"].clone()), (json!(7), json!("tilewised")));
+}
+
+#[tokio::test]
+async fn a_line_over_64_kib_gets_frame_too_large_and_is_closed() {
+    let d = TestDaemon::start();
+    let mut good = d.client().await;
+    let mut bad = d.raw();
+    // 70 000 bytes and no newline: the daemon must not wait for the end of the line.
+    let _ = bad.send(&vec![b'x'; 70_000]);
+    let reply = bad.read_json().expect("an error reply before the close");
+    assert_eq!(code(&reply), codes::INVALID_REQUEST);
+    assert!(reply["error"]["message"].as_str().unwrap().contains("frame too large"), "{reply}");
+    assert!(bad.read_json().is_none(), "the connection should be closed");
+    assert_answers(&mut good).await;
+
+    // A line of exactly 64 KiB is still accepted (it is JSON padded with spaces).
+    let mut ok = d.raw();
+    let req = r#"{"jsonrpc":"2.0","id":1,"method":"status"}"#;
+    let padded = format!("{req}{}", " ".repeat(64 * 1024 - req.len()));
+    let reply = ok.call(&padded);
+    assert!(reply.get("result").is_some(), "{reply}");
+}
+
+#[tokio::test]
+async fn a_half_written_frame_then_disconnect_harms_no_one() {
+    let d = TestDaemon::start();
+    let mut good = d.client().await;
+    for _ in 0..5 {
+        let mut bad = d.raw();
+        bad.send(br#"{"jsonrpc":"2.0","id":1,"method":"sta"#).unwrap();
+        drop(bad);
+    }
+    // A client that half-writes and then stays silent holds only its own task.
+    let mut silent = d.raw();
+    silent.send(br#"{"jsonrpc":"2.0","id":1,"#).unwrap();
+    assert_answers(&mut good).await;
+    let mut fresh = d.client().await;
+    fresh.hello().await.unwrap();
+    drop(silent);
+    assert_answers(&mut good).await;
+}
+
+#[tokio::test]
+async fn a_one_byte_at_a_time_writer_does_not_delay_others() {
+    let d = TestDaemon::start();
+    let mut good = d.client().await;
+    let socket = d.paths.socket.clone();
+    let slow = std::thread::spawn(move || {
+        let mut raw = Raw::connect(&socket);
+        let req = b"{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"status\"}\n";
+        for b in req {
+            raw.send(&[*b]).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (Instant::now(), raw.read_json().unwrap())
+    });
+    let t = Instant::now();
+    for _ in 0..20 {
+        assert_answers(&mut good).await;
+    }
+    let others_done = Instant::now();
+    let (slow_sent, slow_reply) = slow.join().unwrap();
+    assert!(others_done < slow_sent, "20 calls of another client finished only after the slow writer ({:?})", t.elapsed());
+    assert_eq!(slow_reply["id"], json!(5));
+    assert!(slow_reply.get("result").is_some());
+}
+
+#[tokio::test]
+async fn error_codes_follow_the_protocol() {
+    let d = TestDaemon::start();
+    let mut raw = d.raw();
+    assert_eq!(code(&raw.call(r#"{"jsonrpc":"2.0","id":1}"#)), codes::INVALID_REQUEST);
+    assert_eq!(code(&raw.call(r#"[1,2]"#)), codes::INVALID_REQUEST);
+    assert_eq!(code(&raw.call(r#"{"jsonrpc":"1.0","id":1,"method":"status"}"#)), codes::INVALID_REQUEST);
+    assert_eq!(code(&raw.call(r#"{"jsonrpc":"2.0","id":1,"method":"no.such"}"#)), codes::METHOD_NOT_FOUND);
+    assert_eq!(code(&raw.call(r#"{"jsonrpc":"2.0","id":1,"method":"policy.get","params":{"model":5}}"#)), codes::INVALID_PARAMS);
+    for m in ["tuning.start", "tuning.stop", "session.list", "session.show", "config.set", "policy.export", "policy.import"] {
+        let reply = raw.call(&format!(r#"{{"jsonrpc":"2.0","id":"{m}","method":"{m}","params":{{"session_id":1,"key":"k","value":1}}}}"#));
+        assert_eq!(code(&reply), codes::NOT_AVAILABLE, "{m}: {reply}");
+        assert!(reply["error"]["message"].as_str().unwrap().starts_with("not available: "), "{reply}");
+        assert_eq!(reply["id"], json!(m));
+    }
+    // A notification (no id) gets no reply: the next line read answers the next request.
+    raw.send(b"{\"jsonrpc\":\"2.0\",\"method\":\"status\"}\n").unwrap();
+    let reply = raw.call(r#"{"jsonrpc":"2.0","id":99,"method":"config.get"}"#);
+    assert_eq!(reply["id"], json!(99));
+    assert_eq!(reply["result"]["worker"]["max_restarts"], json!(tilewise::config::Config::default().worker.max_restarts));
+}
+
+#[tokio::test]
+async fn socket_is_0600_in_a_0700_directory() {
+    let d = TestDaemon::start();
+    let meta = std::fs::symlink_metadata(&d.paths.socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let dir = std::fs::metadata(&d.paths.run_dir).unwrap();
+    assert_eq!(dir.permissions().mode() & 0o777, 0o700);
+    assert_eq!(d.paths.socket.parent().unwrap(), d.paths.run_dir);
+    assert!(d.paths.socket.starts_with(d.home.path()));
+}
+
+#[tokio::test]
+async fn a_second_daemon_refuses_with_a_clear_message() {
+    let mut d = TestDaemon::start();
+    let (mut second, err_file) = spawn_daemon(d.home.path());
+    let status = wait_exit(&mut second, Duration::from_secs(20)).expect("the second daemon should exit");
+    assert!(!status.success());
+    let stderr = std::fs::read_to_string(err_file).unwrap();
+    assert!(stderr.contains("already running"), "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", d.pid())), "{stderr}");
+    assert!(stderr.contains(&d.paths.lock_file.display().to_string()), "{stderr}");
+    // The first one is unharmed.
+    assert!(d.is_running());
+    d.client().await.hello().await.unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_shuts_down_cleanly() {
+    let mut d = TestDaemon::start();
+    d.client().await.hello().await.unwrap();
+    let status = d.terminate();
+    assert!(status.success(), "{status}: {}", d.stderr());
+    assert!(std::fs::symlink_metadata(&d.paths.socket).is_err(), "socket file left after SIGTERM");
+    // The lock is free: a new daemon starts in the same home and sees the old events.
+    let home = std::mem::replace(&mut d.home, tempfile::tempdir().unwrap());
+    let d2 = TestDaemon::start_in(home);
+    let store = Store::open(&d2.paths.db_file).unwrap();
+    let kinds: Vec<String> = store.events_since(0, None, 100).unwrap().into_iter().map(|e| e.kind).collect();
+    assert!(kinds.starts_with(&["daemon.started".to_string()]), "{kinds:?}");
+    assert!(kinds.contains(&"daemon.stopping".to_string()), "{kinds:?}");
+}
+
+#[tokio::test]
+async fn daemon_shutdown_request_stops_it() {
+    let mut d = TestDaemon::start();
+    assert!(d.client().await.shutdown().await.unwrap().stopping);
+    let status = wait_exit(&mut d.child, Duration::from_secs(20)).expect("exit after daemon.shutdown");
+    assert!(status.success());
+    assert!(std::fs::symlink_metadata(&d.paths.socket).is_err());
+}
+
+#[tokio::test]
+async fn a_stale_socket_is_cleaned_up_at_start_but_a_live_one_is_not_touched() {
+    let home = tempfile::tempdir().unwrap();
+    let paths = paths_for(home.path());
+    paths.ensure_dirs().unwrap();
+    {
+        // What a crashed daemon leaves: a socket file nobody listens on.
+        let _l = std::os::unix::net::UnixListener::bind(&paths.socket).unwrap();
+    }
+    assert!(paths.socket.exists());
+    let d = TestDaemon::start_in(home);
+    d.client().await.hello().await.unwrap();
+    drop(d);
+
+    // A socket someone is listening on (lock free) is not removed: the daemon refuses to start.
+    let home = tempfile::tempdir().unwrap();
+    let paths = paths_for(home.path());
+    paths.ensure_dirs().unwrap();
+    let _live = std::os::unix::net::UnixListener::bind(&paths.socket).unwrap();
+    let (mut child, err_file) = spawn_daemon(home.path());
+    let status = wait_exit(&mut child, Duration::from_secs(20)).expect("exit");
+    assert!(!status.success());
+    let stderr = std::fs::read_to_string(err_file).unwrap();
+    assert!(stderr.contains("already serving"), "{stderr}");
+    assert!(paths.socket.exists());
+}
+
+#[tokio::test]
+async fn events_are_streamed_to_subscribers_and_filtered_by_kind() {
+    let d = TestDaemon::start();
+    let all = d.client().await.subscribe_events(None).await.unwrap();
+    let only_hello = d.client().await.subscribe_events(Some(vec!["client.hello".into()])).await.unwrap();
+    let mut other = d.client().await.with_name("events-test/1");
+    other.hello().await.unwrap();
+    let (mut all, mut only_hello) = (all, only_hello);
+    let ev = tokio::time::timeout(Duration::from_secs(5), all.recv()).await.unwrap().unwrap();
+    assert_eq!((ev.kind.as_str(), ev.data["client"].as_str()), ("client.hello", Some("events-test/1")));
+    let ev = tokio::time::timeout(Duration::from_secs(5), only_hello.recv()).await.unwrap().unwrap();
+    assert_eq!(ev.kind, "client.hello");
+    // Events are persisted too.
+    let stored = Store::open(&d.paths.db_file).unwrap().events_since(0, None, 100).unwrap();
+    assert!(stored.iter().any(|e| e.id == ev.id && e.kind == "client.hello"));
+}
+
+#[tokio::test]
+async fn client_reports_a_daemon_that_is_not_running() {
+    let home = tempfile::tempdir().unwrap();
+    let err = Client::connect(&paths_for(home.path())).await.unwrap_err();
+    assert!(matches!(err, ClientError::DaemonNotRunning { .. }), "{err:?}");
+    assert!(err.to_string().contains("tilewise daemon start"), "{err}");
+}
+
+#[test]
+fn other_users_are_refused_by_the_peer_uid_check() {
+    // Needs root to connect as another uid; the run dir is opened up for this test only so the
+    // connection reaches the daemon's own UID check (the 0700 dir normally stops it first).
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to act as another user");
+        return;
+    }
+    let d = TestDaemon::start();
+    std::fs::set_permissions(d.home.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&d.paths.run_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&d.paths.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])
+try:
+    s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"status"}\n')
+    print("answer" if s.recv(100) else "closed")
+except (ConnectionResetError, BrokenPipeError):
+    print("closed")
+"#;
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("python3").args(["-c", script]).arg(&d.paths.socket).uid(65534).gid(65534).output().expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), "closed", "another user got an answer: {stdout}");
+    assert!(d.stderr().contains("refused a connection from another user"), "{}", d.stderr());
+    // This user still gets answers.
+    let mut raw = d.raw();
+    assert!(raw.call(r#"{"jsonrpc":"2.0","id":1,"method":"status"}"#).get("result").is_some());
+}
+
+#[test]
+fn cli_works_against_the_real_daemon() {
+    let home = tempfile::tempdir().unwrap();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(TILEWISE).args(args).env("TILEWISE_HOME", home.path()).env_remove("TILEWISE_SOCKET").output().unwrap()
+    };
+    // Without a daemon: a readable error that says how to start it, exit code 3.
+    let out = cli(&["status"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tilewise daemon start"));
+    // probe works without the daemon.
+    let out = cli(&["probe", "--json"]);
+    assert!(out.status.success());
+    let probe: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(probe["fingerprint"].as_str().unwrap().len() > 8);
+
+    let out = cli(&["daemon", "start"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["status", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["device_fingerprint"], probe["fingerprint"]);
+    let out = cli(&["policy", "get", "--model", "m", "--mlx", "0.32.4", "--json"]);
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["source"], json!("native"));
+    let out = cli(&["history", "--json"]);
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), json!({"promotions": []}));
+    let out = cli(&["daemon", "stop"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::symlink_metadata(home.path().join("run/tilewised.sock")).is_err());
+}
