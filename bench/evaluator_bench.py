@@ -112,7 +112,7 @@ def main():
         pass
     say(f"# tilewise evaluator bench — {now:%Y-%m-%d %H:%M} UTC")
     say(f"machine: {machine['device_name']} ({backend}), mlx {machine['mlx']}, {machine['platform']}, "
-        f"{os.cpu_count()} cpus, load average at start {machine.get('loadavg_start', ['?'])[0]}")
+        f"{os.cpu_count()} cpus, load average at start {machine.get('loadavg_start', [float('nan')])[0]:.2f}")
     say(f"model: {args.model} ({info['model_fingerprint']}), dtype {dtype}, "
         f"hidden {info['config']['hidden_size']}, layers {info['config']['num_hidden_layers']}, "
         f"vocab {info['config']['vocab_size']}")
@@ -172,8 +172,8 @@ def main():
                 f"rejected: {g['reason']}")
             continue
         i = r["inference"]
-        pre = f"{i['prefill_tok_s']['stock']:.0f}→{i['prefill_tok_s']['candidate']:.0f}"
-        dec = f"{i['decode_tok_s']['stock']:.1f}→{i['decode_tok_s']['candidate']:.1f}"
+        pre = f"{i['prefill_tok_s']['stock']:.4g}→{i['prefill_tok_s']['candidate']:.4g}"
+        dec = f"{i['decode_tok_s']['stock']:.4g}→{i['decode_tok_s']['candidate']:.4g}"
         mem = f"{i['peak_memory']['stock'] / 1e6:.2f}→{i['peak_memory']['candidate'] / 1e6:.2f}"
         say(f"{name:<15} {'yes':<8} {g['logits_rel_err']:>10.2e}  {fmt_ci(r['inference']):<24} "
             f"{fmt_ci(r['training']):<24} {fmt_ci(r['combined']):<24} {pre:<20} {dec:<18} {mem}")
