@@ -358,7 +358,7 @@ mod tests {
         let n = Incoming::parse(r#"{"jsonrpc":"2.0","method":"event","params":{"id":1}}"#).unwrap();
         assert!(matches!(n, Incoming::Notification(n) if n.method == EVENT_NOTIFICATION));
         let r = Incoming::parse(r#"{"jsonrpc":"2.0","id":3,"error":{"code":-32601,"message":"m"}}"#).unwrap();
-        assert!(matches!(r, Incoming::Response(r) if r.error.unwrap().code == codes::METHOD_NOT_FOUND));
+        assert!(matches!(r, Incoming::Response(r) if r.error.as_ref().unwrap().code == codes::METHOD_NOT_FOUND));
     }
 
     #[test]
