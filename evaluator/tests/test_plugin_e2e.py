@@ -1,0 +1,171 @@
+"""End to end: the real `tilewised` (in a temp TILEWISE_HOME) holds a best policy written through the
+store (daemon/examples/seed_best.rs -> Store::promote); separate Python processes, like a user's,
+enable the plugin, load the tiny model with mlx_lm.load, generate, and report tilewise.status().
+
+The story: daemon up -> the stored policy is applied (calls counted per plan kind) and cached;
+daemon stopped -> the cached policy; cache removed -> native with exactly one warning.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from tilewise import daemon_client, workloads
+from tilewise import policy as P
+
+REPO = Path(__file__).resolve().parents[2]
+EVALUATOR = REPO / "evaluator"
+
+USER_PROGRAM = r"""
+import json, sys, warnings
+warnings.simplefilter("always")
+import mlx_lm
+import tilewise
+tilewise.enable_optimizations()
+model, tok = mlx_lm.load(sys.argv[1])
+text = mlx_lm.generate(model, tok, "hello world", max_tokens=5)
+streamed = "".join(r.text for r in mlx_lm.stream_generate(model, tok, "hello world", max_tokens=5))
+st = tilewise.status()
+print(str(st), file=sys.stderr)
+print(json.dumps({"status": st.as_dict(), "text": text, "streamed": streamed}))
+"""
+
+
+@pytest.fixture(scope="module")
+def binaries():
+    """tilewised and the seed_best example of this checkout, built if needed (cargo is incremental)."""
+    build = subprocess.run(["cargo", "build", "-q", "-p", "tilewise", "--bin", "tilewised", "--example", "seed_best"],
+                           cwd=REPO, capture_output=True, text=True)
+    assert build.returncode == 0, f"cannot build the daemon for the e2e test:\n{build.stderr[-3000:]}"
+    return {"daemon": REPO / "target" / "debug" / "tilewised",
+            "seed_best": REPO / "target" / "debug" / "examples" / "seed_best"}
+
+
+@pytest.fixture
+def home(tmp_path):
+    # AF_UNIX paths are limited to ~104 bytes: keep the home short.
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="tw-e2e-"))
+    yield d
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def run_user(home, model_dir, *, timeout=180):
+    env = dict(os.environ, TILEWISE_HOME=str(home))
+    env.pop("TILEWISE_SOCKET", None)
+    out = subprocess.run([sys.executable, "-c", USER_PROGRAM, str(model_dir)], cwd=EVALUATOR, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["warnings"] = out.stderr.count("TilewiseWarning")
+    result["stderr"] = out.stderr
+    return result
+
+
+def seed_best(binaries, home, doc, ratio=1.07):
+    path = home / "best.json"
+    path.write_text(json.dumps(doc))
+    env = dict(os.environ, TILEWISE_HOME=str(home))
+    out = subprocess.run([str(binaries["seed_best"]), str(path), "--ratio", str(ratio), "--lo", "1.03", "--hi", "1.1"],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["hash"]
+
+
+def best_policy(device, model_fp, name="e2e best"):
+    """q_proj/o_proj (N = K = 64) native at M = 1 and split along N at larger M; the tied head
+    (N = vocab 1024) split along N always; the rest native (those layers stay stock). All splits are
+    along N, so outputs are exact. 2 x 2 + 1 = 5 layers patched."""
+    target = {"device": device, "model": model_fp, "mlx": mx.__version__, "backend": workloads.backend()}
+    return P.make_policy([
+        {"m": [1, 1], "n": [64, 64], "k": [64, 64], "plan": {"kind": "native"}},
+        {"n": [64, 64], "k": [64, 64], "plan": P.split_plan(None, 32, None)},
+        {"n": [1000, None], "plan": P.split_plan(None, 256, None)},
+    ], target=target, name=name)
+
+
+def test_daemon_then_cache_then_native(binaries, home, tiny):
+    model, _, info = tiny
+    model_dir = info["model_path"]
+    with daemon_client.LocalDaemon(binaries["daemon"], home) as d:
+        assert d.device_fingerprint, d.status
+        doc = best_policy(d.device_fingerprint, info["model_fingerprint"])
+        stored_hash = seed_best(binaries, home, doc)
+        assert stored_hash == P.content_hash(doc)
+
+        # 1. daemon up: its stored best is applied
+        r = run_user(home, model_dir)
+        m = r["status"]["models"][0]
+        assert m["source"] == "daemon", m["reason"]
+        assert m["policy_hash"] == stored_hash and m["patched_layers"] == 5
+        assert m["evidence"]["ratio"] == pytest.approx(1.07)
+        calls = r["status"]["calls"]
+        # prefill: q/o (4) and the head split; decode steps: q/o native (4), the head split
+        assert calls["split"] > 0 and calls["native"] > 0 and calls["native"] % 4 == 0, calls
+        assert calls["kernel"] == 0
+        assert r["text"] == r["streamed"] and r["warnings"] == 0
+        cached = list((home / "cache" / "policies").glob("*.json"))
+        assert len(cached) == 1 and json.loads(cached[0].read_text())["hash"] == stored_hash
+        assert d.stop() == 0
+
+    # 2. daemon stopped: the cached policy, with one warning saying so
+    r2 = run_user(home, model_dir)
+    m2 = r2["status"]["models"][0]
+    assert m2["source"] == "cache" and m2["policy_hash"] == stored_hash, m2["reason"]
+    assert r2["status"]["calls"] == calls
+    assert r2["text"] == r["text"] and r2["warnings"] == 1
+
+    # 3. no daemon, no cache: native, model stock, exactly one warning
+    cached[0].unlink()
+    r3 = run_user(home, model_dir)
+    m3 = r3["status"]["models"][0]
+    assert m3["source"] == "native" and m3["policy_hash"] is None and m3["patched_layers"] == 0
+    assert r3["status"]["calls"] == {"native": 0, "split": 0, "kernel": 0}
+    assert r3["warnings"] == 1 and "daemon not running" in r3["status"]["warning"]
+    assert r3["text"] == r["text"]  # the split along N is exact: same tokens as with the policy
+
+
+def test_nothing_proven_yet_is_native_without_a_warning(binaries, home, tiny):
+    _, _, info = tiny
+    with daemon_client.LocalDaemon(binaries["daemon"], home):
+        r = run_user(home, info["model_path"])
+    m = r["status"]["models"][0]
+    assert m["source"] == "daemon" and m["patched_layers"] == 0, m
+    assert r["warnings"] == 0 and r["status"]["calls"] == {"native": 0, "split": 0, "kernel": 0}
+
+
+def test_a_new_promotion_reaches_the_next_process_and_replaces_the_cache(binaries, home, tiny):
+    _, _, info = tiny
+    with daemon_client.LocalDaemon(binaries["daemon"], home) as d:
+        first = seed_best(binaries, home, best_policy(d.device_fingerprint, info["model_fingerprint"], "first"))
+        assert run_user(home, info["model_path"])["status"]["models"][0]["policy_hash"] == first
+        doc2 = P.make_policy([{"m": [1, 1], "plan": P.split_plan(None, 512, None)}],
+                             target=best_policy(d.device_fingerprint, info["model_fingerprint"])["target"],
+                             name="second")
+        second = seed_best(binaries, home, doc2, ratio=1.12)
+        r = run_user(home, info["model_path"])
+    m = r["status"]["models"][0]
+    assert second != first and m["policy_hash"] == second and m["policy_name"] == "second"
+    entry = json.loads(next((home / "cache" / "policies").glob("*.json")).read_text())
+    assert entry["hash"] == second and entry["device_fingerprint"] == d.device_fingerprint
+
+
+def test_cli_wrapper_gets_the_daemons_policy(binaries, home, tiny):
+    _, _, info = tiny
+    with daemon_client.LocalDaemon(binaries["daemon"], home) as d:
+        stored = seed_best(binaries, home, best_policy(d.device_fingerprint, info["model_fingerprint"]))
+        env = dict(os.environ, TILEWISE_HOME=str(home))
+        out = subprocess.run([sys.executable, "-m", "tilewise.mlx_lm", "generate", "--model", info["model_path"],
+                              "--prompt", "hello", "--max-tokens", "4"],
+                             cwd=EVALUATOR, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert f"tilewise: daemon, policy {stored}, 5 layers patched" in out.stderr
+    assert "Generation:" in out.stdout
