@@ -35,7 +35,6 @@ function notice(text, kind, action) {
 }
 
 // ---- device -------------------------------------------------------------------------------------
-const first = (o, ...keys) => { for (const k of keys) if (o && o[k] !== undefined && o[k] !== null) return o[k]; };
 /** The device card: the probe's `Device` (daemon/src/probe/mod.rs) as served in status.device. */
 function renderDevice(status) {
   const d = status.device || {};
@@ -69,7 +68,7 @@ function cacheText(d) {
   const levels = (d.perf_levels || []).map((l) => {
     const parts = [];
     if (typeof l.l1d_bytes === "number") parts.push(`L1d ${fmt.bytes(l.l1d_bytes)}`);
-    if (typeof l.l2_bytes === "number") parts.push(`L2 ${fmt.bytes(l.l2_bytes)}` + (l.cpus_per_l2 ? ` per ${l.cpus_per_l2} CPUs` : ""));
+    if (typeof l.l2_bytes === "number") parts.push(`L2 ${fmt.bytes(l.l2_bytes)}` + (l.cpus_per_l2 > 1 ? ` per ${l.cpus_per_l2} CPUs` : ""));
     return parts.length ? ((d.perf_levels.length > 1 ? `${l.name}: ` : "") + parts.join(", ")) : null;
   }).filter(Boolean);
   if (typeof d.cache_line_bytes === "number") levels.push(`line ${d.cache_line_bytes} B`);
@@ -87,42 +86,57 @@ function renderTuning(status) {
   $("stop-tuning").disabled = t.state !== "tuning" && t.state !== "paused";
 }
 
-/** Picks the session to show: the running one, else the most recent. */
+/** Picks the session to show: the one status names, else the most recent (highest id). */
 function pickSession(status, list) {
   const sessions = (list && list.sessions) || [];
   const id = status.tuning && status.tuning.session_id;
-  const byId = (s) => first(s, "id", "session_id");
-  return sessions.find((s) => byId(s) === id) || sessions.slice().sort((a, b) => (byId(b) > byId(a) ? 1 : -1))[0] || null;
+  return sessions.find((s) => s.id === id) || sessions.reduce((a, b) => (!a || b.id > a.id ? b : a), null);
 }
 
-function renderSession(show, error) {
+/** The session card: `session.show` (Session, its best, its candidates) plus status.tuning.detail. */
+function renderSession(show, error, tuning) {
   const box = $("session");
   box.replaceChildren();
   if (error) { box.append(h("p", { class: "muted" }, error)); return; }
   if (!show) { box.append(h("p", { class: "muted" }, "No session yet. Start tuning to begin one.")); return; }
   const s = show.session || {};
   const dl = h("dl");
-  const row = (label, v, key) => { if (v !== undefined && v !== null) dl.append(h("dt", {}, label), h("dd", { "data-key": key }, v)); };
-  row("Session", first(s, "id", "session_id"), "session_id");
-  row("Model", first(s, "model_name", "model_path", "model"), "model");
-  row("State", first(s, "state", "status"), "state");
-  row("Generation", first(s, "generation", "generations"), "generation");
-  const done = first(s, "evaluations", "evaluated", "candidates"), budget = first(s.budget || {}, "evaluations");
-  row("Evaluations", budget ? `${done ?? 0} / ${budget}` : done, "evaluations");
+  const row = (label, v, key) => { if (v !== undefined && v !== null && v !== "") dl.append(h("dt", {}, label), h("dd", { "data-key": key }, v)); };
+  const detail = (tuning && tuning.session_id === s.id && tuning.detail) || {};
+  const generation = detail.generation ?? sessionGeneration(show);
+  row("Session", s.id, "session_id");
+  row("State", s.state + (s.reason ? ` — ${s.reason}` : ""), "state");
+  row("Model", h("span", { class: "mono", title: s.model }, short(s.model)), "model");
+  row("MLX", s.mlx && `${s.mlx} (${s.backend})`, "mlx");
+  row("Generation", generation, "generation");
+  const budget = s.budget || {};
+  row("Evaluations", budget.evaluations ? `${s.evaluations} / ${budget.evaluations}` : s.evaluations, "evaluations");
+  row("Failed", s.failures, "failures");
+  row("Promotions", s.promotions, "promotions");
   row("Shape memo", show.memo_size, "memo_size");
-  row("Started", first(s, "started_at", "created_at"), "started_at");
+  row("Started", fmt.toDate(s.created_at) ? fmt.toDate(s.created_at).toLocaleString() : s.created_at, "started_at");
   box.append(dl);
-  if (typeof done === "number" && typeof budget === "number" && budget > 0) {
-    box.append(h("div", { class: "progress" }, h("div", { style: `width:${Math.min(100, (100 * done) / budget)}%` })));
-    box.lastChild.firstChild.style.width = `${Math.min(100, (100 * done) / budget)}%`;
+  if (budget.evaluations > 0) {
+    const bar = h("div");
+    bar.style.width = `${Math.min(100, (100 * s.evaluations) / budget.evaluations)}%`;
+    box.append(h("div", { class: "progress", "data-testid": "session-progress" }, bar));
   }
-  const best = show.best;
+  const best = show.best || detail.best;
   if (best && typeof best.ratio === "number") {
     box.append(h("div", { class: "big " + (best.lo > 1 ? "good" : ""), "data-testid": "session-best" },
       fmt.pctInterval(best.ratio, best.lo, best.hi)));
-    box.append(h("div", { class: "muted" }, best.lo > 1 ? "best candidate, proven faster" : "best candidate so far (not proven faster)"));
+    box.append(h("div", { class: "muted" }, show.best ? "promoted: proven faster than stock" : "best so far (not promoted)"));
+  } else {
+    box.append(h("div", { class: "muted", "data-testid": "session-best" }, "nothing proven faster than stock yet"));
   }
 }
+/** The session's generation: the highest among its candidates. */
+function sessionGeneration(show) {
+  const gens = (show.candidates || []).map((c) => c.generation).filter((g) => typeof g === "number");
+  return gens.length ? Math.max(...gens) : null;
+}
+/** "sha256:0123456789ab…" for long fingerprints. */
+function short(s) { return typeof s === "string" && s.length > 24 ? s.slice(0, 19) + "…" : s; }
 
 // ---- policy -------------------------------------------------------------------------------------
 function renderPolicy(got, error) {
@@ -149,24 +163,27 @@ function renderPolicy(got, error) {
 }
 
 // ---- charts -------------------------------------------------------------------------------------
-/** Points for "best speedup over time": the promotions; failing that, the session's measured candidates. */
-function speedupPoints(history, show) {
-  const promos = ((history && history.promotions) || []).filter((p) => typeof p.ratio === "number");
-  if (promos.length) {
-    return promos.map((p) => ({ t: fmt.toDate(p.at), ratio: p.ratio, lo: p.lo, hi: p.hi, label: `promoted ${String(p.hash).slice(0, 15)}` }))
-      .filter((p) => p.t).sort((a, b) => a.t - b.t);
-  }
-  const cands = ((show && show.candidates) || []).filter((c) => typeof c.ratio === "number");
-  return cands.map((c) => ({ t: fmt.toDate(first(c, "measured_at", "at", "created_at")), ratio: c.ratio, lo: c.lo, hi: c.hi, label: `candidate ${first(c, "id", "hash") ?? ""}` }))
-    .filter((p) => p.t).sort((a, b) => a.t - b.t);
+/** Points for "best speedup over time": every promotion in `history` (HistoryEntry), oldest first. */
+function speedupPoints(history) {
+  return ((history && history.promotions) || [])
+    .map((p) => ({ t: fmt.toDate(p.at), ratio: p.ratio, lo: p.lo, hi: p.hi, label: `promoted ${String(p.hash).slice(0, 15)} (session ${p.session_id ?? "—"})` }))
+    .filter((p) => p.t && typeof p.ratio === "number").sort((a, b) => a.t - b.t);
 }
-/** Per-shape rows from session.show: `shapes` [{m,n,k,native_s,best_s}] when the daemon provides them. */
+/**
+ * Per-shape rows from the shape memo entries that session.show carries as `memo` (MemoEntry: m, n, k,
+ * dtype, plan, stock_median_s, plan_median_s): for each shape, stock time and the fastest measured plan.
+ */
 function shapeRows(show) {
-  const shapes = (show && (show.shapes || (show.best && show.best.shapes))) || [];
-  return shapes.map((s) => ({
-    label: s.label || `${s.m}×${s.n}×${s.k}${s.dtype ? " " + s.dtype : ""}`,
-    native: first(s, "native_s", "native"), best: first(s, "best_s", "best"),
-  }));
+  const byShape = new Map();
+  for (const e of (show && show.memo) || []) {
+    const key = `${e.m}×${e.n}×${e.k} ${e.dtype}`;
+    const row = byShape.get(key) || { label: key, native: e.stock_median_s, best: null, plan: null };
+    if (e.plan && e.plan.kind !== "native" && (row.best === null || e.plan_median_s < row.best)) {
+      row.best = e.plan_median_s; row.native = e.stock_median_s; row.plan = e.plan;
+    }
+    byShape.set(key, row);
+  }
+  return [...byShape.values()];
 }
 
 // ---- events -------------------------------------------------------------------------------------
@@ -196,7 +213,6 @@ function renderLink(app) {
   const link = app.link || {};
   state.connected = !!link.connected;
   const pill = $("link");
-  $("start-daemon").hidden = state.connected;
   if (state.connected) {
     pill.textContent = `tilewised ${link.version || ""} · pid ${link.pid ?? "?"}`;
     pill.className = "pill ok";
@@ -229,23 +245,19 @@ async function refresh() {
   const current = list.ok ? pickSession(status.ok, list.ok) : null;
   let show = null, showErr = list.error;
   if (current) {
-    const r = await tryCall("session.show", { session_id: first(current, "id", "session_id") });
+    const r = await tryCall("session.show", { session_id: current.id });
     show = r.ok || null; showErr = r.error;
   }
-  renderSession(show, showErr);
-  // The policy to show is the one served for the session's model (or the last promoted model).
-  const sess = (show && show.session) || current || {};
-  const lastPromo = history.ok && history.ok.promotions && history.ok.promotions[0];
-  const model = first(sess, "model_fingerprint", "model_fp", "model") || (lastPromo && lastPromo.model);
-  if (model) {
-    const params = { model, mlx: first(sess, "mlx", "mlx_version") || (lastPromo && lastPromo.mlx) || "*",
-      backend: first(sess, "backend") || (lastPromo && lastPromo.backend) || (status.ok.device && status.ok.device.backend) || "cpu" };
-    const got = await tryCall("policy.get", params);
+  renderSession(show, showErr, status.ok.tuning);
+  // The policy shown is the one served for the session's target (or the last promoted target).
+  const target = (show && show.session) || (history.ok && history.ok.promotions && history.ok.promotions[0]);
+  if (target && target.model) {
+    const got = await tryCall("policy.get", { model: target.model, mlx: target.mlx, backend: target.backend, device: target.device });
     renderPolicy(got.ok, got.error);
   } else {
     renderPolicy(null, null);
   }
-  charts.speedup($("speedup-chart"), speedupPoints(history.ok, show));
+  charts.speedup($("speedup-chart"), speedupPoints(history.ok));
   charts.shapes($("shape-chart"), shapeRows(show));
   if (history.error) $("speedup-chart").append(h("p", { class: "muted" }, `history: ${history.error}`));
   document.body.dataset.loaded = String(state.lastRefresh);
@@ -264,7 +276,6 @@ async function startDaemon() {
 }
 
 async function main() {
-  $("start-daemon").onclick = startDaemon;
   $("start-tuning").onclick = async () => {
     const r = await tryCall("tuning.start", {});
     if (r.error) notice(`could not start tuning: ${r.error}`, "error");

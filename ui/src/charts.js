@@ -10,14 +10,14 @@
   }
   function svg(w, h) { return el("svg", { viewBox: `0 0 ${w} ${h}`, role: "img" }); }
   function empty(container, message) {
-    const s = svg(600, 70);
-    s.appendChild(el("text", { x: 300, y: 40, "text-anchor": "middle", class: "empty" }, message));
+    const s = svg(1000, 60);
+    s.appendChild(el("text", { x: 500, y: 35, "text-anchor": "middle", class: "empty" }, message));
     container.replaceChildren(s);
   }
   /** Round "nice" ticks between lo and hi. */
   function ticks(lo, hi, n) {
     const span = hi - lo || 1, step0 = span / n, mag = Math.pow(10, Math.floor(Math.log10(step0)));
-    const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => span / s <= n) || mag * 10;
+    const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => span / s <= n) || mag * 10;
     const out = [];
     for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-12; v += step) out.push(+v.toFixed(10));
     return out;
@@ -30,7 +30,7 @@
    */
   function speedup(container, points) {
     if (!points.length) return empty(container, "No promoted policy yet: stock MLX is being served.");
-    const W = 720, H = 240, L = 52, R = 14, T = 12, B = 30;
+    const W = 1000, H = 230, L = 56, R = 14, T = 12, B = 30;
     const s = svg(W, H);
     const ts = points.map((p) => +p.t), t0 = Math.min(...ts), t1 = Math.max(...ts);
     const ys = points.flatMap((p) => [p.ratio, p.lo ?? p.ratio, p.hi ?? p.ratio]).concat([1]);
@@ -74,7 +74,7 @@
    */
   function shapes(container, rows) {
     if (!rows.length) return empty(container, "No per-shape timings measured yet.");
-    const rowH = 30, L = 190, R = 90, T = 22, W = 720, H = T + rows.length * rowH + 8;
+    const rowH = 30, L = 190, R = 130, T = 22, W = 1000, H = T + rows.length * rowH + 8;
     const s = svg(W, H);
     const max = Math.max(...rows.flatMap((r) => [r.native || 0, r.best || 0])) || 1;
     const w = (v) => (v / max) * (W - L - R);

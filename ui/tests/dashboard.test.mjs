@@ -1,0 +1,92 @@
+// The dashboard in headless Chromium against a real daemon, through tilewise-ui-bridge (the app's
+// own dispatch code). Every check compares what the page shows with what the daemon returns to an
+// independent client on its socket.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { startDaemon, stopDaemon, startBridge, launchBrowser, RawClient, until, BIN } from "./harness.mjs";
+import fmt from "../src/format.js";
+
+let daemon, bridge, browser, page;
+const consoleErrors = [];
+
+before(async () => {
+  daemon = await startDaemon();
+  bridge = await startBridge(daemon.env);
+  browser = await launchBrowser();
+  page = await browser.newPage({ viewport: { width: 1120, height: 900 } });
+  page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
+  page.on("pageerror", (e) => consoleErrors.push(String(e)));
+  await page.goto(bridge.url);
+  await page.waitForSelector("body[data-loaded]", { timeout: 20000 });
+});
+
+after(async () => {
+  await browser?.close();
+  bridge?.proc.kill();
+  if (daemon?.client) await stopDaemon(daemon);
+});
+
+const text = (sel) => page.locator(sel).first().innerText();
+
+test("the connection pill names the daemon that answers on the socket", async () => {
+  const status = await daemon.client.call("status");
+  const pill = await text("[data-testid=link-state]");
+  assert.match(pill, new RegExp(`pid ${status.pid}\\b`));
+  assert.ok(pill.includes(status.version), `${pill} should include ${status.version}`);
+});
+
+test("the device card shows the daemon's probe", async () => {
+  const { device, device_fingerprint } = await daemon.client.call("status");
+  assert.equal(await text("#device [data-key=fingerprint]"), device_fingerprint);
+  assert.equal(await text("#device [data-key=backend]"), device.backend);
+  if (device.chip) assert.ok((await text("#device [data-key=chip]")).startsWith(device.chip));
+  assert.ok((await text("#device [data-key=cores]")).startsWith(String(device.p_cores)));
+  if (typeof device.memory_bytes === "number") assert.equal(await text("#device [data-key=memory]"), fmt.bytes(device.memory_bytes));
+});
+
+test("the tuning pill follows status.tuning.state", async () => {
+  const { tuning } = await daemon.client.call("status");
+  const label = { idle: "Idle", tuning: "Tuning", paused: "Paused" }[tuning.state];
+  assert.ok((await text("[data-testid=tuning-state]")).startsWith(label));
+});
+
+test("the speedup chart has one point per promotion in history", async () => {
+  const { promotions } = await daemon.client.call("history", { limit: 200 });
+  const points = await page.locator("#speedup-chart g.point").count();
+  if (promotions.length) assert.equal(points, promotions.length);
+  else assert.match(await text("#speedup-chart"), /No promoted policy yet|candidate/);
+});
+
+test("a live event from another client appears without reloading", async () => {
+  const other = await RawClient.connect(daemon.socket, "ui-live-probe/7");
+  try {
+    const item = page.locator("#events li[data-kind='client.hello']", { hasText: "ui-live-probe/7" });
+    await item.waitFor({ timeout: 10000 });
+  } finally { other.close(); }
+});
+
+test("the page may not call methods outside the dashboard's list", async () => {
+  const err = await page.evaluate(() => window.__TAURI__.core.invoke("daemon_call", { method: "daemon.shutdown" }).then(() => null, (e) => e));
+  assert.equal(err.code, -32602);
+  assert.match(err.message, /may not call/);
+  const status = await daemon.client.call("status");  // still alive
+  assert.ok(status.pid > 0);
+});
+
+test("when the daemon stops the page says so, and 'Start it' brings it back", async () => {
+  const before = await daemon.client.call("status");
+  await stopDaemon(daemon);
+  await until("the page to notice", async () => (await text("[data-testid=link-state]")) === "daemon not running", 20000);
+  const button = page.locator("#notices button", { hasText: "Start it" });
+  await button.click();
+  // The bridge spawned a new tilewised (TILEWISE_DAEMON), detached: find it on the socket.
+  const fresh = await until("a new daemon", () => RawClient.connect(daemon.socket).catch(() => null), 30000);
+  Object.assign(daemon, { client: fresh, proc: null });
+  const after = await fresh.call("status");
+  assert.notEqual(after.pid, before.pid);
+  await until("the page to show the new pid", async () => (await text("[data-testid=link-state]")).includes(`pid ${after.pid}`), 20000);
+});
+
+test("no script errors on the page", () => {
+  assert.deepEqual(consoleErrors.filter((e) => !/Failed to load resource/.test(e)), []);
+});
