@@ -68,7 +68,7 @@ def seed_best_binary() -> Path:
     """daemon/examples/seed_best.rs (stores a best through the real store), built if missing."""
     exe = REPO / "target" / "debug" / "examples" / "seed_best"
     if not exe.is_file():
-        subprocess.run(["cargo", "build", "-q", "-p", "tilewise", "--example", "seed_best"], cwd=REPO, check=True)
+        subprocess.run(["cargo", "build", "--locked", "-q", "-p", "tilewise", "--example", "seed_best"], cwd=REPO, check=True)
     return exe
 
 

@@ -39,7 +39,7 @@ print(json.dumps({"status": st.as_dict(), "text": text, "streamed": streamed}))
 @pytest.fixture(scope="module")
 def binaries():
     """tilewised and the seed_best example of this checkout, built if needed (cargo is incremental)."""
-    build = subprocess.run(["cargo", "build", "-q", "-p", "tilewise", "--bin", "tilewised", "--example", "seed_best"],
+    build = subprocess.run(["cargo", "build", "--locked", "-q", "-p", "tilewise", "--bin", "tilewised", "--example", "seed_best"],
                            cwd=REPO, capture_output=True, text=True)
     assert build.returncode == 0, f"cannot build the daemon for the e2e test:\n{build.stderr[-3000:]}"
     return {"daemon": REPO / "target" / "debug" / "tilewised",
