@@ -349,6 +349,14 @@ fn to_line<T: serde::Serialize>(v: &T) -> String {
     })
 }
 
+/// One request line through the daemon's own decode and dispatch, without a socket: the seam the
+/// protocol fuzz target (fuzz/fuzz_targets/protocol.rs) drives. Returns the reply line, if any.
+/// An `events.subscribe` here subscribes nothing (there is no connection to stream to).
+pub async fn handle_request_line(state: &Arc<DaemonState>, line: &str) -> Option<String> {
+    let mut sub = None;
+    handle_line(state, line, &mut sub).await.map(|r| to_line(&r))
+}
+
 /// One line in, at most one reply out (`None` for notifications).
 async fn handle_line(state: &Arc<DaemonState>, line: &str, sub: &mut Option<Subscription>) -> Option<Response> {
     let value: Value = match serde_json::from_str(line) {

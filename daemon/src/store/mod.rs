@@ -26,6 +26,10 @@
 //!
 //! A database written by a newer tilewise (higher `user_version`) is refused by [`Store::open`] with
 //! [`StoreError::NewerSchema`] and left exactly as it was.
+//!
+//! A corrupted database (SQLite cannot read it, or `PRAGMA integrity_check` is not `ok`) is never
+//! written to: [`Store::open`] renames it (with its `-wal`/`-shm`) to `<name>.corrupt-<UTC time>`,
+//! logs an error naming both files, and starts a fresh database; [`Store::moved_aside`] tells.
 
 mod best;
 mod catalog;
@@ -81,6 +85,8 @@ pub type SharedStore = std::sync::Arc<std::sync::Mutex<Store>>;
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// Where a corrupted database found at `path` was moved by `open` (this handle is a fresh one).
+    moved_aside: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -96,24 +102,70 @@ impl Store {
     /// before any pragma or migration could write to it.
     pub fn open(path: &Path) -> Result<Store> {
         let open_err = |source| StoreError::Open { path: path.to_path_buf(), source };
+        let mut moved_aside = None;
         if path.exists() {
-            let ro = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .map_err(open_err)?;
-            let found: u32 = ro.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(open_err)?;
-            drop(ro);
-            if found > SCHEMA_VERSION {
-                return Err(StoreError::NewerSchema { path: path.to_path_buf(), found, known: SCHEMA_VERSION });
+            match Self::inspect(path) {
+                Ok(found) if found > SCHEMA_VERSION => {
+                    return Err(StoreError::NewerSchema { path: path.to_path_buf(), found, known: SCHEMA_VERSION });
+                }
+                Ok(_) => {}
+                Err(Inspect::Corrupt(detail)) => {
+                    let moved = move_aside(path).map_err(|e| open_err(rusqlite::Error::InvalidPath(e.to_string().into())))?;
+                    tracing::error!(
+                        "database {} is corrupt ({detail}); moved it aside to {} (kept as it was, never overwritten) \
+                         and started a fresh database",
+                        path.display(),
+                        moved.display()
+                    );
+                    moved_aside = Some(moved);
+                }
+                Err(Inspect::Open(e)) => return Err(open_err(e)),
             }
-        } else if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| open_err(rusqlite::Error::InvalidPath(format!("{}: {e}", dir.display()).into())))?;
+        }
+        if !path.exists() {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| open_err(rusqlite::Error::InvalidPath(format!("{}: {e}", dir.display()).into())))?;
+            }
         }
         let mut conn = Connection::open(path).map_err(open_err)?;
         Self::configure(&conn).map_err(open_err)?;
         schema::migrations()
             .to_latest(&mut conn)
             .map_err(|source| StoreError::Migrate { path: path.to_path_buf(), source })?;
-        Ok(Store { conn, path: path.to_path_buf() })
+        Ok(Store { conn, path: path.to_path_buf(), moved_aside })
+    }
+
+    /// Reads an existing file's schema version and checks its integrity on a read-only
+    /// connection, so that neither a newer nor a damaged database is ever written to.
+    fn inspect(path: &Path) -> std::result::Result<u32, Inspect> {
+        let classify = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => Inspect::Corrupt(e.to_string()),
+            _ => Inspect::Open(e),
+        };
+        let ro = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(classify)?;
+        let found: u32 = ro.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(classify)?;
+        if found > SCHEMA_VERSION {
+            return Ok(found); // refused by the caller without further reads
+        }
+        let mut problems: Vec<String> = Vec::new();
+        ro.pragma_query(None, "integrity_check", |r| {
+            problems.push(r.get(0)?);
+            Ok(())
+        })
+        .map_err(classify)?;
+        if problems.len() == 1 && problems[0] == "ok" {
+            Ok(found)
+        } else {
+            let shown: Vec<&str> = problems.iter().take(3).map(String::as_str).collect();
+            Err(Inspect::Corrupt(format!("integrity_check: {}{}", shown.join("; "), if problems.len() > 3 { "; ..." } else { "" })))
+        }
+    }
+
+    /// The file a corrupted database was moved to when this handle was opened, if that happened.
+    pub fn moved_aside(&self) -> Option<&Path> {
+        self.moved_aside.as_deref()
     }
 
     fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -150,6 +202,35 @@ impl Store {
         let _ = self.checkpoint();
         self.conn.close().map_err(|(_, e)| StoreError::Sqlite(e))
     }
+}
+
+/// What [`Store::inspect`] found wrong with an existing file.
+enum Inspect {
+    /// Damaged: to be moved aside, never written to.
+    Corrupt(String),
+    /// Could not be read for another reason (permissions, I/O): refused as is.
+    Open(rusqlite::Error),
+}
+
+/// Renames a corrupted database and its WAL/shm side files to `<name>.corrupt-<UTC time>[-wal|-shm]`
+/// (kept together, so the pair stays readable by SQLite for forensics); returns the new main path.
+fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', "");
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "tilewise.db".into());
+    let mut target = path.with_file_name(format!("{name}.corrupt-{stamp}"));
+    let mut n = 1;
+    while target.exists() {
+        target = path.with_file_name(format!("{name}.corrupt-{stamp}-{n}"));
+        n += 1;
+    }
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        if side.exists() {
+            std::fs::rename(&side, format!("{}{suffix}", target.display()))?;
+        }
+    }
+    std::fs::rename(path, &target)?;
+    Ok(target)
 }
 
 /// Current UTC time as RFC 3339 with milliseconds (`2026-11-27T01:02:03.456Z`); sorts as text.

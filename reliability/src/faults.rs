@@ -1,0 +1,570 @@
+//! Fault injection against the real daemon and its real worker, each fault in its own home:
+//!
+//! - `kill -9` of the daemon, many times, during one tuning session (resumed after each restart);
+//! - worker hang, crash, garbage and out-of-memory, through the worker's fault switch
+//!   (`TILEWISE_WORKER_FAULT=evaluate:<kind>`, docs/worker-protocol.md);
+//! - the database's filesystem remounted read-only under a running session (a read-only bind mount
+//!   of the home: the daemon's open file descriptors lose write access too, unlike a chmod, which
+//!   root and already-open descriptors ignore);
+//! - the disk full (the home on a small tmpfs, filled up by a filler file mid-session);
+//! - the database file corrupted while the daemon is stopped.
+//!
+//! For each: the daemon survives (answers a fresh client), no committed trial is lost (every
+//! measurement and failed candidate seen before the fault is still there, unchanged, after it), and
+//! the reason of each failure is stored (a non-empty reason on each failed candidate / worker
+//! failure / session).
+//!
+//! "Committed" means visible to another connection on the database file, which is read directly
+//! (read-only) between the steps.
+
+use crate::client::{codes, error_code, unknown_model_params};
+use crate::harness::{Binaries, Daemon};
+use crate::report::{Row, Verdict};
+use anyhow::{anyhow, bail, Context, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub struct FaultOptions {
+    /// kill -9 cycles during the kill test.
+    pub kills: u32,
+    pub quick: bool,
+}
+
+// ---------------------------------------------------------------- what is committed
+
+/// One committed measurement, as another reader sees it.
+#[derive(Debug, Clone, PartialEq)]
+struct Trial {
+    candidate: i64,
+    correct: bool,
+    ratio: Option<f64>,
+    samples: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Snapshot {
+    measurements: BTreeMap<i64, Trial>,
+    /// Failed candidates and their stored reason.
+    failed: BTreeMap<i64, Option<String>>,
+    /// Worker failures: (kind, message).
+    worker_failures: Vec<(String, String)>,
+}
+
+impl Snapshot {
+    fn trials(&self) -> usize {
+        self.measurements.len() + self.failed.len()
+    }
+    fn samples(&self) -> i64 {
+        self.measurements.values().map(|t| t.samples).sum()
+    }
+    /// What `before` had that `self` lost or changed.
+    fn lost_from(&self, before: &Snapshot) -> Vec<String> {
+        let mut lost = Vec::new();
+        for (id, t) in &before.measurements {
+            match self.measurements.get(id) {
+                Some(now) if now == t => {}
+                Some(now) => lost.push(format!("measurement {id} changed: {t:?} → {now:?}")),
+                None => lost.push(format!("measurement {id} lost")),
+            }
+        }
+        for (id, reason) in &before.failed {
+            // A failed candidate may later be measured again (not lost); its row must remain.
+            if !self.failed.contains_key(id) && !self.measurements.values().any(|t| t.candidate == *id) {
+                lost.push(format!("failed candidate {id} ({reason:?}) lost"));
+            }
+        }
+        lost
+    }
+}
+
+fn open_ro(db: &Path) -> Result<Connection> {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .with_context(|| format!("opening {} read-only", db.display()))?;
+    c.busy_timeout(Duration::from_secs(10))?;
+    Ok(c)
+}
+
+fn snapshot(db: &Path) -> Result<Snapshot> {
+    let c = open_ro(db)?;
+    let mut s = Snapshot::default();
+    let mut q = c.prepare(
+        "SELECT m.id, m.candidate_id, m.correct, m.ratio, (SELECT count(*) FROM samples s WHERE s.measurement_id = m.id)
+         FROM measurements m",
+    )?;
+    for r in q.query_map([], |r| Ok((r.get(0)?, Trial { candidate: r.get(1)?, correct: r.get(2)?, ratio: r.get(3)?, samples: r.get(4)? })))? {
+        let (id, t) = r?;
+        s.measurements.insert(id, t);
+    }
+    let mut q = c.prepare("SELECT id, failure_reason FROM candidates WHERE status = 'failed'")?;
+    for r in q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
+        let (id, reason) = r?;
+        s.failed.insert(id, reason);
+    }
+    let mut q = c.prepare("SELECT kind, message FROM worker_failures ORDER BY id")?;
+    for r in q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
+        s.worker_failures.push(r?);
+    }
+    Ok(s)
+}
+
+/// (state, reason, evaluations, failures) of a session.
+fn session_row(db: &Path, sid: i64) -> Result<Option<(String, Option<String>, i64, i64)>> {
+    let c = open_ro(db)?;
+    Ok(c.query_row("SELECT state, reason, evaluations, failures FROM sessions WHERE id = ?1", [sid], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    })
+    .optional()?)
+}
+
+fn duplicate_candidates(db: &Path, sid: i64) -> Result<i64> {
+    let c = open_ro(db)?;
+    Ok(c.query_row(
+        "SELECT count(*) FROM (SELECT hash FROM candidates WHERE session_id = ?1 GROUP BY hash HAVING count(*) > 1)",
+        [sid],
+        |r| r.get(0),
+    )?)
+}
+
+// ---------------------------------------------------------------- sessions over the socket
+
+/// A small, fast session on the tiny synthetic model.
+fn session_params(evaluations: u64, seed: u64, policies: Option<Vec<Value>>, evaluate_timeout_s: Option<u64>) -> Value {
+    let mut p = json!({
+        "model": "synthetic:tiny",
+        "budget": {"evaluations": evaluations},
+        "seed": seed,
+        "pairs": 2,
+        "warmup": 0,
+        "shape_pairs": 2,
+    });
+    if let Some(list) = policies {
+        p["policies"] = json!(list);
+    }
+    if let Some(t) = evaluate_timeout_s {
+        p["evaluate_timeout_s"] = json!(t);
+    }
+    p
+}
+
+/// Why a session-dependent check cannot run in this build (tuning not plugged into the daemon).
+#[derive(Debug)]
+struct NotAvailable(String);
+impl std::fmt::Display for NotAvailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tuning not available in this build of tilewised: {}", self.0)
+    }
+}
+impl std::error::Error for NotAvailable {}
+
+/// `tuning.start`; returns (session id, resumed).
+fn start_session(d: &Daemon, params: &Value) -> Result<(i64, bool)> {
+    let mut c = d.client()?;
+    c.set_timeout(Duration::from_secs(300))?; // the first start synthesizes the model
+    match c.call("tuning.start", params.clone())? {
+        Ok(r) => Ok((
+            r.get("session_id").and_then(Value::as_i64).ok_or_else(|| anyhow!("tuning.start result without session_id: {r}"))?,
+            r.get("resumed").and_then(Value::as_bool).unwrap_or(false),
+        )),
+        Err(e) if error_code(&e) == codes::NOT_AVAILABLE => Err(NotAvailable(e.to_string()).into()),
+        Err(e) => bail!("tuning.start refused: {e}"),
+    }
+}
+
+fn is_terminal(state: &str) -> bool {
+    matches!(state, "finished" | "failed" | "stopped")
+}
+
+/// Waits until the session reaches a terminal state; returns (state, reason).
+fn wait_session_end(d: &Daemon, sid: i64, timeout: Duration) -> Result<(String, Option<String>)> {
+    let t0 = Instant::now();
+    loop {
+        if let Some((state, reason, _, _)) = session_row(&d.db, sid)? {
+            if is_terminal(&state) {
+                return Ok((state, reason));
+            }
+        }
+        if t0.elapsed() > timeout {
+            bail!("session {sid} did not end within {timeout:?}; daemon log:\n{}", d.log_tail(15));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Which session the daemon is running now (`status.tuning.session_id`).
+fn running_session(d: &Daemon) -> Option<i64> {
+    let mut c = d.client().ok()?;
+    let s = c.call("status", json!({})).ok()?.ok()?;
+    s.pointer("/tuning/session_id").and_then(Value::as_i64)
+}
+
+fn skip_or_error(check: &str, e: anyhow::Error) -> Row {
+    if let Some(na) = e.downcast_ref::<NotAvailable>() {
+        Row::new(check, na.to_string(), "runs", Verdict::Skip)
+    } else {
+        Row::error(check, &e)
+    }
+}
+
+// ---------------------------------------------------------------- kill -9 at scale
+
+fn kill9(bins: &Binaries, root: &Path, o: &FaultOptions) -> Result<Row> {
+    let home = crate::home(root, "kill9")?;
+    let mut d = Daemon::start(bins, &home, &[("TILEWISE_LOG", "info")])?;
+    let evaluations = (o.kills as u64).max(4);
+    let params = session_params(evaluations, 7, None, None);
+    let (sid, _) = start_session(&d, &params)?;
+    let budget = Duration::from_secs(if o.quick { 150 } else { 540 });
+    let t0 = Instant::now();
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut seen = Snapshot::default(); // union of everything seen committed before any kill
+    let (mut kills, mut restarts_ok, mut resumed_ok) = (0u32, 0u32, 0u32);
+    let mut lost: Vec<String> = Vec::new();
+    for k in 0..o.kills {
+        if t0.elapsed() > budget {
+            break;
+        }
+        if session_row(&d.db, sid)?.map(|r| is_terminal(&r.0)).unwrap_or(false) {
+            break; // the budget ran out before the kills did
+        }
+        // Alternate the moment: right after a commit plus a random part of the next measurement
+        // (odd kills), or at a random time after the restart — during worker start, model load,
+        // screening (even kills).
+        let base = snapshot(&d.db)?.trials();
+        if k % 2 == 1 {
+            let w0 = Instant::now();
+            while snapshot(&d.db)?.trials() == base && w0.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..1500)));
+        } else {
+            std::thread::sleep(Duration::from_millis(rng.random_range(300..3000)));
+        }
+        let before = snapshot(&d.db)?;
+        d.kill9();
+        kills += 1;
+        for (id, t) in before.measurements.iter() {
+            seen.measurements.insert(*id, t.clone());
+        }
+        for (id, r) in before.failed.iter() {
+            seen.failed.insert(*id, r.clone());
+        }
+        d.restart().with_context(|| format!("restart after kill {kills}"))?;
+        restarts_ok += 1;
+        lost.extend(snapshot(&d.db)?.lost_from(&before));
+        // The daemon resumes an interrupted session by itself; if not, tuning.start must resume
+        // the same session rather than start a new one.
+        let w0 = Instant::now();
+        let mut resumed = false;
+        while w0.elapsed() < Duration::from_secs(20) {
+            if running_session(&d) == Some(sid) {
+                resumed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !resumed {
+            let (again, was_resumed) = start_session(&d, &params)?;
+            resumed = again == sid && was_resumed;
+        }
+        if resumed {
+            resumed_ok += 1;
+        }
+    }
+    let end = wait_session_end(&d, sid, Duration::from_secs(if o.quick { 240 } else { 600 }))?;
+    let fin = snapshot(&d.db)?;
+    lost.extend(fin.lost_from(&seen));
+    let dups = duplicate_candidates(&d.db, sid)?;
+    let unexplained = fin.failed.values().filter(|r| r.as_deref().unwrap_or("").trim().is_empty()).count();
+    let alive = d.answers();
+    let ok = kills > 0 && restarts_ok == kills && resumed_ok == kills && lost.is_empty() && dups == 0 && unexplained == 0 && alive && end.0 == "finished";
+    Ok(Row::pass_if(
+        "faults: kill -9 during a session",
+        format!(
+            "{kills} kills, {restarts_ok} restarts, {resumed_ok} resumed; session {}; {} trials ({} samples) committed, lost {}{}; duplicate candidates {dups}; failures without reason {unexplained}",
+            end.0,
+            fin.trials(),
+            fin.samples(),
+            lost.len(),
+            lost.first().map(|l| format!(" (first: {l})")).unwrap_or_default(),
+        ),
+        "all survived, 0 lost",
+        ok,
+    ))
+}
+
+// ---------------------------------------------------------------- worker faults
+
+/// A valid policy the session measures as given (its target is replaced by the session's).
+fn fixed_policy(name: &str, tile_k: u64) -> Value {
+    json!({
+        "schema": "tilewise.policy/1",
+        "name": name,
+        "target": {"device": "*", "model": "*", "mlx": "*", "backend": "*"},
+        "matmul": {"rules": [{"m": [2, null], "plan": {"kind": "split", "tile_m": null, "tile_n": null, "tile_k": tile_k}}],
+                   "default": {"kind": "native"}}
+    })
+}
+
+/// One worker fault kind: a clean session first (committed trials to protect), then a daemon
+/// whose workers fault on every `evaluate`.
+fn worker_fault(bins: &Binaries, root: &Path, kind: &str) -> Result<Row> {
+    let home = crate::home(root, &format!("worker-{kind}"))?;
+    let check = format!("faults: worker {kind}");
+    let mut d = Daemon::start(bins, &home, &[])?;
+    let (sid0, _) = start_session(&d, &session_params(1, 3, Some(vec![fixed_policy("clean", 16)]), None))?;
+    wait_session_end(&d, sid0, Duration::from_secs(240))?;
+    let before = snapshot(&d.db)?;
+    anyhow::ensure!(before.measurements.len() >= 1, "the clean session committed no measurement");
+    d.terminate(Duration::from_secs(30));
+
+    let fault = format!("evaluate:{kind}");
+    let mut d = Daemon::start(bins, &home, &[("TILEWISE_WORKER_FAULT", fault.as_str())])?;
+    let t0 = Instant::now();
+    let (sid, _) = start_session(&d, &session_params(2, 4, Some(vec![fixed_policy("a", 32), fixed_policy("b", 64)]), Some(20)))?;
+    // While the worker misbehaves, other clients keep being served.
+    let mut served_during = 0;
+    let mut end = None;
+    while t0.elapsed() < Duration::from_secs(300) {
+        if d.answers() {
+            served_during += 1;
+        }
+        if let Some((state, reason, _, _)) = session_row(&d.db, sid)? {
+            if is_terminal(&state) {
+                end = Some((state, reason));
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let Some((state, reason)) = end else { bail!("session with worker {kind} did not end in 300 s; log:\n{}", d.log_tail(20)) };
+    let after = snapshot(&d.db)?;
+    let lost = after.lost_from(&before);
+    let new_failures: Vec<&(String, String)> = after.worker_failures.iter().skip(before.worker_failures.len()).collect();
+    let failed_now: Vec<(&i64, &Option<String>)> = after.failed.iter().filter(|(id, _)| !before.failed.contains_key(id)).collect();
+    let reasons_stored = !failed_now.is_empty()
+        && failed_now.iter().all(|(_, r)| r.as_deref().is_some_and(|r| !r.trim().is_empty()))
+        && new_failures.iter().all(|(_, m)| !m.trim().is_empty());
+    let alive = d.alive() && d.answers();
+    let example = new_failures
+        .first()
+        .map(|(k, m)| format!("{k}: {m}"))
+        .or_else(|| failed_now.first().and_then(|(_, r)| (*r).clone()))
+        .unwrap_or_default();
+    Ok(Row::pass_if(
+        check,
+        format!(
+            "alive: {alive}, served {served_during}× meanwhile; session {state}{}; {} candidates failed, {} worker failures stored (e.g. {:.90}); lost {} of {} trials",
+            reason.map(|r| format!(" ({r:.60})")).unwrap_or_default(),
+            failed_now.len(),
+            new_failures.len(),
+            example,
+            lost.len(),
+            before.trials()
+        ),
+        "survived, 0 lost, reason stored",
+        alive && lost.is_empty() && reasons_stored,
+    ))
+}
+
+// ---------------------------------------------------------------- storage faults
+
+fn sh(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Unmounts on drop, so a failing check never leaves a mount behind.
+struct Mount(PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn can_mount() -> Result<()> {
+    if !cfg!(target_os = "linux") {
+        bail!("needs Linux mounts (tmpfs, bind remount)");
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("needs root to mount");
+    }
+    Ok(())
+}
+
+/// Runs a session, lets it commit at least `min_trials`, applies `fault`, keeps the session going
+/// for `hold`, removes the fault, and checks survival, losses and stored reasons.
+fn storage_fault(
+    bins: &Binaries,
+    home: &Path,
+    check: &str,
+    min_trials: usize,
+    hold: Duration,
+    apply: &mut dyn FnMut() -> Result<()>,
+    undo: &mut dyn FnMut() -> Result<()>,
+) -> Result<Row> {
+    let mut d = Daemon::start(bins, home, &[("TILEWISE_LOG", "info")])?;
+    let params = session_params(40, 11, None, None);
+    let (sid, _) = start_session(&d, &params)?;
+    let w0 = Instant::now();
+    while snapshot(&d.db)?.trials() < min_trials {
+        if w0.elapsed() > Duration::from_secs(240) {
+            bail!("no {min_trials} trials committed in 240 s; log:\n{}", d.log_tail(15));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = snapshot(&d.db)?;
+    apply()?;
+    // During the fault: reads keep being served.
+    let h0 = Instant::now();
+    let (mut asked, mut answered) = (0, 0);
+    while h0.elapsed() < hold {
+        asked += 1;
+        if d.answers() {
+            answered += 1;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let alive_during = d.alive();
+    undo()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let alive_after = d.alive() && d.answers();
+    // Once the fault is gone the session must continue (or be resumable) and record why it stopped.
+    let (state, reason, _, _) = session_row(&d.db, sid)?.ok_or_else(|| anyhow!("session {sid} vanished"))?;
+    let mut resumed = "running on".to_string();
+    if is_terminal(&state) || running_session(&d) != Some(sid) {
+        let (again, _) = start_session(&d, &params)?;
+        resumed = if again == sid { format!("{state} ({}), resumed", reason.clone().unwrap_or_default()) } else { format!("{state}, new session {again}") };
+    }
+    let w1 = Instant::now();
+    while snapshot(&d.db)?.trials() <= before.trials() && w1.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = snapshot(&d.db)?;
+    let lost = after.lost_from(&before);
+    let progressed = after.trials() > before.trials();
+    let log = d.log_text();
+    let _ = d.client().and_then(|mut c| c.call("tuning.stop", json!({})));
+    let integrity = open_ro(&d.db)?.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))?;
+    let unexplained = after.failed.values().filter(|r| r.as_deref().unwrap_or("").trim().is_empty()).count();
+    let error_logged = log.contains("ERROR") || log.contains("WARN");
+    let ok = alive_during && alive_after && lost.is_empty() && progressed && integrity == "ok" && unexplained == 0 && error_logged;
+    Ok(Row::pass_if(
+        check.to_string(),
+        format!(
+            "alive during/after: {alive_during}/{alive_after}, reads served {answered}/{asked}; session {resumed}; trials {} → {}, lost {}; integrity {integrity}; failures without reason {unexplained}; error logged: {error_logged}",
+            before.trials(),
+            after.trials(),
+            lost.len()
+        ),
+        "survived, 0 lost, reason stored",
+        ok,
+    ))
+}
+
+fn read_only(bins: &Binaries, root: &Path) -> Result<Row> {
+    can_mount()?;
+    let home = crate::home(root, "read-only")?;
+    let hs = home.to_str().context("home path")?.to_string();
+    sh("mount", &["--bind", &hs, &hs])?;
+    let _m = Mount(home.clone());
+    let mut apply = || sh("mount", &["-o", "remount,ro,bind", &hs]);
+    let mut undo = || sh("mount", &["-o", "remount,rw,bind", &hs]);
+    storage_fault(bins, &home, "faults: database read-only (ro remount mid-session)", 2, Duration::from_secs(8), &mut apply, &mut undo)
+}
+
+fn disk_full(bins: &Binaries, root: &Path) -> Result<Row> {
+    can_mount()?;
+    let home = crate::home(root, "disk-full")?;
+    let hs = home.to_str().context("home path")?.to_string();
+    // Big enough for the tiny synthetic model, the database and logs; then a filler takes the rest.
+    sh("mount", &["-t", "tmpfs", "-o", "size=256m,mode=0755", "tmpfs", &hs])?;
+    let _m = Mount(home.clone());
+    let filler = home.join("filler");
+    let f2 = filler.clone();
+    let mut apply = move || {
+        // Fill until ENOSPC (a write error is the point).
+        let mut f = std::fs::File::create(&filler)?;
+        let chunk = vec![0u8; 1 << 20];
+        use std::io::Write;
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        Ok(())
+    };
+    let mut undo = move || Ok(std::fs::remove_file(&f2)?);
+    storage_fault(bins, &home, "faults: disk full (256 MiB tmpfs filled mid-session)", 2, Duration::from_secs(8), &mut apply, &mut undo)
+}
+
+/// Corrupts pages of a stopped daemon's database (keeping the 100-byte header, so SQLite opens it
+/// and only an integrity check finds the damage), then restarts the daemon.
+fn corrupted(bins: &Binaries, root: &Path) -> Result<Row> {
+    let home = crate::home(root, "corrupt")?;
+    let mut d = Daemon::start(bins, &home, &[])?;
+    // Give the database some content through the real daemon (a hello event per client).
+    for _ in 0..50 {
+        let _ = d.client()?.call("policy.get", unknown_model_params("corrupt"))?;
+    }
+    anyhow::ensure!(d.terminate(Duration::from_secs(30)), "daemon did not stop on SIGTERM");
+    let db = d.db.clone();
+    let mut bytes = std::fs::read(&db)?;
+    let page = 4096;
+    anyhow::ensure!(bytes.len() >= 4 * page, "database unexpectedly small ({} bytes)", bytes.len());
+    let mut rng = StdRng::seed_from_u64(5);
+    for p in 1..bytes.len() / page {
+        // Scramble the b-tree page headers and some cells: structure damage integrity_check sees.
+        for i in 0..64 {
+            bytes[p * page + i] = rng.random();
+        }
+    }
+    std::fs::write(&db, &bytes)?;
+    let corrupt_copy = bytes;
+    let started = d.restart();
+    let log = d.log_text();
+    let moved: Vec<PathBuf> = std::fs::read_dir(&home)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("tilewise.db.corrupt")))
+        .filter(|p| !p.to_string_lossy().ends_with("-wal") && !p.to_string_lossy().ends_with("-shm"))
+        .collect();
+    let preserved = moved.iter().any(|p| std::fs::read(p).map(|b| b == corrupt_copy).unwrap_or(false));
+    let fresh_ok = started.is_ok()
+        && open_ro(&db).and_then(|c| Ok(c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))?)).map(|s| s == "ok").unwrap_or(false);
+    let message = log.lines().find(|l| l.contains("corrupt")).unwrap_or("").trim().to_string();
+    let alive = started.is_ok() && d.answers();
+    Ok(Row::pass_if(
+        "faults: corrupted database file",
+        format!(
+            "daemon {}; moved aside byte-identical: {preserved} ({}); fresh database ok: {fresh_ok}; message: {:.140}",
+            if alive { "serving" } else { "not serving" },
+            moved.first().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "none".into()),
+            if message.is_empty() { started.err().map(|e| format!("{e:#}")).unwrap_or_else(|| "none".into()) } else { message }
+        ),
+        "detected, moved aside, never overwritten",
+        alive && preserved && fresh_ok,
+    ))
+}
+
+pub fn rows(bins: &Binaries, root: &Path, o: &FaultOptions) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut step = |name: &str, r: Result<Row>| rows.push(r.unwrap_or_else(|e| skip_or_error(name, e)));
+    step("faults: corrupted database file", corrupted(bins, root));
+    step("faults: kill -9 during a session", kill9(bins, root, o));
+    let kinds: &[&str] = &["crash", "garbage", "oom", "hang"];
+    for kind in kinds {
+        step(&format!("faults: worker {kind}"), worker_fault(bins, root, kind));
+    }
+    let mount_skip = |name: &str, r: Result<Row>| match r {
+        Err(e) if can_mount().is_err() => Ok(Row::new(name, format!("{e:#}"), "runs", Verdict::Skip)),
+        other => other,
+    };
+    step("faults: database read-only", mount_skip("faults: database read-only", read_only(bins, root)));
+    step("faults: disk full", mount_skip("faults: disk full", disk_full(bins, root)));
+    rows
+}
