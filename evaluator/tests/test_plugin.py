@@ -441,6 +441,87 @@ def test_misbehaving_daemon_costs_at_most_the_timeout(behaviour, tiny_dir, fresh
     assert elapsed < 1.0, elapsed
 
 
+class AnsweringDaemon(MisbehavingDaemon):
+    """Speaks the protocol but serves `answer` (a policy.get result) for any model: lets the tests
+    show what the plugin does with a daemon answer it must refuse (the real daemon never serves one:
+    it keys its bests by exactly the target the plugin checks)."""
+
+    def __init__(self, path, answer, device="dev-here"):
+        self.answer, self.device = answer, device
+        super().__init__(path, "answer")
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn):
+        results = {"hello": {"daemon": "tilewised", "version": "0", "protocol": 1, "pid": os.getpid()},
+                   "status": {"device_fingerprint": self.device}, "policy.get": self.answer}
+        for line in conn.makefile("rb"):
+            req = json.loads(line)
+            conn.sendall(json.dumps({"jsonrpc": "2.0", "id": req["id"], "result": results[req["method"]]}).encode() + b"\n")
+
+
+def _answer(doc, **over):
+    a = {"policy": doc, "hash": P.content_hash(doc), "source": "best", "reason": "proven", "evidence": None}
+    a.update(over)
+    return a
+
+
+DAEMON_ANSWERS = {
+    "policy for another model": (lambda t: _answer(split_head_policy(dict(t, model="mdl-" + "1" * 32))),
+                                 "targets model mdl-1111"),
+    "policy for another device": (lambda t: _answer(split_head_policy(dict(t, device="dev-other"))),
+                                  "targets device dev-other, this is dev-here"),
+    "policy for another mlx": (lambda t: _answer(split_head_policy(dict(t, mlx="9.9.9"))), "targets mlx 9.9.9"),
+    "hash mismatch": (lambda t: _answer(split_head_policy(t), hash="sha256:" + "0" * 64), "content hash"),
+    "schema-invalid": (lambda t: _answer({"schema": "tilewise.policy/1", "target": t,
+                                          "matmul": {"rules": "all", "default": {"kind": "native"}}},
+                                         hash=None), "matmul.rules"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAEMON_ANSWERS))
+def test_a_daemon_answer_that_fails_the_checks_is_refused_and_not_cached(case, tiny_dir):
+    make, expected = DAEMON_ANSWERS[case]
+    stock_model, _ = load_tiny(tiny_dir)
+    good = split_head_policy(target_of(stock_model, device="dev-here"))
+    cache_file = seed_cache(stock_model, good)  # an older answer that a refused one must not leave behind
+    server = AnsweringDaemon(daemon_client.socket_path(), make(target_of(stock_model, device="dev-here")))
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            plugin.enable_optimizations(timeout=2.0)
+            model, _ = load_tiny(tiny_dir)
+    finally:
+        server.close()
+    r = plugin.status().models[-1]
+    assert r.source == "native" and not is_patched(model)
+    assert "the daemon's policy was refused" in r.reason and expected in r.reason, r.reason
+    assert len(tilewise_warnings(rec)) == 1 and not cache_file.exists()
+
+
+def test_a_good_daemon_answer_is_applied_and_cached(tiny_dir):
+    stock_model, _ = load_tiny(tiny_dir)
+    doc = split_head_policy(target_of(stock_model, device="dev-here"))
+    server = AnsweringDaemon(daemon_client.socket_path(), _answer(doc))
+    try:
+        plugin.enable_optimizations(timeout=2.0)
+        model, _ = load_tiny(tiny_dir)
+    finally:
+        server.close()
+    r = plugin.status().models[-1]
+    assert (r.source, r.policy_hash, r.patched_layers) == ("daemon", P.content_hash(doc), 1)
+    key = (r.model_fingerprint, mx.__version__, workloads.backend())
+    entry, problem = plugin._read_cache(key)
+    assert problem is None and entry["hash"] == P.content_hash(doc) and entry["device_fingerprint"] == "dev-here"
+
+
 def test_stale_socket_file_is_unavailable_not_an_error(tiny_dir):
     path = daemon_client.socket_path()
     path.parent.mkdir(parents=True)
