@@ -536,19 +536,43 @@ fn corrupted(bins: &Binaries, root: &Path) -> Result<Row> {
     let preserved = moved.iter().any(|p| std::fs::read(p).map(|b| b == corrupt_copy).unwrap_or(false));
     let fresh_ok = started.is_ok()
         && open_ro(&db).and_then(|c| Ok(c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))?)).map(|s| s == "ok").unwrap_or(false);
-    let message = log.lines().find(|l| l.contains("corrupt")).unwrap_or("").trim().to_string();
+    let message = log
+        .lines()
+        .map(strip_ansi)
+        .find(|l| l.contains("corrupt"))
+        .map(|l| l.find("database ").map(|i| l[i..].to_string()).unwrap_or(l))
+        .unwrap_or_default();
     let alive = started.is_ok() && d.answers();
+    let logged = !message.is_empty();
     Ok(Row::pass_if(
         "faults: corrupted database file",
         format!(
             "daemon {}; moved aside byte-identical: {preserved} ({}); fresh database ok: {fresh_ok}; message: {:.140}",
             if alive { "serving" } else { "not serving" },
             moved.first().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "none".into()),
-            if message.is_empty() { started.err().map(|e| format!("{e:#}")).unwrap_or_else(|| "none".into()) } else { message }
+            if message.is_empty() { started.err().map(|e| format!("{e:#}")).unwrap_or_else(|| "none logged".into()) } else { message }
         ),
         "detected, moved aside, never overwritten",
-        alive && preserved && fresh_ok,
+        alive && preserved && fresh_ok && logged,
     ))
+}
+
+/// The daemon's stderr log carries terminal colour codes; figures show plain text.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 pub fn rows(bins: &Binaries, root: &Path, o: &FaultOptions) -> Vec<Row> {
@@ -567,4 +591,35 @@ pub fn rows(bins: &Binaries, root: &Path, o: &FaultOptions) -> Vec<Row> {
     step("faults: database read-only", mount_skip("faults: database read-only", read_only(bins, root)));
     step("faults: disk full", mount_skip("faults: disk full", disk_full(bins, root)));
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_colour_codes() {
+        assert_eq!(strip_ansi("\u{1b}[2m12:00\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m database x"), "12:00 ERROR database x");
+    }
+
+    #[test]
+    fn lost_trials_are_named() {
+        let t = |c, r| Trial { candidate: c, correct: true, ratio: Some(r), samples: 4 };
+        let mut before = Snapshot::default();
+        before.measurements.insert(1, t(10, 1.0));
+        before.measurements.insert(2, t(11, 1.1));
+        before.failed.insert(12, Some("crash".into()));
+        let mut after = before.clone();
+        assert!(after.lost_from(&before).is_empty());
+        after.measurements.remove(&1);
+        after.measurements.insert(2, t(11, 1.2));
+        after.failed.clear();
+        let lost = after.lost_from(&before);
+        assert_eq!(lost.len(), 3, "{lost:?}");
+        // A failed candidate measured later is not lost.
+        let mut later = before.clone();
+        later.failed.clear();
+        later.measurements.insert(3, t(12, 1.0));
+        assert!(later.lost_from(&before).is_empty());
+    }
 }
