@@ -10,10 +10,13 @@ For each (N, K) of the model and each M (tokens in flight) it
      per-pair ratios native/kernel with a bootstrap 95 % interval;
   4. times one training-shaped forward+backward (kernel forward, native-matmul VJP) against native.
 
-Timing discipline: each timed "chunk" evaluates many independent matmuls whose weights rotate through
-enough copies to exceed the L2 cache (like a model's 24 layers do), so no kernel is timed on a
-cache-resident weight. Times are wall-clock around `mx.eval` of the chunk, divided by its length (the
-graph is built before the clock starts; Python's per-call build cost is reported separately).
+Timing discipline: each timed "chunk" evaluates a chain of matmuls, each depending on the previous one
+(as a model's linears do; independent ops would run concurrently inside MLX's CUDA graphs and flatter
+small kernels), whose weights rotate through enough copies to exceed the L2 cache (like a model's 24
+layers do), so no kernel is timed on a cache-resident weight. Times are wall-clock around `mx.eval` of
+the chunk, divided by its length: they include MLX's host cost per op, which is what decode feels.
+The graph is built before the clock starts; Python's per-call build cost is reported separately.
+bench/gpu/gpu_time.py gives the kernels' own GPU time (Nsight Compute) for the best plans.
 
 Usage: python bench/gpu/kernel_bench.py --out DIR [--quick]
 Writes DIR/kernel_bench.json (every raw sample) and prints a table last.
@@ -71,9 +74,11 @@ def candidates(m, quick=False):
         out += [gemv(4, 1, 4), gemm(16, 64, 64, 4), gemm(16, 128, 32, 4)]
     else:
         tiles = [(32, 64, 32, 2), (64, 64, 32, 4), (64, 64, 64, 4), (64, 128, 32, 4), (128, 64, 32, 4),
-                 (128, 128, 32, 8), (64, 256, 32, 8), (32, 128, 64, 4), (128, 32, 32, 4), (64, 64, 32, 2)]
+                 (128, 128, 32, 8), (64, 256, 32, 8), (32, 128, 64, 4), (128, 32, 32, 4), (64, 64, 32, 2),
+                 (16, 64, 64, 4), (32, 32, 64, 2), (16, 128, 64, 4)]
         out = [gemm(*t) for t in tiles]
-        out += [gemm(64, 64, 32, 4, 2), gemm(64, 128, 32, 4, 2), gemm(128, 128, 32, 8, 2), gemm(64, 64, 64, 4, 4)]
+        out += [gemm(64, 64, 32, 4, 2), gemm(64, 128, 32, 4, 2), gemm(128, 128, 32, 8, 2), gemm(64, 64, 64, 4, 4),
+                gemm(32, 64, 64, 4, 2), gemm(16, 64, 64, 4, 4)]
     return [p for p in out if not plan_problems(p, "cuda", "bfloat16", m)]
 
 
@@ -105,7 +110,17 @@ class Problem:
         mx.eval(self.ws, self.xs)
 
     def ops(self, fn):
-        return [fn(self.xs[i % len(self.xs)], self.ws[i % len(self.ws)]) for i in range(self.chunk)]
+        """The chunk's matmuls, each made to depend on the one before (`mx.depends`, no data or kernel
+        added): a model runs its linears one after another, so independent ops, which MLX's CUDA graphs
+        run concurrently, would flatter kernels that leave the GPU mostly idle (run1/run2 did that)."""
+        outs, prev = [], None
+        for i in range(self.chunk):
+            x = self.xs[i % len(self.xs)]
+            if prev is not None:
+                x = mx.depends([x], [prev])[0]
+            prev = fn(x, self.ws[i % len(self.ws)])
+            outs.append(prev)
+        return outs
 
     def time(self, fn):
         """Seconds per matmul for one chunk (device + launch; graph built before the clock)."""
