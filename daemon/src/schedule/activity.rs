@@ -357,6 +357,36 @@ pub mod macos {
     }
 }
 
+/// The slowly changing part of a reading (power, Low Power Mode, thermal state). Sources whose
+/// readings cost a command each re-read it at most every [`SlowFields::MAX_AGE`], so the fast
+/// sampling needed while a measurement runs (a few per second) costs one command, not four.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlowFields {
+    pub at: Instant,
+    pub on_ac_power: bool,
+    pub battery_percent: Option<u8>,
+    pub low_power_mode: bool,
+    pub thermal: Thermal,
+}
+
+impl SlowFields {
+    pub const MAX_AGE: Duration = Duration::from_secs(5);
+
+    /// The cached value if it is recent enough, else a fresh one from `read` (which is cached).
+    pub fn get_or_refresh(
+        cache: &Mutex<Option<SlowFields>>,
+        read: impl FnOnce() -> Result<SlowFields, ActivityError>,
+    ) -> Result<SlowFields, ActivityError> {
+        let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = c.as_ref().filter(|v| v.at.elapsed() < Self::MAX_AGE) {
+            return Ok(v.clone());
+        }
+        let fresh = read()?;
+        *c = Some(fresh.clone());
+        Ok(fresh)
+    }
+}
+
 #[cfg(target_os = "macos")]
 pub use mac_source::MacSource;
 
@@ -365,7 +395,11 @@ pub use mac_source::MacSource;
 mod mac_source {
     use super::*;
 
-    pub struct MacSource;
+    /// HIDIdleTime on every sample; power and thermal state through [`SlowFields`].
+    #[derive(Default)]
+    pub struct MacSource {
+        slow: Mutex<Option<SlowFields>>,
+    }
 
     fn run(program: &str, args: &[&str]) -> Result<String, ActivityError> {
         let command = format!("{program} {}", args.join(" "));
@@ -383,15 +417,22 @@ mod mac_source {
     impl ActivitySource for MacSource {
         fn sample(&self) -> Result<Activity, ActivityError> {
             let user_idle = macos::parse_hid_idle(&run("/usr/sbin/ioreg", &["-c", "IOHIDSystem"])?)?;
-            let batt = macos::parse_pmset_batt(&run("/usr/bin/pmset", &["-g", "batt"])?)?;
-            let low_power_mode = macos::parse_pmset_low_power(&run("/usr/bin/pmset", &["-g"])?);
-            let thermal = macos::parse_pmset_therm(&run("/usr/bin/pmset", &["-g", "therm"])?);
+            let slow = SlowFields::get_or_refresh(&self.slow, || {
+                let batt = macos::parse_pmset_batt(&run("/usr/bin/pmset", &["-g", "batt"])?)?;
+                Ok(SlowFields {
+                    at: Instant::now(),
+                    on_ac_power: batt.on_ac_power,
+                    battery_percent: batt.percent,
+                    low_power_mode: macos::parse_pmset_low_power(&run("/usr/bin/pmset", &["-g"])?),
+                    thermal: macos::parse_pmset_therm(&run("/usr/bin/pmset", &["-g", "therm"])?),
+                })
+            })?;
             Ok(Activity {
                 user_idle,
-                on_ac_power: batt.on_ac_power,
-                battery_percent: batt.percent,
-                low_power_mode,
-                thermal,
+                on_ac_power: slow.on_ac_power,
+                battery_percent: slow.battery_percent,
+                low_power_mode: slow.low_power_mode,
+                thermal: slow.thermal,
                 load_1m: load_1m(),
                 source: "macos",
             })
@@ -571,6 +612,8 @@ const LINUX_HEADLESS: &str = "linux-headless";
 pub struct LinuxSource {
     root: PathBuf,
     state: Mutex<InputState>,
+    /// The graphical session id from `loginctl show-user` (re-asked every minute: logins change rarely).
+    session: Mutex<Option<(Instant, Option<String>)>>,
 }
 
 #[derive(Default)]
@@ -586,7 +629,7 @@ impl LinuxSource {
 
     /// Reads `<root>/sys`, `<root>/proc`, `<root>/dev` (tests point this at a recorded tree).
     pub fn with_root(root: impl Into<PathBuf>) -> Self {
-        LinuxSource { root: root.into(), state: Mutex::new(InputState::default()) }
+        LinuxSource { root: root.into(), state: Mutex::new(InputState::default()), session: Mutex::new(None) }
     }
 
     fn read(&self, rel: &str) -> Option<String> {
@@ -643,9 +686,19 @@ impl LinuxSource {
         if self.root != Path::new("/") {
             return None; // a recorded tree has no logind
         }
-        let uid = unsafe { libc::getuid() }.to_string();
-        let user = command_output("loginctl", &["show-user", &uid, "-p", "Display"])?;
-        let session = linux::parse_loginctl_display(&user)?;
+        let session = {
+            let mut cached = self.session.lock().unwrap_or_else(|p| p.into_inner());
+            match cached.as_ref().filter(|(at, _)| at.elapsed() < Duration::from_secs(60)) {
+                Some((_, s)) => s.clone(),
+                None => {
+                    let uid = unsafe { libc::getuid() }.to_string();
+                    let s = command_output("loginctl", &["show-user", &uid, "-p", "Display"])
+                        .and_then(|t| linux::parse_loginctl_display(&t));
+                    *cached = Some((Instant::now(), s.clone()));
+                    s
+                }
+            }
+        }?;
         let text = command_output(
             "loginctl",
             &["show-session", &session, "-p", "IdleHint", "-p", "IdleSinceHint", "-p", "Type"],
@@ -746,7 +799,7 @@ pub fn platform_source() -> Result<Arc<dyn ActivitySource>, ActivityError> {
     }
     #[cfg(target_os = "macos")]
     {
-        Ok(Arc::new(MacSource))
+        Ok(Arc::new(MacSource::default()))
     }
     #[cfg(not(target_os = "macos"))]
     {

@@ -93,13 +93,17 @@ impl Drop for PauseToken {
 pub struct SchedulerOptions {
     /// Sampling period while tuning runs (must be well under 1 s: the pause budget).
     pub active_poll: Duration,
-    /// Longest sleep while tuning is blocked (for power, thermal and load changes).
+    /// Longest sleep otherwise (to notice power, thermal and load changes).
     pub idle_poll: Duration,
+    /// Whether a measurement may be running (true while a session runs). The fast
+    /// `active_poll` is used only then: an open gate with nothing to tune costs one sample per
+    /// `idle_poll`. None: always assume busy (a scheduler used on its own, as in tests).
+    pub busy: Option<tokio_watch::Receiver<bool>>,
 }
 
 impl Default for SchedulerOptions {
     fn default() -> Self {
-        SchedulerOptions { active_poll: Duration::from_millis(250), idle_poll: Duration::from_secs(30) }
+        SchedulerOptions { active_poll: Duration::from_millis(250), idle_poll: Duration::from_secs(30), busy: None }
     }
 }
 
@@ -153,7 +157,8 @@ async fn sample(source: &Arc<dyn ActivitySource>) -> Result<Activity, String> {
 /// How long to sleep after a decision, per the policy in the module docs.
 fn next_wake(decision: &Decision, gates: &Gates, options: &SchedulerOptions) -> Duration {
     if decision.run {
-        return options.active_poll;
+        let busy = options.busy.as_ref().is_none_or(|b| *b.borrow());
+        return if busy { options.active_poll } else { options.idle_poll };
     }
     match (&decision.activity, decision.blocked_by.as_slice()) {
         // Only the idle gate blocks: wake when it could first open (plus a hair, so the
@@ -170,11 +175,12 @@ fn next_wake(decision: &Decision, gates: &Gates, options: &SchedulerOptions) -> 
 async fn run(
     source: Arc<dyn ActivitySource>,
     mut gates: tokio_watch::Receiver<Gates>,
-    options: SchedulerOptions,
+    mut options: SchedulerOptions,
     tx: tokio_watch::Sender<Decision>,
     mut shutdown: tokio_watch::Receiver<bool>,
 ) {
     let changes = source.changes();
+    let mut busy = options.busy.clone();
     // Once the config side drops its sender, stop listening to it (else `changed()` would return
     // an error at once, every turn: a busy loop).
     let mut gates_open = true;
@@ -206,10 +212,21 @@ async fn run(
                 std::future::pending().await
             }
         };
+        let busy_changed = async {
+            match busy.as_mut() {
+                Some(b) => b.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(wake) => {}
             _ = notified => {}
             ok = gates_changed => gates_open = ok,
+            ok = busy_changed => if !ok {
+                // The busy signal's owner is gone: from now on assume busy (the safe side).
+                busy = None;
+                options.busy = None;
+            },
             _ = shutdown.changed() => return,
         }
         if tx.is_closed() {
