@@ -142,7 +142,7 @@ def resolve(spec):
         if not (p / "config.json").is_file():
             raise ModelNotFound(f"{p} has no config.json (not an mlx_lm model directory)")
         return p
-    if p.is_dir() is False and spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):  # looks like org/name
         cached = hf_cache_path(spec)
         if cached is not None:
             return cached
