@@ -16,7 +16,7 @@ fn gates(idle_seconds: f64) -> Gates {
 }
 
 fn options() -> SchedulerOptions {
-    SchedulerOptions { active_poll: Duration::from_millis(250), idle_poll: Duration::from_secs(30) }
+    SchedulerOptions { active_poll: Duration::from_millis(250), idle_poll: Duration::from_secs(30), busy: None }
 }
 
 /// Waits until the published decision satisfies `pred`; returns how long it took.
@@ -167,4 +167,26 @@ async fn blocked_scheduler_sleeps_instead_of_polling() {
     assert!(n <= 3, "sampled {n} times to wait out 1 s of idle time");
     h.stop().await;
     h2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_gate_with_nothing_to_tune_is_sampled_slowly() {
+    let f = activity_file(&ActivityFile::default());
+    let samples = Arc::new(AtomicUsize::new(0));
+    let source = Counting { inner: FileSource::new(&f.path).unwrap(), samples: samples.clone() };
+    let (_gtx, grx) = watch::channel(gates(60.0));
+    let (busy_tx, busy_rx) = watch::channel(false);
+    let h = Scheduler::spawn(Arc::new(source), grx, SchedulerOptions { busy: Some(busy_rx), ..options() });
+    let mut rx = h.subscribe();
+    wait_for(&mut rx, Duration::from_secs(2), |d| d.run).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_samples = samples.load(Ordering::SeqCst);
+    assert!(idle_samples <= 2, "sampled {idle_samples} times in 2 s with nothing to tune");
+
+    // A session starts measuring: fast sampling, so a returning person is seen within 1 s.
+    busy_tx.send(true).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let busy_samples = samples.load(Ordering::SeqCst) - idle_samples;
+    assert!((5..=12).contains(&busy_samples), "sampled {busy_samples} times in 2 s while measuring");
+    h.stop().await;
 }
