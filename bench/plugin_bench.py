@@ -3,11 +3,12 @@
 1. Policy fetch latency: the plugin's whole daemon path (connect, `hello`, `status`, `policy.get`,
    validation and content hash, cache write) against a real `tilewised` holding a stored best policy,
    vs the offline path (read the cached file, parse, validate, re-hash). Alternated fetch by fetch.
-2. Generation overhead of the native policy applied through the patch (every linear routed through
-   tilewise's dispatch, every plan native) vs stock mlx_lm, as the median of per-pair ratios
-   stock_time / patched_time with a bootstrap 95 % interval (tilewise.measure.interleaved: warmups,
-   alternating order, GC paused). Goal: >= 0.99. This is the worst case of the plugin's bookkeeping:
-   the plugin itself leaves a model stock when a policy is all-native, so a native fallback costs 0.
+2. Generation overhead vs stock mlx_lm, as the median of per-pair ratios stock_time / candidate_time
+   with a bootstrap 95 % interval (tilewise.measure.interleaved: warmups, alternating order, GC
+   paused), wall and process-CPU time. Goal: >= 0.99. Two candidates: (a) the plugin with the native
+   policy in force — what users get when nothing is proven (it leaves the model stock, so this is an
+   A/A check of the measurement); (b) the native policy forced through the patch on every linear —
+   the dispatch machinery's cost, the floor any policy touching every layer pays.
 3. Per-call dispatch overhead on one linear layer (patched native vs stock), which predicts (2) for any
    model: overhead per token = calls per token x this.
 
@@ -120,32 +121,63 @@ def fetch_latency(args, model) -> dict:
 # 2. generation overhead of the native policy vs stock
 
 
-def generation_overhead(args, model) -> dict:
+def _compare(args, model, label, setup_candidate) -> dict:
+    """stock vs `setup_candidate(model)` in interleaved pairs; prints and returns ratio + interval."""
     prompt = workloads.token_ids(workloads.vocab_size(model), args.prompt_tokens, 0)
-    native = P.native()
+
+    def timed():
+        # CPU time of the whole process (MLX's CPU threads included) beside wall time: on a shared,
+        # loaded machine it is far less disturbed by other processes than the wall clock. (On a GPU
+        # the wall clock is the figure; CPU time there is only the host side.)
+        c0 = time.process_time()
+        out = workloads.run_inference(model, prompt, args.gen_tokens)
+        out["cpu_seconds"] = time.process_time() - c0
+        return out
 
     def stock():
         patch.remove(model)
-        return workloads.run_inference(model, prompt, args.gen_tokens)
+        return timed()
 
-    def patched():
-        patch.apply(model, native)
-        return workloads.run_inference(model, prompt, args.gen_tokens)
+    def candidate():
+        setup_candidate(model)
+        return timed()
 
-    r = measure.interleaved({"stock": stock, "candidate": patched}, pairs=args.pairs, warmup=args.warmup)
+    r = measure.interleaved({"stock": stock, "candidate": candidate}, pairs=args.pairs, warmup=args.warmup)
     patch.remove(model)
     secs = {a: [s["seconds"] for s in r["samples"] if s["arm"] == a] for a in ("stock", "candidate")}
+    cpu = {(s["pair"], s["arm"]): s["cpu_seconds"] for s in r["samples"]}
+    cpu_ratio = measure.median_ci([cpu[(i, "stock")] / cpu[(i, "candidate")] for i in range(args.pairs)])
     tok = args.prompt_tokens + args.gen_tokens
-    say(f"## 2. generation: native policy through the patch vs stock ({args.pairs} interleaved pairs, "
-        f"{args.warmup} warmups; prompt {args.prompt_tokens}, generate {args.gen_tokens})")
-    say(f"  stock   median {statistics.median(secs['stock']) * 1e3:9.2f} ms per run "
-        f"({tok / statistics.median(secs['stock']):.0f} tok/s incl. prefill)")
-    say(f"  patched median {statistics.median(secs['candidate']) * 1e3:9.2f} ms per run "
-        f"({tok / statistics.median(secs['candidate']):.0f} tok/s incl. prefill)")
-    verdict = "meets" if r["ratio"] >= 0.99 else "BELOW"
-    say(f"  ratio stock/patched = {r['ratio']:.4f}  95% CI [{r['lo']:.4f}, {r['hi']:.4f}]  "
-        f"({verdict} the >= 0.99 goal on the median)")
-    return {k: r[k] for k in ("ratio", "lo", "hi", "n_pairs", "ratios", "samples")}
+    say(f"### {label}")
+    for arm in ("stock", "candidate"):
+        med = statistics.median(secs[arm])
+        say(f"  {arm:9s} median {med * 1e3:9.2f} ms per run ({tok / med:.0f} tok/s incl. prefill)")
+    for clock, (ratio, lo, hi) in (("wall", (r["ratio"], r["lo"], r["hi"])), ("cpu ", cpu_ratio)):
+        verdict = "meets" if ratio >= 0.99 else "BELOW"
+        say(f"  {clock} time ratio stock/candidate = {ratio:.4f}  95% CI [{lo:.4f}, {hi:.4f}]  "
+            f"({verdict} the >= 0.99 goal on the median)")
+    out = {k: r[k] for k in ("ratio", "lo", "hi", "n_pairs", "ratios", "samples")}
+    out["cpu"] = dict(zip(("ratio", "lo", "hi"), cpu_ratio))
+    return out
+
+
+def generation_overhead(args, model) -> dict:
+    say(f"## 2. generation overhead vs stock mlx_lm ({args.pairs} interleaved pairs, {args.warmup} warmups; "
+        f"prompt {args.prompt_tokens}, generate {args.gen_tokens} tokens; ratio = stock time / candidate time)")
+    # (a) what the plugin does when native is in force: resolve it, and leave the model stock.
+    target = plugin.this_target(model)
+    home = Path(tempfile.mkdtemp(prefix="tw-bench-native-"))
+    (home / "native.json").write_text(json.dumps(P.make_policy(target=dict(target, device="*"), name="native")))
+    record = plugin.apply_to(model, home / "native.json")
+    assert record.source == "file" and record.patched_layers == 0, record
+    a = _compare(args, model, "(a) the plugin with the native policy in force (it leaves the model stock: an A/A check)",
+                 lambda m: None)
+    # (b) the dispatch machinery itself: every linear patched, every plan native (the worst case any
+    #     policy that touches all layers pays before its plans do anything).
+    native = patch.prepare(P.native())
+    b = _compare(args, model, "(b) the native policy forced through the patch on every linear (dispatch cost, worst case)",
+                 lambda m: patch.apply(m, native))
+    return {"plugin_native": a, "forced_patch_native": b}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,10 +193,10 @@ def call_overhead(args, n=64, k=64, calls=5000, pairs=15) -> dict:
     holder = nn.Sequential(layer)
 
     def run():
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         ys = [layer(x) for _ in range(calls)]
         mx.eval(ys)
-        return {"seconds": (time.perf_counter() - t0) / calls}
+        return {"seconds": (time.process_time() - t0) / calls}
 
     def stock():
         patch.remove(holder)
@@ -177,7 +209,7 @@ def call_overhead(args, n=64, k=64, calls=5000, pairs=15) -> dict:
     r = measure.interleaved({"stock": stock, "candidate": patched}, pairs=pairs, warmup=2)
     patch.remove(holder)
     secs = {a: statistics.median(s["seconds"] for s in r["samples"] if s["arm"] == a) for a in ("stock", "candidate")}
-    say(f"## 3. dispatch cost: one small Linear({k}->{n}) at M=1 (Python overhead dominates), {calls} calls per sample, {pairs} pairs: "
+    say(f"## 3. dispatch cost: one small Linear({k}->{n}) at M=1 (Python overhead dominates), {calls} calls per sample, {pairs} pairs, CPU time: "
         f"stock {us(secs['stock'])}/call, patched-native {us(secs['candidate'])}/call, "
         f"difference {us(secs['candidate'] - secs['stock'])}/call; ratio {r['ratio']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}]")
     return {"per_call_s": secs, "ratio": r["ratio"], "lo": r["lo"], "hi": r["hi"]}
@@ -212,6 +244,19 @@ def main():
         raw["fetch"] = fetch_latency(args, model)
     raw["generation"] = generation_overhead(args, model)
     raw["call"] = call_overhead(args)
+    # (b) predicted from (3), robust to machine noise: matmul calls per run x dispatch cost per call.
+    patch.apply(model, P.native())
+    patch.reset_call_counts()
+    workloads.run_inference(model, workloads.token_ids(workloads.vocab_size(model), args.prompt_tokens, 0), args.gen_tokens)
+    calls = sum(patch.call_counts().values())
+    patch.remove(model)
+    per_call = raw["call"]["per_call_s"]["candidate"] - raw["call"]["per_call_s"]["stock"]
+    stock_run = statistics.median(s["cpu_seconds"] for s in raw["generation"]["forced_patch_native"]["samples"]
+                                  if s["arm"] == "stock")
+    predicted = stock_run / (stock_run + calls * per_call)
+    say(f"## (b) predicted from (3): {calls} patched matmul calls per run x {us(per_call).strip()} = "
+        f"{calls * per_call * 1e3:.3f} ms on a {stock_run * 1e3:.1f} ms (CPU) run -> ratio {predicted:.4f}")
+    raw["predicted_forced_patch_ratio"] = predicted
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
