@@ -13,8 +13,8 @@ pub fn signed_pct(ratio: f64) -> String {
 /// or `Daemon not running` when there is no status at all.
 ///
 /// `status` is the result of `status`; `session` the result of `session.show` for the session that
-/// status names (when there is one). The generation is the highest among the session's candidates
-/// (or `tuning.detail.generation`); the best is the session's promoted best (or
+/// status names (when there is one). The generation is `tuning.detail.generation`, else the search's
+/// (`search.generation`), else the highest among the session's candidates; the best is the session's promoted best (or
 /// `tuning.detail.best`). Missing fields are left out rather than guessed.
 pub fn status_line(status: Option<&Value>, session: Option<&Value>) -> String {
     let Some(status) = status else { return "Daemon not running".to_string() };
@@ -23,9 +23,10 @@ pub fn status_line(status: Option<&Value>, session: Option<&Value>) -> String {
     match tuning["state"].as_str().unwrap_or("idle") {
         "tuning" => {
             let mut parts = Vec::new();
-            let generation = tuning["detail"]["generation"].as_u64().or_else(|| {
-                session?["candidates"].as_array()?.iter().filter_map(|c| c["generation"].as_u64()).max()
-            });
+            let generation = tuning["detail"]["generation"]
+                .as_u64()
+                .or_else(|| session?["search"]["generation"].as_u64())
+                .or_else(|| session?["candidates"].as_array()?.iter().filter_map(|c| c["generation"].as_u64()).max());
             if let Some(generation) = generation {
                 parts.push(format!("generation {generation}"));
             }
@@ -91,6 +92,9 @@ mod tests {
         let early = json!({"session": {"id": 3}, "candidates": [{"generation": 0}], "best": null});
         assert_eq!(status_line(Some(&status), Some(&early)), "Tuning — generation 0");
         assert_eq!(status_line(Some(&status), None), "Tuning");
+        // The search's own generation counter wins over the candidates' (which may lag behind).
+        let searched = json!({"search": {"generation": 9}, "candidates": [{"generation": 7}], "best": null});
+        assert_eq!(status_line(Some(&status), Some(&searched)), "Tuning — generation 9");
         // The tuning service's own progress, when it reports one, needs no session.show.
         let detailed = json!({"tuning": {"state": "tuning", "detail": {"generation": 4, "best": {"ratio": 1.1}}}});
         assert_eq!(status_line(Some(&detailed), None), "Tuning — generation 4, best +10.0 %");

@@ -130,8 +130,9 @@ function renderSession(show, error, tuning) {
     box.append(h("div", { class: "muted", "data-testid": "session-best" }, "nothing proven faster than stock yet"));
   }
 }
-/** The session's generation: the highest among its candidates. */
+/** The session's generation: the search's own counter, else the highest among its candidates. */
 function sessionGeneration(show) {
+  if (show.search && typeof show.search.generation === "number") return show.search.generation;
   const gens = (show.candidates || []).map((c) => c.generation).filter((g) => typeof g === "number");
   return gens.length ? Math.max(...gens) : null;
 }
@@ -168,6 +169,13 @@ function speedupPoints(history) {
   return ((history && history.promotions) || [])
     .map((p) => ({ t: fmt.toDate(p.at), ratio: p.ratio, lo: p.lo, hi: p.hi, label: `promoted ${String(p.hash).slice(0, 15)} (session ${p.session_id ?? "—"})` }))
     .filter((p) => p.t && typeof p.ratio === "number").sort((a, b) => a.t - b.t);
+}
+/** The current session's measured candidates (correct ones), as faint points behind the promotions. */
+function candidatePoints(show) {
+  return ((show && show.candidates) || [])
+    .filter((c) => c.measurement && c.measurement.correct && typeof c.measurement.ratio === "number")
+    .map((c) => ({ t: fmt.toDate(c.measurement.at), ratio: c.measurement.ratio, lo: c.measurement.lo, hi: c.measurement.hi, label: `candidate ${c.id} (gen ${c.generation}, ${c.origin})` }))
+    .filter((p) => p.t).sort((a, b) => a.t - b.t);
 }
 /**
  * Per-shape rows from the shape memo entries that session.show carries as `memo` (MemoEntry: m, n, k,
@@ -257,7 +265,7 @@ async function refresh() {
   } else {
     renderPolicy(null, null);
   }
-  charts.speedup($("speedup-chart"), speedupPoints(history.ok));
+  charts.speedup($("speedup-chart"), speedupPoints(history.ok), candidatePoints(show));
   charts.shapes($("shape-chart"), shapeRows(show));
   if (history.error) $("speedup-chart").append(h("p", { class: "muted" }, `history: ${history.error}`));
   document.body.dataset.loaded = String(state.lastRefresh);

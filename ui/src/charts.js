@@ -24,23 +24,26 @@
   }
 
   /**
-   * Best speedup over time. points: [{t: Date, ratio, lo, hi, label}] in time order. Each point is a
-   * promotion (or a measured best); its 95 % interval is drawn as a bar, the ratio as a dot, and the
-   * running best as a step line. The dashed line at 1.0 is stock speed.
+   * Best speedup over time. `points`: the promotions [{t: Date, ratio, lo, hi, label}] — each drawn as a
+   * dot with its 95 % interval as a bar, and the running best as a step line. `background`: the
+   * session's measured candidates, drawn small and grey (what the search tried). The dashed line at
+   * 1.0 is stock speed.
    */
-  function speedup(container, points) {
-    if (!points.length) return empty(container, "No promoted policy yet: stock MLX is being served.");
+  function speedup(container, points, background = []) {
+    if (!points.length && !background.length) return empty(container, "No promoted policy yet: stock MLX is being served.");
     const W = 1000, H = 230, L = 56, R = 14, T = 12, B = 30;
     const s = svg(W, H);
-    const ts = points.map((p) => +p.t), t0 = Math.min(...ts), t1 = Math.max(...ts);
-    const ys = points.flatMap((p) => [p.ratio, p.lo ?? p.ratio, p.hi ?? p.ratio]).concat([1]);
+    const all = points.concat(background);
+    const ts = all.map((p) => +p.t), t0 = Math.min(...ts), t1 = Math.max(...ts);
+    const ys = all.flatMap((p) => [p.ratio, p.lo ?? p.ratio, p.hi ?? p.ratio]).concat([1]);
     let y0 = Math.min(...ys), y1 = Math.max(...ys);
     const pad = (y1 - y0) * 0.12 || 0.02; y0 -= pad; y1 += pad;
     const x = (t) => (t1 === t0 ? (L + W - R) / 2 : L + ((t - t0) / (t1 - t0)) * (W - L - R));
     const y = (v) => T + (1 - (v - y0) / (y1 - y0)) * (H - T - B);
+    const digits = y1 - y0 < 0.05 ? 3 : 2;
     for (const v of ticks(y0, y1, 5)) {
       s.appendChild(el("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" }));
-      s.appendChild(el("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end" }, `${v.toFixed(2)}×`));
+      s.appendChild(el("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end" }, `${v.toFixed(digits)}×`));
     }
     s.appendChild(el("line", { x1: L, x2: W - R, y1: y(1), y2: y(1), class: "ref" }));
     s.appendChild(el("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }));
@@ -48,23 +51,29 @@
     const fmtT = (t) => fmt.clock(new Date(t));
     s.appendChild(el("text", { x: L, y: H - 10 }, fmtT(t0)));
     if (t1 !== t0) s.appendChild(el("text", { x: W - R, y: H - 10, "text-anchor": "end" }, fmtT(t1)));
-    // running best as a step line
-    let best = null, d = "";
-    for (const p of points) {
-      if (best === null || p.ratio > best) best = p.ratio;
-      d += (d ? ` H${x(+p.t)} V${y(best)}` : `M${x(+p.t)} ${y(best)}`);
-    }
-    d += ` H${W - R}`;
-    s.appendChild(el("path", { d, fill: "none", stroke: "var(--blue)", "stroke-width": 1.5, opacity: 0.5 }));
-    for (const p of points) {
-      const g = el("g", { class: "point", "data-ratio": p.ratio });
+    const dot = (p, cls, r, colour, opacity) => {
+      const g = el("g", { class: cls, "data-ratio": p.ratio });
       if (typeof p.lo === "number" && typeof p.hi === "number") {
-        g.appendChild(el("line", { x1: x(+p.t), x2: x(+p.t), y1: y(p.lo), y2: y(p.hi), stroke: "var(--blue)", "stroke-width": 3, opacity: 0.35 }));
+        g.appendChild(el("line", { x1: x(+p.t), x2: x(+p.t), y1: y(p.lo), y2: y(p.hi), stroke: colour, "stroke-width": r - 1, opacity: opacity * 0.4 }));
       }
-      g.appendChild(el("circle", { cx: x(+p.t), cy: y(p.ratio), r: 4, fill: "var(--blue)" }));
+      g.appendChild(el("circle", { cx: x(+p.t), cy: y(p.ratio), r, fill: colour, opacity }));
       g.appendChild(el("title", {}, `${p.label || ""} ${fmt.pctInterval(p.ratio, p.lo, p.hi)} at ${fmtT(+p.t)}`.trim()));
       s.appendChild(g);
+    };
+    for (const p of background) dot(p, "candidate", 2.5, "var(--muted)", 0.6);
+    if (points.length) {
+      // running best of the promotions, as a step line to the right edge
+      let best = null, d = "";
+      for (const p of points) {
+        if (best === null || p.ratio > best) best = p.ratio;
+        d += (d ? ` H${x(+p.t)} V${y(best)}` : `M${x(+p.t)} ${y(best)}`);
+      }
+      d += ` H${W - R}`;
+      s.appendChild(el("path", { d, fill: "none", stroke: "var(--blue)", "stroke-width": 1.5, opacity: 0.6 }));
     }
+    for (const p of points) dot(p, "point", 4, "var(--blue)", 1);
+    const legend = points.length ? "● promotions (blue), ● measured candidates (grey)" : "● measured candidates — none promoted yet";
+    s.appendChild(el("text", { x: L + 8, y: T + 12 }, legend));
     container.replaceChildren(s);
   }
 
