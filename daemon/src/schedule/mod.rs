@@ -25,13 +25,15 @@
 //!
 //! No busy polling. While tuning is blocked by the idle gate the scheduler sleeps for the idle
 //! time still missing (a person who is typing keeps resetting it; we look again when it could
-//! first have been reached), capped at `idle_poll` to notice power/thermal/load changes. While
-//! tuning runs it samples every `active_poll` (default 250 ms) so that a returning person is
-//! noticed well within the one-second budget; the machine is busy measuring then anyway.
+//! first have been reached), capped at `idle_poll` to notice power/thermal/load changes. While a
+//! measurement may run (`SchedulerOptions::busy`, driven by session events in [`daemon`]) it
+//! samples every `active_poll` (default 250 ms) so that a returning person is noticed well
+//! within the one-second budget; an open gate with nothing to tune is sampled every `idle_poll`.
 //! Sources that know when they change ([`ActivitySource::changes`], the file source) wake the
 //! scheduler immediately.
 
 pub mod activity;
+pub mod daemon;
 pub mod gates;
 pub mod watch;
 

@@ -1,0 +1,143 @@
+//! The scheduling parts wired together for `tilewised`, in one call: the config-file watcher
+//! (live reload), the gates derived from it, the activity scheduler, model-directory watchers,
+//! and the forwarding of their events to the daemon's [`EventBus`].
+//!
+//! ```ignore
+//! let schedule = ScheduleServices::start(&paths.config_file, config.clone(), state.events.clone(),
+//!                                        activity::platform_source()?, move |c| { /* apply c */ })?;
+//! let gate = schedule.decisions();        // -> session::ManagerOptions::gate
+//! schedule.watch_model(&model_dir)?;      // after a worker `load` returned its model_path
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch as tokio_watch};
+use tokio::task::JoinHandle;
+
+use super::activity::ActivitySource;
+use super::watch::{map_watch, ConfigWatcher, ModelWatcher, WatchError, WatchEvent};
+use super::{Decision, Gates, Scheduler, SchedulerHandle, SchedulerOptions};
+use crate::config::Config;
+use crate::events::{kind, EventBus};
+
+/// Quiet time after the last file event before a config reload or a model change is acted on.
+pub const CONFIG_DEBOUNCE: Duration = Duration::from_millis(300);
+/// Weights are big and written for a while: wait longer before calling a model changed.
+pub const MODEL_DEBOUNCE: Duration = Duration::from_secs(2);
+
+/// The running scheduling services of a daemon. Dropping it stops them.
+pub struct ScheduleServices {
+    scheduler: Option<SchedulerHandle>,
+    config: ConfigWatcher<Config>,
+    events: mpsc::UnboundedSender<WatchEvent>,
+    models: Mutex<HashMap<PathBuf, ModelWatcher>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ScheduleServices {
+    /// Starts everything on the current tokio runtime. `initial` is the config the daemon started
+    /// with; `on_config` is called with every config applied later (to update the daemon's copy).
+    pub fn start(
+        config_file: &Path,
+        initial: Config,
+        bus: EventBus,
+        source: Arc<dyn ActivitySource>,
+        on_config: impl Fn(&Config) + Send + Sync + 'static,
+    ) -> Result<ScheduleServices, WatchError> {
+        if let Some(dir) = config_file.parent() {
+            // The watch is on the directory (editors replace the file); it must exist.
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let (events_tx, mut events_rx) = mpsc::unbounded_channel::<WatchEvent>();
+        let mut tasks = Vec::new();
+
+        let forward_bus = bus.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(ev) = events_rx.recv().await {
+                if let Err(e) = forward_bus.publish(ev.kind(), None, ev.data()) {
+                    tracing::warn!("event {} not stored: {e}", ev.kind());
+                }
+            }
+        }));
+
+        let config = ConfigWatcher::spawn(config_file, initial, Config::load, events_tx.clone(), CONFIG_DEBOUNCE)?;
+        let mut applied = config.subscribe();
+        tasks.push(tokio::spawn(async move {
+            while applied.changed().await.is_ok() {
+                let c = applied.borrow_and_update().clone();
+                on_config(&c);
+            }
+        }));
+
+        // Measurements may run between session.started/resumed and session.paused/finished.
+        let (busy_tx, busy_rx) = tokio_watch::channel(false);
+        let mut bus_rx = bus.subscribe();
+        tasks.push(tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match bus_rx.recv().await {
+                    Ok(e) => match e.kind.as_str() {
+                        kind::SESSION_STARTED | kind::SESSION_RESUMED => {
+                            busy_tx.send_replace(true);
+                        }
+                        kind::SESSION_PAUSED | kind::SESSION_FINISHED => {
+                            busy_tx.send_replace(false);
+                        }
+                        _ => {}
+                    },
+                    // Missed events: assume a measurement may be running (the safe side).
+                    Err(RecvError::Lagged(_)) => {
+                        busy_tx.send_replace(true);
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        }));
+
+        let gates = map_watch(config.subscribe(), |c: &Arc<Config>| Gates::from_config(&c.idle));
+        let scheduler =
+            Scheduler::spawn(source, gates, SchedulerOptions { busy: Some(busy_rx), ..SchedulerOptions::default() });
+        Ok(ScheduleServices { scheduler: Some(scheduler), config, events: events_tx, models: Mutex::new(HashMap::new()), tasks })
+    }
+
+    /// The gate decisions (give one to the session manager, one to `status`).
+    pub fn decisions(&self) -> tokio_watch::Receiver<Decision> {
+        self.scheduler.as_ref().expect("running until dropped").subscribe()
+    }
+
+    /// Every applied config.
+    pub fn config(&self) -> tokio_watch::Receiver<Arc<Config>> {
+        self.config.subscribe()
+    }
+
+    /// Watches a model directory (once per directory); its changes are published as
+    /// `model.changed` and counted in the returned generation channel.
+    pub fn watch_model(&self, dir: &Path) -> Result<tokio_watch::Receiver<u64>, WatchError> {
+        let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = models.get(dir) {
+            return Ok(w.generation());
+        }
+        let w = ModelWatcher::spawn(dir, self.events.clone(), MODEL_DEBOUNCE)?;
+        let generation = w.generation();
+        models.insert(dir.to_path_buf(), w);
+        Ok(generation)
+    }
+
+    /// Stops the scheduler and every watcher.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.scheduler.take() {
+            s.stop().await;
+        }
+    }
+}
+
+impl Drop for ScheduleServices {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
