@@ -648,3 +648,20 @@ def test_broken_openevolve_programs_fall_back_to_native(program, expected, tiny_
     r = plugin.status().models[-1]
     assert r.source == "native" and not is_patched(model) and expected in r.reason, r.reason
     assert len(tilewise_warnings(rec)) == 1
+
+
+def test_an_unchanged_daemon_answer_does_not_rewrite_the_cache_but_a_changed_one_does(tiny_dir):
+    stock_model, _ = load_tiny(tiny_dir)
+    doc = split_head_policy(target_of(stock_model, device="dev-here"))
+    key = (models.fingerprint(stock_model), mx.__version__, workloads.backend())
+    path = seed_cache(stock_model, doc)
+    written = path.stat().st_mtime_ns
+    time.sleep(0.01)
+    plugin._write_cache(key, "dev-here", _answer(doc, reason="proven 1.05x",
+                                                 evidence={"ratio": 1.05, "lo": 1.02, "hi": 1.08}), time.time())
+    assert path.stat().st_mtime_ns == written
+    _tamper(path, lambda e: e["policy"].update(name="tampered"))  # same hash field, different policy
+    plugin._write_cache(key, "dev-here", _answer(doc, reason="proven 1.05x",
+                                                 evidence={"ratio": 1.05, "lo": 1.02, "hi": 1.08}), time.time())
+    entry, problem = plugin._read_cache(key)
+    assert problem is None and entry["policy"] == doc

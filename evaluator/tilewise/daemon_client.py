@@ -12,6 +12,7 @@ message per ``\\n``-terminated UTF-8 line, at most 64 KiB per line; the socket i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -28,6 +29,7 @@ MAX_LINE = 64 * 1024
 DEFAULT_TIMEOUT_S = 0.2
 
 
+@functools.lru_cache(maxsize=1)
 def _client_name() -> str:
     try:
         from importlib.metadata import version

@@ -437,6 +437,7 @@ def _this_device(want: dict) -> Optional[str]:
 # The on-disk cache
 
 
+@functools.lru_cache(maxsize=1)
 def host_key() -> str:
     """A cheap identity of this machine (never leaves it): a cache written elsewhere is not used."""
     parts = [platform.node(), sys.platform, platform.machine(), str(os.cpu_count())]
@@ -475,6 +476,10 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+#: An unchanged answer rewrites its cache entry only this often (the write is most of a fetch's cost).
+CACHE_REFRESH_S = 3600
+
+
 def _write_cache(key, device: str, answer: dict, now: float) -> dict:
     from . import policy as P
 
@@ -489,6 +494,14 @@ def _write_cache(key, device: str, answer: dict, now: float) -> dict:
         "hash": P.content_hash(answer["policy"]),
         "policy": answer["policy"],
     }
+    try:  # the same answer, recently written: keep the file (no validation needed to compare)
+        old = json.loads(cache_path(key).read_text(encoding="utf-8"))
+        fields = ("format", "key", "device_fingerprint", "host", "answer", "hash", "policy")
+        same = all(old.get(f) == entry[f] for f in fields)
+        if same and 0 <= now - float(old["fetched_at"]) < CACHE_REFRESH_S and isinstance(old.get("fetched_at_iso"), str):
+            return old
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
     try:
         _atomic_write_json(cache_path(key), entry)
     except OSError as e:  # a read-only home must not cost the user their policy
