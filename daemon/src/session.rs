@@ -391,6 +391,8 @@ impl SessionManager {
             }));
         }
         let memo_size = st.memo_size(&s.device, &s.mlx, &s.backend)?;
+        // Per-shape timings, stock vs each measured plan: the dashboard's per-shape chart (issue 7).
+        let memo = st.memo_for(&s.device, &s.mlx, &s.backend)?;
         let search = st.search_state(session_id)?.and_then(|v| serde_json::from_value::<SavedState>(v).ok()).map(|state| {
             json!({
                 "seed": state.spec.seed, "model": state.spec.model, "generation": state.engine.generation,
@@ -398,7 +400,7 @@ impl SessionManager {
                 "elapsed_s": state.elapsed_s, "budget": state.spec.budget, "llm": state.llm,
             })
         });
-        Ok(json!({"session": s, "best": best, "candidates": candidates, "memo_size": memo_size, "search": search}))
+        Ok(json!({"session": s, "best": best, "candidates": candidates, "memo_size": memo_size, "memo": memo, "search": search}))
     }
 }
 
@@ -548,8 +550,8 @@ impl Runner {
         let Some(doc) = list.get(self.state.fixed_next) else { return Ok(false) };
         let policy = retarget(doc, &self.state.space.target).map_err(SessionError::InvalidPolicy)?;
         let origin = "given".to_string();
-        let _ = self.measure_candidate(&policy, 0, 0, &origin, vec![]).await?;
-        if !self.stop.is_cancelled() {
+        // None: stopped or paused mid-measurement; the same policy is measured again on resume.
+        if self.measure_candidate(&policy, 0, 0, &origin, vec![]).await?.is_some() {
             self.state.fixed_next += 1;
         }
         Ok(true)
@@ -623,11 +625,8 @@ impl Runner {
         let id = match existing {
             Some(c) if c.status == CandidateStatus::Measured => {
                 // Committed before a crash: finish the step from the stored measurement.
-                let m = self.store().measurements(c.id)?.pop();
-                if let Some(m) = m {
-                    let ev = Evidence { hash: hash.clone(), correct: m.correct, ratio: m.ratio, lo: m.lo, hi: m.hi };
-                    self.consider_promotion(c.id, policy, &ev)?;
-                    return Ok(Some(Outcome::Measured { correct: m.correct, ratio: m.ratio, lo: m.lo, hi: m.hi }));
+                if !self.store().measurements(c.id)?.is_empty() {
+                    return self.prove(c.id, policy).await;
                 }
                 c.id
             }
@@ -637,40 +636,108 @@ impl Runner {
             Some(c) => c.id,
             None => self.add_candidate(policy, island, generation, origin, &parents)?,
         };
+        match self.evaluate(id, policy, origin, generation).await? {
+            Evaluated::Done => self.prove(id, policy).await,
+            Evaluated::Stopped => Ok(None),
+            Evaluated::Failed(reason) => Ok(Some(Outcome::Failed { reason })),
+        }
+    }
+
+    /// One end-to-end evaluation of candidate `id`, committed as a measurement with all its samples.
+    async fn evaluate(&mut self, id: CandidateId, policy: &Policy, origin: &str, generation: u64) -> Result<Evaluated, SessionError> {
         self.store().set_candidate_status(id, CandidateStatus::Measuring)?;
         let spec = &self.state.spec;
         let mut req = spec.workload.request_fields();
         req["policy"] = policy.to_value();
         req["pairs"] = json!(spec.pairs);
         req["warmup"] = json!(spec.warmup);
-        req["seed"] = json!((spec.seed.wrapping_add(id as u64)) % (1 << 31));
+        let attempt = self.store().measurements(id)?.len() as u64;
+        req["seed"] = json!((spec.seed.wrapping_add(id as u64 * 7919 + attempt)) % (1 << 31));
         let timeout = Duration::from_secs(spec.evaluate_timeout_s);
-        let stop = self.stop.clone();
-        let r = self.sup.request("evaluate", req, timeout, Some(&stop), |_| {}).await;
-        match r {
+        // Cancelled by a stop or by the idle gate closing; a result taken while the person came
+        // back is discarded (the candidate goes back to pending and is measured again later).
+        let pause = crate::schedule::PauseToken::new(&self.stop, self.opts.gate.clone());
+        let stop = pause.token();
+        let hash = policy.content_hash();
+        match self.sup.request("evaluate", req, timeout, Some(&stop), |_| {}).await {
+            Ok(_) | Err(WorkerError::Cancelled) if stop.is_cancelled() => {
+                self.store().set_candidate_status(id, CandidateStatus::Pending)?;
+                Ok(Evaluated::Stopped)
+            }
             Ok(result) => {
                 let m = NewMeasurement::from_worker_result(id, &result)?;
-                let ev = Evidence { hash: hash.clone(), correct: m.correct, ratio: m.ratio, lo: m.lo, hi: m.hi };
                 let measurement_id = self.store().record_measurement(&m)?;
                 self.publish(
                     kind::CANDIDATE_MEASURED,
                     json!({"candidate_id": id, "measurement_id": measurement_id, "hash": hash, "origin": origin,
-                           "generation": generation, "correct": m.correct, "ratio": m.ratio, "lo": m.lo, "hi": m.hi,
-                           "gate_reason": m.gate.get("reason")}),
+                           "generation": generation, "attempt": attempt, "correct": m.correct, "ratio": m.ratio,
+                           "lo": m.lo, "hi": m.hi, "gate_reason": m.gate.get("reason")}),
                 );
-                self.consider_promotion(id, policy, &ev)?;
-                Ok(Some(Outcome::Measured { correct: m.correct, ratio: m.ratio, lo: m.lo, hi: m.hi }))
-            }
-            Err(WorkerError::Cancelled) if self.stop.is_cancelled() => {
-                self.store().set_candidate_status(id, CandidateStatus::Pending)?;
-                Ok(None)
+                Ok(Evaluated::Done)
             }
             Err(e) => {
                 let reason = e.to_string();
                 self.record_worker_failure(Some(id), &e);
                 self.fail(id, &reason)?;
-                Ok(Some(Outcome::Failed { reason }))
+                Ok(Evaluated::Failed(reason))
             }
+        }
+    }
+
+    /// Decides promotion from a candidate's stored measurements. A first measurement that passes
+    /// (correct, lower bound > 1.0, beats the incumbent) is confirmed by a second, independent one
+    /// before anything is promoted: one lucky run among many candidates is the common way to promote
+    /// noise, and the confirmation is also the unbiased estimate (the first was selected for being
+    /// high), so it is the one recorded as the best's ratio. Idempotent: after a crash it picks up
+    /// from whatever measurements were committed.
+    async fn prove(&mut self, id: CandidateId, policy: &Policy) -> Result<Option<Outcome>, SessionError> {
+        let hash = policy.content_hash();
+        loop {
+            let ms = self.store().measurements(id)?;
+            let Some(last) = ms.last().cloned() else { return Ok(None) };
+            let outcome = Outcome::Measured { correct: last.correct, ratio: last.ratio, lo: last.lo, hi: last.hi };
+            let ev = |m: &crate::store::Measurement| Evidence { hash: hash.clone(), correct: m.correct, ratio: m.ratio, lo: m.lo, hi: m.hi };
+            let inc = self.incumbent()?.map(|(i, _)| i);
+            let promotion::Decision::Promote { reason } = promotion::decide(&ev(&last), inc.as_ref()) else {
+                return Ok(Some(outcome));
+            };
+            if ms.len() == 1 {
+                // Passed once: measure again before believing it.
+                match self.evaluate(id, policy, "confirmation", self.state.engine.generation).await? {
+                    Evaluated::Done => continue,
+                    Evaluated::Stopped => return Ok(None),
+                    Evaluated::Failed(reason) => return Ok(Some(Outcome::Failed { reason })),
+                }
+            }
+            let first = &ms[ms.len() - 2];
+            if !promotion::decide(&ev(first), inc.as_ref()).is_promote() {
+                return Ok(Some(outcome));
+            }
+            let (Some(ratio), Some(lo), Some(hi)) = (last.ratio, last.lo, last.hi) else { return Ok(Some(outcome)) };
+            if self.store().best(&self.key)?.is_some_and(|b| b.hash == hash) {
+                return Ok(Some(outcome)); // already promoted (resumed after the promote committed)
+            }
+            self.store().promote(&Promotion {
+                key: self.key.clone(),
+                policy: policy.to_value(),
+                hash: hash.clone(),
+                ratio,
+                lo,
+                hi,
+                session_id: Some(self.session_id),
+                candidate_id: Some(id),
+            })?;
+            let evidence: Vec<Value> = ms[ms.len() - 2..]
+                .iter()
+                .map(|m| json!({"measurement_id": m.id, "at": m.at, "ratio": m.ratio, "lo": m.lo, "hi": m.hi,
+                                "n_pairs": m.detail.pointer("/inference/n_pairs"), "gate": m.gate}))
+                .collect();
+            self.publish(
+                kind::POLICY_PROMOTED,
+                json!({"candidate_id": id, "hash": hash, "ratio": ratio, "lo": lo, "hi": hi, "reason": reason,
+                       "replaced": inc, "target": self.key, "evidence": evidence}),
+            );
+            return Ok(Some(outcome));
         }
     }
 
@@ -717,30 +784,6 @@ impl Runner {
         Ok(Some((Incumbent { hash: best.hash, ratio }, policy)))
     }
 
-    fn consider_promotion(&self, candidate: CandidateId, policy: &Policy, ev: &Evidence) -> Result<(), SessionError> {
-        let inc = self.incumbent()?.map(|(i, _)| i);
-        let decision = promotion::decide(ev, inc.as_ref());
-        if let promotion::Decision::Promote { reason } = decision {
-            let (Some(ratio), Some(lo), Some(hi)) = (ev.ratio, ev.lo, ev.hi) else { return Ok(()) };
-            self.store().promote(&Promotion {
-                key: self.key.clone(),
-                policy: policy.to_value(),
-                hash: ev.hash.clone(),
-                ratio,
-                lo,
-                hi,
-                session_id: Some(self.session_id),
-                candidate_id: Some(candidate),
-            })?;
-            self.publish(
-                kind::POLICY_PROMOTED,
-                json!({"candidate_id": candidate, "hash": ev.hash, "ratio": ratio, "lo": lo, "hi": hi, "reason": reason,
-                       "replaced": inc, "target": self.key}),
-            );
-        }
-        Ok(())
-    }
-
     /// Due when this session made `remeasure_every` measurements of its own per re-measurement so far.
     fn remeasure_due(&self, evaluations: u64) -> Result<bool, SessionError> {
         let Some((inc, _)) = self.incumbent()? else { return Ok(false) };
@@ -768,8 +811,12 @@ impl Runner {
         req["policy"] = policy.to_value();
         req["pairs"] = json!(spec.pairs);
         req["warmup"] = json!(spec.warmup);
-        let stop = self.stop.clone();
+        let pause = crate::schedule::PauseToken::new(&self.stop, self.opts.gate.clone());
+        let stop = pause.token();
         match self.sup.request("evaluate", req, Duration::from_secs(spec.evaluate_timeout_s), Some(&stop), |_| {}).await {
+            Ok(_) | Err(WorkerError::Cancelled) if stop.is_cancelled() => {
+                self.store().set_candidate_status(id, CandidateStatus::Pending)?;
+            }
             Ok(result) => {
                 let m = NewMeasurement::from_worker_result(id, &result)?;
                 self.store().record_measurement(&m)?;
@@ -778,9 +825,6 @@ impl Runner {
                     json!({"candidate_id": id, "hash": inc.hash, "origin": "incumbent", "correct": m.correct,
                            "ratio": m.ratio, "lo": m.lo, "hi": m.hi, "previous_ratio": inc.ratio}),
                 );
-            }
-            Err(WorkerError::Cancelled) if self.stop.is_cancelled() => {
-                self.store().set_candidate_status(id, CandidateStatus::Pending)?;
             }
             Err(e) => {
                 self.record_worker_failure(Some(id), &e);
@@ -808,11 +852,12 @@ impl Runner {
             let items: Vec<Value> =
                 batch.iter().map(|n| json!({"m": n.m, "n": n.n, "k": n.k, "dtype": dtype, "plan": n.plan})).collect();
             let req = json!({"items": items, "pairs": self.state.spec.shape_pairs, "warmup": 1});
-            let stop = self.stop.clone();
+            let pause = crate::schedule::PauseToken::new(&self.stop, self.opts.gate.clone());
+            let stop = pause.token();
             let r = self.sup.request("shapes", req, Duration::from_secs(self.state.spec.evaluate_timeout_s), Some(&stop), |_| {}).await;
             let result = match r {
+                Ok(_) | Err(WorkerError::Cancelled) if stop.is_cancelled() => return Ok(Screen::Stopped),
                 Ok(v) => v,
-                Err(WorkerError::Cancelled) if self.stop.is_cancelled() => return Ok(Screen::Stopped),
                 Err(e) => {
                     self.record_worker_failure(None, &e);
                     return Ok(Screen::Failed(format!("shape microbenchmark: {e}")));
@@ -901,6 +946,12 @@ impl Runner {
             }
         }
     }
+}
+
+enum Evaluated {
+    Done,
+    Stopped,
+    Failed(String),
 }
 
 enum Screen {
