@@ -7,6 +7,9 @@
 #   4. the app did not panic.
 # Screenshots (desktop, dashboard window, tray menu) and logs go to OUT_DIR.
 # Usage: smoke.sh [OUT_DIR]   (binaries from $TILEWISE_BIN_DIR, default target/debug; built by the caller)
+# For screenshots with data: SMOKE_HOME=DIR uses (and keeps) that TILEWISE_HOME instead of a temp one;
+# SMOKE_TUNE='<tuning.start params JSON>' starts a session first and waits (up to SMOKE_TUNE_WAIT_S,
+# default 600 s) for SMOKE_TUNE_EVENT (default candidate.measured) before the app starts.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -22,7 +25,8 @@ if [ "${1:-}" != --inner ]; then
 fi
 
 out=$2
-home=$(mktemp -d)
+home=${SMOKE_HOME:-$(mktemp -d)}
+mkdir -p "$home" && home=$(cd "$home" && pwd)
 export TILEWISE_HOME=$home
 unset TILEWISE_SOCKET
 sock=$home/run/tilewised.sock
@@ -31,7 +35,7 @@ cleanup() {
   python3 "$here/rpc.py" "$sock" daemon.shutdown >/dev/null 2>&1 || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$home"
+  [ -n "${SMOKE_HOME:-}" ] || rm -rf "$home"
 }
 trap cleanup EXIT
 fail() { echo "smoke: FAIL: $*" >&2; for f in "$out"/*.log; do echo "--- $f"; tail -20 "$f"; done >&2; exit 1; }
@@ -39,6 +43,15 @@ fail() { echo "smoke: FAIL: $*" >&2; for f in "$out"/*.log; do echo "--- $f"; ta
 "$TILEWISE_BIN_DIR/tilewised" >"$out/tilewised.log" 2>&1 & pids+=($!)
 for _ in $(seq 100); do [ -S "$sock" ] && python3 "$here/rpc.py" "$sock" status >/dev/null 2>&1 && break; sleep 0.2; done
 python3 "$here/rpc.py" "$sock" status >"$out/status-before.json" || fail "tilewised did not start"
+
+rm -f "$home/subscribed" "$home/tune-subscribed"
+if [ -n "${SMOKE_TUNE:-}" ]; then
+  python3 "$here/rpc.py" "$sock" --wait-event "${SMOKE_TUNE_EVENT:-candidate.measured}" --timeout "${SMOKE_TUNE_WAIT_S:-600}" \
+    --ready-file "$home/tune-subscribed" >"$out/tune-event.json" 2>"$out/tune-wait.log" & tune_waiter=$!
+  for _ in $(seq 50); do [ -e "$home/tune-subscribed" ] && break; sleep 0.1; done
+  python3 "$here/rpc.py" "$sock" tuning.start "$SMOKE_TUNE" || fail "tuning.start failed"
+  wait $tune_waiter || fail "no ${SMOKE_TUNE_EVENT:-candidate.measured} event: $(cat "$out/tune-wait.log")"
+fi
 
 trayer --edge bottom --align right --widthtype pixel --width 120 --heighttype pixel --height 32 \
   --transparent false --tint 0x333333 >"$out/trayer.log" 2>&1 & pids+=($!)
