@@ -73,6 +73,35 @@ test("the page may not call methods outside the dashboard's list", async () => {
   assert.ok(status.pid > 0);
 });
 
+test("'Start tuning now' and 'Pause' drive the daemon, and the session card shows its session", async () => {
+  await page.locator("#start-tuning").click();
+  // Either a session starts, or the daemon refuses; both must be what the daemon itself says.
+  const started = await until("a session or a refusal", async () => {
+    const list = await daemon.client.call("session.list").catch((e) => ({ error: e }));
+    if (list.sessions && list.sessions.length) return { list };
+    const notice = await page.locator("#notices .notice.error").count();
+    if (notice && list.error) return { refused: list.error };
+    return null;
+  }, 30000);
+  if (started.refused) {
+    // This build of tilewised has no tuning service: the page shows the daemon's own error.
+    const direct = await daemon.client.call("tuning.start", {}).then(() => null, (e) => e);
+    assert.ok(direct, "tuning.start failed from the page but works directly");
+    assert.match(await text("#notices .notice.error"), /could not start tuning/);
+    assert.ok((await text("#notices .notice.error")).includes(direct.message.replace(/^tuning.start: /, "")));
+    return;
+  }
+  const session = started.list.sessions.reduce((a, b) => (b.id > a.id ? b : a));
+  await until("the card to show the session", async () => (await text("#session [data-key=session_id]")) === String(session.id), 20000);
+  const show = await daemon.client.call("session.show", { session_id: session.id });
+  assert.ok((await text("#session [data-key=model]")).startsWith(show.session.model.slice(0, 19)));
+  await until("Pause to be enabled", async () => !(await page.locator("#stop-tuning").isDisabled()), 20000);
+  await page.locator("#stop-tuning").click();
+  await until("the daemon to stop tuning", async () => (await daemon.client.call("status")).tuning.state !== "tuning", 30000);
+  const after = await daemon.client.call("session.show", { session_id: session.id });
+  await until("the card to show the new state", async () => (await text("#session [data-key=state]")).startsWith(after.session.state), 20000);
+});
+
 test("when the daemon stops the page says so, and 'Start it' brings it back", async () => {
   const before = await daemon.client.call("status");
   await stopDaemon(daemon);
