@@ -4,7 +4,9 @@
 #   1. the app's dashboard window appears (xdotool finds it, and its screenshot is not blank),
 #   2. the daemon saw the app's `hello` (a client.hello event naming tilewise-app),
 #   3. the tray icon was created (the app did not log "no tray icon") and its menu opens,
-#   4. the app did not panic.
+#   4. a second launch exits and leaves the first instance running (single instance),
+#   5. without a session bus the app keeps its window and says why there is no tray,
+#   6. the app did not panic.
 # Screenshots (desktop, dashboard window, tray menu) and logs go to OUT_DIR.
 # Usage: smoke.sh [OUT_DIR]   (binaries from $TILEWISE_BIN_DIR, default target/debug; built by the caller)
 # For screenshots with data: SMOKE_HOME=DIR uses (and keeps) that TILEWISE_HOME instead of a temp one;
@@ -87,6 +89,12 @@ changed=$(compare -metric AE "$out/desktop.png" "$out/tray-menu.png" null: 2>&1 
 echo "smoke: pixels changed by opening the tray menu: $changed"
 awk -v n="${changed%% *}" 'BEGIN { exit !(n > 2000) }' || fail "clicking the tray icon opened no menu ($changed pixels changed)"
 xdotool key Escape
+
+# One instance only: a second launch hands over to the first (which shows its window) and exits.
+timeout 30 "$TILEWISE_BIN_DIR/tilewise-app" >"$out/app-second.log" 2>&1 || fail "the second instance did not exit by itself (rc $?)"
+kill -0 "$app" 2>/dev/null || fail "the first instance went away when a second was launched"
+[ "$(xdotool search --onlyvisible --name '^tilewise$' | wc -l)" = 1 ] || fail "two dashboard windows after a second launch"
+echo "smoke: a second launch exited and left the first instance running"
 
 kill -0 "$app" 2>/dev/null || fail "the app exited early"
 grep -qi "panicked" "$out/app.log" && fail "the app panicked"
