@@ -26,11 +26,22 @@ M_BUCKETS = {1: (1, 1), 4: (2, 8), 16: (9, 16), 128: (17, 256), 512: (257, 1024)
 
 
 def tuned_rules(kernel_results: dict, min_lo: float = 1.0) -> list[dict]:
+    """Rules from kernel_bench.py: plans whose wall-time ratio interval lies above `min_lo`."""
     rules = []
     for r in kernel_results["shapes"]:
         if r.get("best_plan") and r.get("lo", 0) > min_lo and r.get("all_correct"):
             lo, hi = M_BUCKETS[r["m"]]
             rules.append({"m": [lo, hi], "n": [r["n"], r["n"]], "k": [r["k"], r["k"]], "plan": r["best_plan"]})
+    return rules
+
+
+def gpu_rules(gpu_time: list, min_ratio: float = 1.05) -> list[dict]:
+    """Rules from gpu_time.py: plans whose kernel GPU time (Nsight Compute) beat native's by min_ratio."""
+    rules = []
+    for t in gpu_time:
+        if t.get("gpu_ratio") and t["gpu_ratio"] >= min_ratio:
+            lo, hi = M_BUCKETS[t["m"]]
+            rules.append({"m": [lo, hi], "n": [t["n"], t["n"]], "k": [t["k"], t["k"]], "plan": t["plan"]})
     return rules
 
 
@@ -41,6 +52,8 @@ def main():
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--model", default="synthetic:qwen2.5-0.5b")
+    ap.add_argument("--gpu-time", type=Path, default=Path(__file__).resolve().parents[2] / "results/h100/gpu_time.json",
+                    help="gpu_time.json: also evaluate a policy of the plans that won on GPU time")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -61,16 +74,21 @@ def main():
     model, _tok, info = models.load_model(args.model, dtype="bfloat16")
     print(f"loaded {args.model} ({info['model_fingerprint']}) in {time.perf_counter() - t0:.1f} s", flush=True)
     target = {"device": W.device_name(), "model": info["model_fingerprint"], "mlx": mx.__version__, "backend": "cuda"}
+    docs = {"native": policy.make_policy([], name="native", target=target)}
     rules = tuned_rules(kres)
-    tuned = policy.make_policy(rules, name="tuned kernels (proven per shape)", target=target)
-    native = policy.make_policy([], name="native", target=target)
+    docs["tuned"] = policy.make_policy(rules, name="tuned kernels (wall-time wins per shape)", target=target)
     print(f"tuned policy: {len(rules)} kernel rules from {src}", flush=True)
-    for r in rules:
-        print(f"  m {r['m']} n {r['n'][0]} k {r['k'][0]}: {r['plan']}", flush=True)
+    if args.gpu_time and args.gpu_time.is_file():
+        grules = gpu_rules(json.loads(args.gpu_time.read_text()))
+        docs["tuned-gpu"] = policy.make_policy(grules, name="tuned kernels (GPU-time wins)", target=target)
+        print(f"tuned-gpu policy: {len(grules)} kernel rules from {args.gpu_time}", flush=True)
+    for name, doc in docs.items():
+        for r in doc["matmul"]["rules"]:
+            print(f"  {name}: m {r['m']} n {r['n'][0]} k {r['k'][0]}: {r['plan']}", flush=True)
 
-    report = {"kernel_results": str(src), "model": info, "policies": {"tuned": tuned, "native": native},
+    report = {"kernel_results": str(src), "model": info, "policies": docs,
               "defaults": {"inference": W.defaults("inference"), "training": W.defaults("training")}}
-    for name, doc in (("native", native), ("tuned", tuned)):
+    for name, doc in docs.items():
         t0 = time.perf_counter()
         res = E.evaluate(model, doc, dtype="bfloat16", pairs=args.pairs, warmup=args.warmup, seed=0)
         res["wall_s"] = time.perf_counter() - t0
@@ -80,14 +98,14 @@ def main():
     print()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {W.device_name()}  mlx {mx.__version__}  "
           f"{args.model} bf16  pairs {args.pairs}")
-    for name in ("native", "tuned"):
+    for name in docs:
         print(summary(name, report[name]))
 
 
 def summary(name: str, res: dict) -> str:
     if not res.get("correct"):
-        return f"{name:7s} INCORRECT: {res['gate'].get('reason')}"
-    out = [f"{name:7s} gate ok (logits err {res['gate']['logits_rel_err']:.1e}), calls {res['calls']}"]
+        return f"{name:9s} INCORRECT: {res['gate'].get('reason')}"
+    out = [f"{name:9s} gate ok (logits err {res['gate']['logits_rel_err']:.1e}), calls {res['calls']}"]
     for wl in ("inference", "training", "combined"):
         r = res.get(wl)
         if r:

@@ -5,8 +5,10 @@
 #   tests            smoke-compile one kernel of each body, then the kernel tests (CPU and GPU suites)
 #   kernels [ARGS]   smoke, then bench/gpu/kernel_bench.py ARGS (wall time per op, pairs, intervals)
 #   gputime          bench/gpu/gpu_time.py under Nsight Compute (GPU time per op, native vs best plan)
+#   chain            bench/gpu/chain_check.py (is kernel_bench's mx.depends chain a real dependency?)
 #   e2e [ARGS]       bench/gpu/e2e_bench.py ARGS (tuned policy vs stock through the evaluator)
-#   evaluator [ARGS] evaluator/bench/evaluator_bench.py ARGS (issue 3's H100 benchmark)
+#   evaluator [ARGS] bench/evaluator_bench.py on Qwen2.5-0.5B bf16 (issue 3's H100 benchmark)
+#   plugin           bench/plugin_bench.py on Qwen2.5-0.5B bf16, no daemon (issue 6's H100 overhead figure)
 # Kernel results for gputime/e2e: $KR, else /root/kb/kernel_bench.json (this machine's last kernels
 # step), else results/h100/kernel_bench.json (committed).
 set -uo pipefail
@@ -55,8 +57,12 @@ for step in ${steps//,/ }; do
         python3 bench/gpu/gpu_time.py --emit --kernel-results "$KR" > "$OUT/ncu_raw.csv" 2> "$OUT/ncu_stderr.log" || { rc=1; tail -n 20 "$OUT/ncu_stderr.log"; }
       python3 bench/gpu/gpu_time.py --parse "$OUT/ncu_raw.csv" --kernel-results "$KR" --out "$OUT" 2>&1 | tee "$OUT/gpu_time.log"
       ;;
+    chain) python3 bench/gpu/chain_check.py --kernel-results "$KR" 2>&1 | tee "$OUT/chain_check.log" || rc=1 ;;
+    plugin) python3 bench/plugin_bench.py --model synthetic:qwen2.5-0.5b --dtype bfloat16 --prompt-tokens 512 \
+              --gen-tokens 64 --pairs 40 --no-daemon --out "$OUT/plugin-bench.txt" 2>&1 | tail -n 40 || rc=1 ;;
     e2e) python3 bench/gpu/e2e_bench.py --out "$OUT" --kernel-results "$KR" "$@" 2>&1 | tee "$OUT/e2e.log" || rc=1 ;;
-    evaluator) python3 evaluator/bench/evaluator_bench.py "$@" 2>&1 | tee "$OUT/evaluator_bench.log" || rc=1 ;;
+    evaluator) python3 bench/evaluator_bench.py --model synthetic:qwen2.5-0.5b --dtype bfloat16 --out "$OUT" "$@" 2>&1 \
+                 | tee "$OUT/evaluator_bench.log" || rc=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
