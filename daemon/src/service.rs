@@ -444,3 +444,81 @@ fn write_atomically(path: &Path, content: &str) -> io::Result<()> {
     std::fs::write(&tmp, content)?;
     std::fs::rename(&tmp, path)
 }
+
+// ------------------------------------------------------------------------------------------------
+// `tilewise service ...`
+// ------------------------------------------------------------------------------------------------
+
+/// The `tilewise service` subcommands (wired into the CLI in `bin/tilewise.rs`).
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum ServiceCmd {
+    /// Run tilewised at login (launchd LaunchAgent on macOS, systemd user unit on Linux),
+    /// restarted with backoff if it crashes.
+    Install,
+    /// Stop it and remove the login service.
+    Uninstall,
+    /// Whether the login service is installed, current, and running.
+    Status {
+        /// Print JSON for programs instead of text for people.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs one `tilewise service` subcommand on this machine. `log_dir` is where launchd writes the
+/// daemon's output (`Paths::logs_dir`).
+pub fn run_cli(cmd: ServiceCmd, log_dir: PathBuf) -> anyhow::Result<()> {
+    let manager = Manager::for_this_platform()?;
+    let runner = SystemRunner;
+    match cmd {
+        ServiceCmd::Install => {
+            let spec = ServiceSpec::for_this_install(log_dir)?;
+            let path = manager.install(&spec, &runner)?;
+            println!("installed {} ({}): tilewised starts at login and now", path.display(), manager.name());
+            if !spec.env.is_empty() {
+                let names: Vec<&str> = spec.env.iter().map(|(k, _)| k.as_str()).collect();
+                println!("with {} from this shell", names.join(", "));
+            }
+        }
+        ServiceCmd::Uninstall => {
+            if manager.uninstall(&runner)? {
+                println!("removed {} ({})", manager.path().display(), manager.name());
+            } else {
+                println!("not installed ({} has no {})", manager.name(), manager.path().display());
+            }
+        }
+        ServiceCmd::Status { json } => {
+            // The spec only serves the "is the file current" check; no tilewised is needed for it.
+            let spec = ServiceSpec::for_this_install(log_dir.clone()).unwrap_or(ServiceSpec {
+                program: PathBuf::from("tilewised"),
+                args: Vec::new(),
+                env: Vec::new(),
+                log_dir,
+            });
+            let st = manager.status(&spec, &runner);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else if !st.installed {
+                println!("not installed ({}); `tilewise service install` runs tilewised at login", st.manager);
+            } else {
+                let r = &st.runtime;
+                let state = match (r.loaded, r.running, r.pid) {
+                    (false, _, _) => "not loaded".to_string(),
+                    (true, true, Some(pid)) => format!("running, pid {pid}"),
+                    (true, true, None) => "running".to_string(),
+                    (true, false, _) => {
+                        format!("not running{}", r.last_exit.map(|c| format!(" (last exit {c})")).unwrap_or_default())
+                    }
+                };
+                println!(
+                    "installed {} ({}{}): {state}{}",
+                    st.path.display(),
+                    st.manager,
+                    if st.stale { ", differs from what install would write now: run it again" } else { "" },
+                    r.detail.as_deref().map(|d| format!(" [{d}]")).unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}
