@@ -3,9 +3,7 @@
 //! - `kill -9` of the daemon, many times, during one tuning session (resumed after each restart);
 //! - worker hang, crash, garbage and out-of-memory, through the worker's fault switch
 //!   (`TILEWISE_WORKER_FAULT=evaluate:<kind>`, docs/worker-protocol.md);
-//! - the database's filesystem remounted read-only under a running session (a read-only bind mount
-//!   of the home: the daemon's open file descriptors lose write access too, unlike a chmod, which
-//!   root and already-open descriptors ignore);
+//! - the database file made read-only under a running session (`chattr +i`: see [`read_only`]);
 //! - the disk full (the home on a small tmpfs, filled up by a filler file mid-session);
 //! - the database file corrupted while the daemon is stopped.
 //!
@@ -203,9 +201,21 @@ fn running_session(d: &Daemon) -> Option<i64> {
     s.pointer("/tuning/session_id").and_then(Value::as_i64)
 }
 
+/// A fault this machine cannot inject (not root, not Linux): the row is skipped with the reason.
+#[derive(Debug)]
+struct Unsupported(String);
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot inject here: {}", self.0)
+    }
+}
+impl std::error::Error for Unsupported {}
+
 fn skip_or_error(check: &str, e: anyhow::Error) -> Row {
     if let Some(na) = e.downcast_ref::<NotAvailable>() {
         Row::new(check, na.to_string(), "runs", Verdict::Skip)
+    } else if let Some(u) = e.downcast_ref::<Unsupported>() {
+        Row::new(check, u.to_string(), "runs", Verdict::Skip)
     } else {
         Row::error(check, &e)
     }
@@ -391,11 +401,8 @@ impl Drop for Mount {
 }
 
 fn can_mount() -> Result<()> {
-    if !cfg!(target_os = "linux") {
-        bail!("needs Linux mounts (tmpfs, bind remount)");
-    }
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("needs root to mount");
+    if !cfg!(target_os = "linux") || unsafe { libc::geteuid() } != 0 {
+        return Err(Unsupported("needs root on Linux to mount a tmpfs".into()).into());
     }
     Ok(())
 }
@@ -470,15 +477,34 @@ fn storage_fault(
     ))
 }
 
+/// The database file (and its WAL) made read-only under a running session. As root, a chmod is
+/// ignored (and an already-open descriptor keeps its write access anyway); a read-only remount is
+/// refused while the daemon holds files open for writing (EBUSY). The immutable attribute
+/// (`chattr +i`) is what takes write access away from a running process on ext4: its next write
+/// gets EPERM.
 fn read_only(bins: &Binaries, root: &Path) -> Result<Row> {
-    can_mount()?;
+    if unsafe { libc::geteuid() } != 0 || !cfg!(target_os = "linux") {
+        return Err(Unsupported("needs root on Linux (chattr +i)".into()).into());
+    }
     let home = crate::home(root, "read-only")?;
-    let hs = home.to_str().context("home path")?.to_string();
-    sh("mount", &["--bind", &hs, &hs])?;
-    let _m = Mount(home.clone());
-    let mut apply = || sh("mount", &["-o", "remount,ro,bind", &hs]);
-    let mut undo = || sh("mount", &["-o", "remount,rw,bind", &hs]);
-    storage_fault(bins, &home, "faults: database read-only (ro remount mid-session)", 2, Duration::from_secs(8), &mut apply, &mut undo)
+    let db = tilewise::paths::Paths::under_home(&home).db_file;
+    let files = move || -> Vec<String> {
+        ["", "-wal"].iter().map(|s| format!("{}{s}", db.display())).filter(|p| Path::new(p).exists()).collect()
+    };
+    let f2 = files.clone();
+    let mut apply = move || {
+        for f in files() {
+            sh("chattr", &["+i", &f])?;
+        }
+        Ok(())
+    };
+    let mut undo = move || {
+        for f in f2() {
+            sh("chattr", &["-i", &f])?;
+        }
+        Ok(())
+    };
+    storage_fault(bins, &home, "faults: database read-only (chattr +i mid-session)", 2, Duration::from_secs(10), &mut apply, &mut undo)
 }
 
 fn disk_full(bins: &Binaries, root: &Path) -> Result<Row> {
@@ -584,12 +610,8 @@ pub fn rows(bins: &Binaries, root: &Path, o: &FaultOptions) -> Vec<Row> {
     for kind in kinds {
         step(&format!("faults: worker {kind}"), worker_fault(bins, root, kind));
     }
-    let mount_skip = |name: &str, r: Result<Row>| match r {
-        Err(e) if can_mount().is_err() => Ok(Row::new(name, format!("{e:#}"), "runs", Verdict::Skip)),
-        other => other,
-    };
-    step("faults: database read-only", mount_skip("faults: database read-only", read_only(bins, root)));
-    step("faults: disk full", mount_skip("faults: disk full", disk_full(bins, root)));
+    step("faults: database read-only", read_only(bins, root));
+    step("faults: disk full", disk_full(bins, root));
     rows
 }
 
