@@ -139,6 +139,7 @@ def test_load_hook_covers_every_name_mlx_lm_imported(tiny_dir):
 
     # (`mlx_lm.generate` the attribute is the function; the modules are in sys.modules)
     mods = [sys.modules[n] for n in ("mlx_lm", "mlx_lm.generate", "mlx_lm.server", "mlx_lm.utils")]
+    stock_step = sys.modules["mlx_lm.generate"].generate_step
     stock = mlx_lm.utils.load
     assert all(mod.load is stock for mod in mods)
     plugin.enable_optimizations()
@@ -149,9 +150,11 @@ def test_load_hook_covers_every_name_mlx_lm_imported(tiny_dir):
     assert mlx_lm.chat.load is mlx_lm.utils.load
     plugin.enable_optimizations()  # twice: not wrapped twice
     assert mlx_lm.utils.load._tilewise_original is stock
+    assert sys.modules["mlx_lm.generate"].generate_step._tilewise_original is stock_step
     plugin.disable()
     for mod in mods:
         assert mod.load is stock, mod.__name__
+    assert sys.modules["mlx_lm.generate"].generate_step is stock_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,3 +668,28 @@ def test_an_unchanged_daemon_answer_does_not_rewrite_the_cache_but_a_changed_one
                                                  evidence={"ratio": 1.05, "lo": 1.02, "hi": 1.08}), time.time())
     entry, problem = plugin._read_cache(key)
     assert problem is None and entry["policy"] == doc
+
+
+def test_a_policys_prefill_step_size_becomes_generate_steps_default(tiny_dir, tmp_path, monkeypatch):
+    import mlx_lm
+
+    G = sys.modules["mlx_lm.generate"]  # (mlx_lm.generate the attribute is the function)
+    seen = []
+    real = G.generate_step
+
+    def spy(prompt, model, *args, **kwargs):  # what reaches mlx_lm's generate_step
+        seen.append(kwargs.get("prefill_step_size"))
+        return real(prompt, model, *args, **kwargs)
+
+    monkeypatch.setattr(G, "generate_step", spy)  # installed before enabling: the plugin wraps it
+    stock_model, tok = load_tiny(tiny_dir)
+    doc = split_head_policy(target_of(stock_model))
+    doc["generation"] = {"prefill_step_size": 32}
+    plugin.enable_optimizations(write_json(tmp_path / "p.json", doc))
+    assert G.generate_step._tilewise_original is spy
+    model, tok = load_tiny(tiny_dir)
+    assert plugin.status().models[-1].prefill_step_size == 32
+    mlx_lm.generate(model, tok, "hello", max_tokens=2)  # the policy's default
+    mlx_lm.generate(stock_model, tok, "hello", max_tokens=2)  # a model without the policy: untouched
+    mlx_lm.generate(model, tok, "hello", max_tokens=2, prefill_step_size=64)  # the caller's choice wins
+    assert seen == [32, None, 64]

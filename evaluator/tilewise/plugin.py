@@ -85,6 +85,8 @@ class ModelRecord:
     #: Evidence the daemon sent with a proven policy (ratio, lo, hi, session_id, promoted_at).
     evidence: Optional[dict] = None
     fetched_at: Optional[str] = None
+    #: The policy's generation.prefill_step_size, made generate_step's default for this model.
+    prefill_step_size: Optional[int] = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -140,6 +142,8 @@ class _Config:
         self.records: list = []
         # model id -> weakref, so disable() can unpatch what we patched without keeping models alive
         self.patched: dict = {}
+        # model id -> (weakref, prefill_step_size) of policies that set generation.prefill_step_size
+        self.prefill: dict = {}
         self.warning: Optional[str] = None
 
 
@@ -207,6 +211,7 @@ def disable() -> None:
         if m is not None:
             _unpatch(m)
     _STATE.patched.clear()
+    _STATE.prefill.clear()
     _STATE.enabled = False
 
 
@@ -230,6 +235,8 @@ class _Resolved:
     device: Optional[str] = None
     evidence: Optional[dict] = None
     fetched_at: Optional[str] = None
+    #: The policy's generation.prefill_step_size, made generate_step's default for this model.
+    prefill_step_size: Optional[int] = None
     warn: bool = False
 
 
@@ -292,6 +299,11 @@ def _apply(model, src: Optional[str]) -> ModelRecord:
     rec.policy_hash = P.content_hash(r.policy)
     rec.policy_name = r.policy.get("name")
     rec.target = dict(r.policy["target"])
+    step = (r.policy.get("generation") or {}).get("prefill_step_size")
+    if step is not None:
+        # generate_step's default for this model (a caller's explicit prefill_step_size wins)
+        _STATE.prefill[id(model)] = (weakref.ref(model), step)
+        rec.prefill_step_size = step
     if P.is_all_native(r.policy):
         rec.reason += "; all plans native, model left stock"
         return rec
@@ -605,46 +617,77 @@ def _unpatch(model) -> None:
 
     patch.remove(model)
     _STATE.patched.pop(id(model), None)
+    _STATE.prefill.pop(id(model), None)
 
 
 def _mlx_lm_modules():
     return [m for name, m in list(sys.modules.items()) if m is not None and (name == "mlx_lm" or name.startswith("mlx_lm."))]
 
 
-def _install_load_hook() -> None:
-    """Wraps ``mlx_lm.utils.load`` and rebinds every ``load`` that mlx_lm modules imported by name
-    (``mlx_lm.load``, ``mlx_lm.generate.load``, ``mlx_lm.server.load``...); modules imported later
-    pick up the wrapper from mlx_lm.utils. Wrapping ``load`` (not ``load_model``) applies the policy
-    after LoRA adapters are in place."""
-    import mlx_lm.utils as U
-
-    if getattr(U.load, "_tilewise_original", None) is not None:
+def _wrap(module, name: str, make) -> None:
+    """Replaces ``module.<name>`` by ``make(original)`` and rebinds every mlx_lm module that
+    imported the original by name (``from .utils import load``); modules imported later pick the
+    wrapper up from ``module``. Idempotent."""
+    original = getattr(module, name)
+    if getattr(original, "_tilewise_original", None) is not None:
         return
-    original = U.load
-
-    @functools.wraps(original)
-    def load(*args, **kwargs):
-        out = original(*args, **kwargs)
-        if _STATE.enabled:
-            apply_to(out[0])
-        return out
-
-    load._tilewise_original = original
+    wrapper = functools.wraps(original)(make(original))
+    wrapper._tilewise_original = original
     for mod in _mlx_lm_modules():
-        if getattr(mod, "load", None) is original:
-            mod.load = load
-    U.load = load
+        if getattr(mod, name, None) is original:
+            setattr(mod, name, wrapper)
+    setattr(module, name, wrapper)
 
 
-def _uninstall_load_hook() -> None:
-    if "mlx_lm.utils" not in sys.modules:
-        return
-    import mlx_lm.utils as U
-
-    wrapped = U.load
-    original = getattr(wrapped, "_tilewise_original", None)
+def _unwrap(module_name: str, name: str) -> None:
+    module = sys.modules.get(module_name)
+    wrapper = getattr(module, name, None)
+    original = getattr(wrapper, "_tilewise_original", None)
     if original is None:
         return
     for mod in _mlx_lm_modules():
-        if getattr(mod, "load", None) is wrapped:
-            mod.load = original
+        if getattr(mod, name, None) is wrapper:
+            setattr(mod, name, original)
+
+
+def _install_load_hook() -> None:
+    """Wraps ``mlx_lm.utils.load`` (rebinding ``mlx_lm.load``, ``mlx_lm.generate.load``,
+    ``mlx_lm.server.load``...) so that every model loaded gets its policy — after LoRA adapters are
+    in place, which is why ``load`` and not ``load_model`` — and ``mlx_lm.generate.generate_step``
+    so that a policy's ``generation.prefill_step_size`` is the default for its model."""
+    import mlx_lm.generate  # noqa: F401  (the package's `generate` attribute is the function)
+    import mlx_lm.utils as U
+
+    G = sys.modules["mlx_lm.generate"]
+
+    def make_load(original):
+        def load(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if _STATE.enabled:
+                apply_to(out[0])
+            return out
+        return load
+
+    def make_generate_step(original):
+        def generate_step(prompt, model, *args, **kwargs):
+            if "prefill_step_size" not in kwargs:
+                step = _prefill_step_for(model)
+                if step is not None:
+                    kwargs["prefill_step_size"] = step
+            return original(prompt, model, *args, **kwargs)
+        return generate_step
+
+    _wrap(U, "load", make_load)
+    _wrap(G, "generate_step", make_generate_step)
+
+
+def _uninstall_load_hook() -> None:
+    _unwrap("mlx_lm.utils", "load")
+    _unwrap("mlx_lm.generate", "generate_step")
+
+
+def _prefill_step_for(model) -> Optional[int]:
+    entry = _STATE.prefill.get(id(model))
+    if entry is None or entry[0]() is not model:
+        return None
+    return entry[1]
