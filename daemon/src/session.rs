@@ -157,11 +157,21 @@ struct Running {
     done: watch::Receiver<bool>,
 }
 
+/// What the running session is doing now, for `status` (kept in memory: `status` must not block).
+#[derive(Debug, Clone, Default)]
+struct Now {
+    paused: Option<String>,
+    progress: Value,
+}
+
 /// Owns the running session (at most one per daemon: the measurements must not share the machine).
 #[derive(Clone)]
 pub struct SessionManager {
     opts: ManagerOptions,
     running: Arc<Mutex<Option<Running>>>,
+    now: Arc<Mutex<Now>>,
+    /// Set when the daemon stops: the session is left `paused` (resumed at the next start), not `stopped`.
+    shutting_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn lock(store: &SharedStore) -> std::sync::MutexGuard<'_, crate::store::Store> {
@@ -229,7 +239,12 @@ fn str_field(v: &Value, k: &str) -> String {
 
 impl SessionManager {
     pub fn new(opts: ManagerOptions) -> SessionManager {
-        SessionManager { opts, running: Arc::new(Mutex::new(None)) }
+        SessionManager {
+            opts,
+            running: Arc::new(Mutex::new(None)),
+            now: Arc::new(Mutex::new(Now::default())),
+            shutting_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
     }
 
     /// The running session's id, if any.
@@ -313,7 +328,10 @@ impl SessionManager {
     /// Resumes the newest session left `running` by a daemon that died (called at daemon start).
     pub async fn resume_interrupted(&self) -> Result<Option<SessionId>, SessionError> {
         let sessions = lock(&self.opts.store).list_sessions(50)?;
-        let Some(s) = sessions.into_iter().find(|s| s.state == SessionState::Running && s.device == self.opts.device.fingerprint) else {
+        let Some(s) = sessions.into_iter().find(|s| {
+            s.device == self.opts.device.fingerprint
+                && (s.state == SessionState::Running || (s.state == SessionState::Paused && s.reason.as_deref().is_some_and(|r| r.starts_with("daemon stopped"))))
+        }) else {
             return Ok(None);
         };
         let Some(saved) = lock(&self.opts.store).search_state(s.id)? else { return Ok(None) };
@@ -338,7 +356,18 @@ impl SessionManager {
         let stop = CancellationToken::new();
         let (done_tx, done_rx) = watch::channel(false);
         *self.running.lock().unwrap() = Some(Running { session_id, target: target.clone(), stop: stop.clone(), done: done_rx });
-        let runner = Runner { opts: self.opts.clone(), session_id, key: target, state, sup, stop, memo: Memo::default() };
+        *self.now.lock().unwrap() = Now::default();
+        let runner = Runner {
+            opts: self.opts.clone(),
+            session_id,
+            key: target,
+            state,
+            sup,
+            stop,
+            memo: Memo::default(),
+            now: self.now.clone(),
+            shutting_down: self.shutting_down.clone(),
+        };
         tokio::spawn(async move {
             runner.run(resumed).await;
             let _ = done_tx.send(true);
@@ -425,6 +454,8 @@ struct Runner {
     sup: Supervisor,
     stop: CancellationToken,
     memo: Memo,
+    now: Arc<Mutex<Now>>,
+    shutting_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Why the loop ended.
@@ -446,6 +477,11 @@ impl Runner {
     }
 
     fn save(&self) -> Result<(), StoreError> {
+        self.now.lock().unwrap().progress = json!({
+            "generation": self.state.engine.generation, "screened": self.state.screened,
+            "shape_items": self.state.shape_items, "elapsed_s": self.state.elapsed_s,
+            "budget": self.state.spec.budget, "model": self.state.spec.model, "seed": self.state.spec.seed,
+        });
         self.store().save_search_state(self.session_id, &serde_json::to_value(&self.state).expect("state serializes"))
     }
 
@@ -463,6 +499,9 @@ impl Runner {
         let _ = self.save();
         let (state, reason) = match &end {
             End::Finished(r) => (SessionState::Finished, r.clone()),
+            End::Stopped if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) => {
+                (SessionState::Paused, "daemon stopped; resumes when it starts again".to_string())
+            }
             End::Stopped => (SessionState::Stopped, "stopped".to_string()),
             End::Failed(r) => (SessionState::Failed, r.clone()),
         };
@@ -522,12 +561,14 @@ impl Runner {
             return;
         }
         let reason = gate.borrow().summary();
+        self.now.lock().unwrap().paused = Some(reason.clone());
         let _ = self.store().set_session_state(self.session_id, SessionState::Paused, Some(&reason));
         self.publish(kind::SESSION_PAUSED, json!({"reason": reason}));
         tokio::select! {
             _ = gate.wait_for(|d| d.run) => {}
             _ = self.stop.cancelled() => return,
         }
+        self.now.lock().unwrap().paused = None;
         let _ = self.store().set_session_state(self.session_id, SessionState::Running, None);
         self.publish(kind::SESSION_RESUMED, json!({"reason": gate.borrow().summary()}));
     }
@@ -958,4 +999,126 @@ enum Screen {
     Predicted(f64),
     Failed(String),
     Stopped,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon seam: `tilewised` plugs the manager in as its `TuningService` (see `ipc` module docs).
+
+use crate::ipc::protocol::{
+    codes, RpcError, SessionListResult, SessionShowParams, SessionShowResult, TuningStartParams, TuningStartResult,
+    TuningStatus, TuningStopParams, TuningStopResult,
+};
+use crate::ipc::{BoxFuture, TuningService};
+
+impl SessionManager {
+    /// A manager wired to a daemon: its store, event bus, probed device and config (Python
+    /// interpreter, worker timeouts, LLM endpoint).
+    pub fn from_state(state: &crate::ipc::server::DaemonState) -> SessionManager {
+        let config = state.config.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut worker = WorkerConfig::new(config.python_path());
+        worker.ready_timeout = Duration::from_secs(config.worker.start_timeout_s.max(1));
+        let chip = state.device.chip.clone().unwrap_or_else(|| format!("{} cpu", state.device.arch));
+        SessionManager::new(ManagerOptions {
+            store: state.store.clone(),
+            events: state.events.clone(),
+            worker,
+            device: DeviceInfo { fingerprint: state.device_fingerprint.clone(), chip },
+            llm: config.llm.clone(),
+            gate: None,
+            load_timeout: Duration::from_secs(config.worker.request_timeout_s.max(60)),
+        })
+    }
+
+    /// Pauses sessions while the scheduler's gate is closed.
+    pub fn with_gate(mut self, gate: watch::Receiver<crate::schedule::gates::Decision>) -> SessionManager {
+        self.opts.gate = Some(gate);
+        self
+    }
+
+    fn show_typed(&self, session_id: SessionId) -> Result<SessionShowResult, SessionError> {
+        let mut v = self.show(session_id)?;
+        let st = lock(&self.opts.store);
+        let session = st.session(session_id)?.ok_or(SessionError::NotFound(session_id))?;
+        let candidates = st.candidates(session_id, None)?;
+        drop(st);
+        let measurements: serde_json::Map<String, Value> = v["candidates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| !c["measurement"].is_null())
+            .map(|c| (c["id"].to_string(), c["measurement"].clone()))
+            .collect();
+        let mut search = v["search"].take();
+        if !search.is_object() {
+            search = json!({});
+        }
+        search["measurements"] = Value::Object(measurements);
+        search["memo"] = v["memo"].take();
+        Ok(SessionShowResult {
+            session,
+            best: serde_json::from_value(v["best"].take()).unwrap_or(None),
+            candidates,
+            memo_size: v["memo_size"].as_u64().unwrap_or(0),
+            search: Some(search),
+        })
+    }
+}
+
+impl From<SessionError> for RpcError {
+    fn from(e: SessionError) -> RpcError {
+        let code = match &e {
+            SessionError::BadParams(_) => codes::INVALID_PARAMS,
+            SessionError::InvalidPolicy(_) => codes::INVALID_POLICY,
+            SessionError::NotFound(_) => codes::NOT_FOUND,
+            SessionError::Busy(_) => codes::BUSY,
+            SessionError::Worker(_) | SessionError::Store(_) => codes::INTERNAL,
+        };
+        RpcError::new(code, e.to_string())
+    }
+}
+
+impl TuningService for SessionManager {
+    fn status(&self) -> TuningStatus {
+        let now = self.now.lock().unwrap().clone();
+        match self.current() {
+            Some(id) => TuningStatus {
+                state: if now.paused.is_some() { "paused" } else { "tuning" }.into(),
+                reason: now.paused,
+                session_id: Some(id),
+                detail: Some(now.progress),
+            },
+            None => TuningStatus { state: "idle".into(), reason: None, session_id: None, detail: None },
+        }
+    }
+
+    fn start(&self, params: TuningStartParams) -> BoxFuture<'_, Result<TuningStartResult, RpcError>> {
+        Box::pin(async move {
+            let value = serde_json::to_value(&params).map_err(|e| RpcError::new(codes::INVALID_PARAMS, e.to_string()))?;
+            let p: StartParams = serde_json::from_value(value).map_err(|e| RpcError::new(codes::INVALID_PARAMS, format!("tuning.start: {e}")))?;
+            let (session_id, resumed) = SessionManager::start(self, p).await?;
+            Ok(TuningStartResult { session_id, resumed })
+        })
+    }
+
+    fn stop(&self, params: TuningStopParams) -> BoxFuture<'_, Result<TuningStopResult, RpcError>> {
+        Box::pin(async move { Ok(TuningStopResult { stopped: SessionManager::stop(self, params.session_id).await }) })
+    }
+
+    fn list_sessions(&self) -> BoxFuture<'_, Result<SessionListResult, RpcError>> {
+        Box::pin(async move {
+            let sessions = lock(&self.opts.store).list_sessions(100).map_err(SessionError::from)?;
+            Ok(SessionListResult { sessions })
+        })
+    }
+
+    fn show_session(&self, params: SessionShowParams) -> BoxFuture<'_, Result<SessionShowResult, RpcError>> {
+        Box::pin(async move { Ok(self.show_typed(params.session_id)?) })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+            SessionManager::stop(self, None).await;
+        })
+    }
 }

@@ -43,15 +43,22 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
     runtime.block_on(async move {
-        let state = match DaemonState::open(paths, config) {
+        let mut state = match DaemonState::open(paths, config) {
             Ok(s) => s,
             Err(e) => return fail(&e),
         };
-        // Tuning plugs in here (see the `ipc` module docs): state.tuning = Some(Arc::new(...));
+        // Tuning sessions (session.rs); a session a previous daemon left running resumes.
+        let tuning = Arc::new(tilewise::session::SessionManager::from_state(&state));
+        state.tuning = Some(tuning.clone());
         let server = match Server::bind(Arc::new(state)) {
             Ok(s) => s,
             Err(e) => return fail(&e),
         };
+        tokio::spawn(async move {
+            if let Err(e) = tuning.resume_interrupted().await {
+                tracing::warn!("could not resume the interrupted session: {e}");
+            }
+        });
         server.run(shutdown_signal()).await;
         ExitCode::SUCCESS
     })

@@ -291,6 +291,10 @@ pub struct TuningStartParams {
     pub budget: Option<Budget>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// Further session settings the tuning service understands (`policies`, `pairs`, `workload`,
+    /// `screen`, ...: see `session::StartParams`); passed through untouched.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -326,6 +330,10 @@ pub struct SessionShowResult {
     pub best: Option<Best>,
     pub candidates: Vec<Candidate>,
     pub memo_size: u64,
+    /// The search's own view: seed, generation, archive, screened count, each candidate's latest
+    /// measurement (`measurements`), the memo entries (`memo`). Shape defined by `session.rs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
