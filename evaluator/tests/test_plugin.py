@@ -693,3 +693,21 @@ def test_a_policys_prefill_step_size_becomes_generate_steps_default(tiny_dir, tm
     mlx_lm.generate(stock_model, tok, "hello", max_tokens=2)  # a model without the policy: untouched
     mlx_lm.generate(model, tok, "hello", max_tokens=2, prefill_step_size=64)  # the caller's choice wins
     assert seen == [32, None, 64]
+
+
+def test_an_internal_failure_leaves_the_model_stock_and_warns(tiny_dir, tmp_path, monkeypatch):
+    stock_model, _ = load_tiny(tiny_dir)
+    path = write_json(tmp_path / "p.json", split_head_policy(target_of(stock_model)))
+
+    def broken(*a, **k):
+        raise RuntimeError("patching exploded")
+
+    monkeypatch.setattr(plugin, "_patch_reachable_layers", broken)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        plugin.enable_optimizations(path)
+        model, _ = load_tiny(tiny_dir)  # no exception reaches the user
+    r = plugin.status().models[-1]
+    assert r.source == "native" and "RuntimeError: patching exploded" in r.reason and not is_patched(model)
+    assert len(tilewise_warnings(rec)) == 1
+    assert plugin.apply_to(object()).source == "native"  # not even a model: still no exception

@@ -180,7 +180,10 @@ def apply_to(model, source=...):
     try:
         record = _apply(model, src)
     except Exception as e:  # the plugin must never break the user's program
-        _unpatch(model)
+        try:
+            _unpatch(model)
+        except Exception:
+            pass
         record = ModelRecord(None, "native", f"tilewise failed, model left stock: {type(e).__name__}: {e}")
         _warn(record.reason)
     _STATE.records.append(record)
@@ -235,8 +238,6 @@ class _Resolved:
     device: Optional[str] = None
     evidence: Optional[dict] = None
     fetched_at: Optional[str] = None
-    #: The policy's generation.prefill_step_size, made generate_step's default for this model.
-    prefill_step_size: Optional[int] = None
     warn: bool = False
 
 
@@ -282,7 +283,6 @@ def check_policy(doc: Any, want: dict, expected_hash: Optional[str] = None) -> s
 
 
 def _apply(model, src: Optional[str]) -> ModelRecord:
-    from . import patch
     from . import policy as P
 
     want = this_target(model)
@@ -655,10 +655,12 @@ def _install_load_hook() -> None:
     ``mlx_lm.server.load``...) so that every model loaded gets its policy — after LoRA adapters are
     in place, which is why ``load`` and not ``load_model`` — and ``mlx_lm.generate.generate_step``
     so that a policy's ``generation.prefill_step_size`` is the default for its model."""
-    import mlx_lm.generate  # noqa: F401  (the package's `generate` attribute is the function)
+    import importlib
+
     import mlx_lm.utils as U
 
-    G = sys.modules["mlx_lm.generate"]
+    # (not `import mlx_lm.generate as G`: the package's `generate` attribute is the function)
+    G = importlib.import_module("mlx_lm.generate")
 
     def make_load(original):
         def load(*args, **kwargs):
