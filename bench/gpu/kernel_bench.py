@@ -10,9 +10,9 @@ For each (N, K) of the model and each M (tokens in flight) it
      per-pair ratios native/kernel with a bootstrap 95 % interval;
   4. times one training-shaped forward+backward (kernel forward, native-matmul VJP) against native.
 
-Timing discipline: each timed "chunk" evaluates a chain of matmuls, each depending on the previous one
-(as a model's linears do; independent ops would run concurrently inside MLX's CUDA graphs and flatter
-small kernels), whose weights rotate through enough copies to exceed the L2 cache (like a model's 24
+Timing discipline: each timed "chunk" evaluates a chain of matmuls, each fed by the previous output
+through two tiny elementwise ops (as a model's linears are fed; independent ops, or ops chained only by
+mx.depends, run concurrently inside MLX's CUDA graphs and flatter small kernels), whose weights rotate through enough copies to exceed the L2 cache (like a model's 24
 layers do), so no kernel is timed on a cache-resident weight. Times are wall-clock around `mx.eval` of
 the chunk, divided by its length: they include MLX's host cost per op, which is what decode feels.
 The graph is built before the clock starts; Python's per-call build cost is reported separately.
@@ -98,8 +98,8 @@ class Problem:
     """Rotating operands for one (M, N, K): `chunk` matmuls per timed sample, weights spread over enough
     copies to exceed L2, outputs capped at a few GB."""
 
-    def __init__(self, m, n, k):
-        self.m, self.n, self.k = m, n, k
+    def __init__(self, m, n, k, mode="data"):
+        self.m, self.n, self.k, self.mode = m, n, k, mode
         w_bytes = n * k * 2
         out_bytes = m * n * 2
         self.chunk = int(min(256, max(8, math.ceil(4 * L2_BYTES / w_bytes)), max(4, 4e9 // out_bytes)))
@@ -110,14 +110,16 @@ class Problem:
         mx.eval(self.ws, self.xs)
 
     def ops(self, fn):
-        """The chunk's matmuls, each made to depend on the one before (`mx.depends`, no data or kernel
-        added): a model runs its linears one after another, so independent ops, which MLX's CUDA graphs
-        run concurrently, would flatter kernels that leave the GPU mostly idle (run1/run2 did that)."""
+        """The chunk's matmuls, each fed by the one before: x_i = x + 0 * y_{i-1}[..., :1] (two tiny
+        elementwise ops, the same in both arms). A model runs its linears one after another; independent
+        ops run concurrently inside MLX's CUDA graphs and flatter small kernels that leave most of the
+        GPU idle, and so does an `mx.depends` chain (bench/gpu/chain_check.py showed both; run1, run2 and
+        run4 were timed that way). `mode="independent"` keeps the old method for comparison."""
         outs, prev = [], None
         for i in range(self.chunk):
             x = self.xs[i % len(self.xs)]
-            if prev is not None:
-                x = mx.depends([x], [prev])[0]
+            if prev is not None and self.mode == "data":
+                x = x + prev[..., :1] * 0
             prev = fn(x, self.ws[i % len(self.ws)])
             outs.append(prev)
         return outs
@@ -237,7 +239,7 @@ def interleaved(problem, fn_a, fn_b, pairs):
 
 
 def bench_shape(name, n, k, m, bw, peak, args, log):
-    prob = Problem(m, n, k)
+    prob = Problem(m, n, k, args.chain)
     cands = candidates(m, args.quick)
     # warm native (cuBLAS handles, allocator) and screen it like the candidates
     for _ in range(2):
@@ -349,6 +351,8 @@ def main():
     ap.add_argument("--finalists", type=int, default=3)
     ap.add_argument("--shapes", default="", help="comma-separated subset of shape names")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--chain", choices=["data", "independent"], default="data",
+                    help="data: each matmul's input depends on the previous output (default)")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="start no new shape after this many seconds (results so far are kept)")
     args = ap.parse_args()

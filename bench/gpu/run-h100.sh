@@ -9,7 +9,7 @@
 #   e2e [ARGS]       bench/gpu/e2e_bench.py ARGS (tuned policy vs stock through the evaluator)
 #   evaluator [ARGS] bench/evaluator_bench.py on Qwen2.5-0.5B bf16 (issue 3's H100 benchmark)
 #   plugin           bench/plugin_bench.py on Qwen2.5-0.5B bf16, no daemon (issue 6's H100 overhead figure)
-# Kernel results for gputime/e2e: $KR, else /root/kb/kernel_bench.json (this machine's last kernels
+# Kernel results for gputime/e2e: $KR_SET, else /root/kb/kernel_bench.json (this machine's last kernels
 # step), else results/h100/kernel_bench.json (committed).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -37,9 +37,9 @@ python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_devic
 
 # STEP may be several, comma-separated (e.g. tests,gputime); ARGS go to the last python step.
 steps=${1:-kernels}; shift || true
-KR=${KR:-/root/kb/kernel_bench.json}; [ -f "$KR" ] || KR=results/h100/kernel_bench.json
 rc=0
 for step in ${steps//,/ }; do
+  KR=${KR_SET:-/root/kb/kernel_bench.json}; [ -f "$KR" ] || KR=results/h100/kernel_bench.json
   case "$step" in
     tests)
       python3 bench/gpu/smoke.py 2>&1 | tee "$OUT/smoke.log" || exit 1
