@@ -711,3 +711,36 @@ def test_an_internal_failure_leaves_the_model_stock_and_warns(tiny_dir, tmp_path
     assert r.source == "native" and "RuntimeError: patching exploded" in r.reason and not is_patched(model)
     assert len(tilewise_warnings(rec)) == 1
     assert plugin.apply_to(object()).source == "native"  # not even a model: still no exception
+
+
+def test_fine_tuning_with_lora_runs_through_the_policy(tiny_dir, tmp_path):
+    """mlx_lm's LoRA wraps each patched linear (LoRALinear.linear = our layer): the forward and the
+    gradients go through the policy's plans, and (splits along N being exact) match stock."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    def lora_loss_and_grads(model):
+        model.freeze()
+        mx.random.seed(0)  # same adapters (lora_a is random) for both models
+        linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+        for _, m in model.named_modules():  # LoRA's B starts at 0: make the adapters matter
+            if hasattr(m, "lora_b"):
+                m.lora_b = mx.random.normal(m.lora_b.shape) * 0.01
+        return workloads.loss_and_grads(model, workloads.make_batch(model, 2, 16, 1))
+
+    stock_model, _ = load_tiny(tiny_dir)
+    path = write_json(tmp_path / "p.json", mixed_policy(target_of(stock_model)))
+    stock_loss, stock_grads = lora_loss_and_grads(stock_model)
+
+    plugin.enable_optimizations(path)
+    model, _ = load_tiny(tiny_dir)
+    patch.reset_call_counts()
+    loss, grads = lora_loss_and_grads(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.linear, patch.TilewiseLinear)
+    assert plugin.status().calls["split"] >= 5  # q/o of both layers and the head, at M = 32
+    assert mx.allclose(loss, stock_loss, rtol=1e-5).item()
+    from mlx.utils import tree_flatten
+
+    g, sg = dict(tree_flatten(grads)), dict(tree_flatten(stock_grads))
+    assert g.keys() == sg.keys() and any("lora_a" in k for k in g)
+    for k in g:
+        assert mx.allclose(g[k], sg[k], rtol=1e-4, atol=1e-6).item(), k
