@@ -1037,29 +1037,14 @@ impl SessionManager {
 
     fn show_typed(&self, session_id: SessionId) -> Result<SessionShowResult, SessionError> {
         let mut v = self.show(session_id)?;
-        let st = lock(&self.opts.store);
-        let session = st.session(session_id)?.ok_or(SessionError::NotFound(session_id))?;
-        let candidates = st.candidates(session_id, None)?;
-        drop(st);
-        let measurements: serde_json::Map<String, Value> = v["candidates"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| !c["measurement"].is_null())
-            .map(|c| (c["id"].to_string(), c["measurement"].clone()))
-            .collect();
-        let mut search = v["search"].take();
-        if !search.is_object() {
-            search = json!({});
-        }
-        search["measurements"] = Value::Object(measurements);
-        search["memo"] = v["memo"].take();
+        let session = serde_json::from_value(v["session"].take()).map_err(StoreError::from)?;
         Ok(SessionShowResult {
             session,
-            best: serde_json::from_value(v["best"].take()).unwrap_or(None),
-            candidates,
+            best: serde_json::from_value(v["best"].take()).map_err(StoreError::from)?,
+            candidates: serde_json::from_value(v["candidates"].take()).map_err(StoreError::from)?,
             memo_size: v["memo_size"].as_u64().unwrap_or(0),
-            search: Some(search),
+            memo: serde_json::from_value(v["memo"].take()).map_err(StoreError::from)?,
+            search: Some(v["search"].take()).filter(|s| !s.is_null()),
         })
     }
 }

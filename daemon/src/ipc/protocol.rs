@@ -3,7 +3,7 @@
 //! the Python plugin mirrors the few it needs.
 
 use crate::probe::Device;
-use crate::store::{Best, Budget, Candidate, Event, HistoryEntry, Session, SessionId};
+use crate::store::{Best, Budget, Event, HistoryEntry, MemoEntry, Session, SessionId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -328,10 +328,13 @@ pub struct SessionShowParams {
 pub struct SessionShowResult {
     pub session: Session,
     pub best: Option<Best>,
-    pub candidates: Vec<Candidate>,
+    /// Each a store `Candidate` plus `measurement`: its latest `{id, correct, ratio, lo, hi, at}` or null.
+    pub candidates: Vec<Value>,
     pub memo_size: u64,
-    /// The search's own view: seed, generation, archive, screened count, each candidate's latest
-    /// measurement (`measurements`), the memo entries (`memo`). Shape defined by `session.rs`.
+    /// The shape memo entries (`MemoEntry`) of the session's device/mlx/backend.
+    #[serde(default)]
+    pub memo: Vec<MemoEntry>,
+    /// The search's own view: seed, model, generation, archive cells, screened count, budget, LLM counters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub search: Option<Value>,
 }
