@@ -190,7 +190,7 @@ fn gates() -> Gates {
 fn gates_pass_an_idle_machine_on_ac() {
     let now = SystemTime::now();
     let d = gates().decide(&reading(), now);
-    assert!(d.run, "{d:?}");
+    assert!(d.run && d.may_start, "{d:?}");
     assert!(d.blocked_by.is_empty());
     assert_eq!(d.user_active_at, Some(now - Duration::from_secs(600)));
 }
@@ -207,7 +207,9 @@ fn each_gate_blocks_with_a_readable_reason() {
     ];
     for (a, gate, reason) in cases {
         let d = gates().decide(&a, now);
-        assert!(!d.run);
+        assert!(!d.may_start);
+        // Load only keeps a new session from starting: a running one loads the machine itself.
+        assert_eq!(d.run, gate == Gate::Load, "{gate:?}");
         assert_eq!(d.blocked_by, vec![gate]);
         assert_eq!(d.reasons, vec![reason.to_string()]);
     }

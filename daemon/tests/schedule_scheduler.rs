@@ -121,6 +121,8 @@ async fn gate_changes_apply_at_once() {
     gtx.send(Gates { max_load_1m: Some(0.5), ..gates(10.0) }).unwrap();
     ActivityFile { user_idle_s: 30.0, load_1m: 3.0, ..Default::default() }.write_to(&f.path).unwrap();
     wait_for(&mut rx, Duration::from_secs(1), |d| d.blocked_by == vec![Gate::Load]).await;
+    // High load keeps a new session from starting but does not pause a running one.
+    assert!(rx.borrow().run && !rx.borrow().may_start, "{:?}", *rx.borrow());
     h.stop().await;
 }
 

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch as tokio_watch};
@@ -22,6 +22,7 @@ use super::watch::{map_watch, ConfigWatcher, ModelWatcher, WatchError, WatchEven
 use super::{Decision, Gates, Scheduler, SchedulerHandle, SchedulerOptions};
 use crate::config::Config;
 use crate::events::{kind, EventBus};
+use crate::ipc::server::DaemonState;
 
 /// Quiet time after the last file event before a config reload or a model change is acted on.
 pub const CONFIG_DEBOUNCE: Duration = Duration::from_millis(300);
@@ -35,6 +36,8 @@ pub struct ScheduleServices {
     events: mpsc::UnboundedSender<WatchEvent>,
     models: Mutex<HashMap<PathBuf, ModelWatcher>>,
     tasks: Vec<JoinHandle<()>>,
+    /// Where `for_daemon` copies applied configs, once `attach`ed.
+    daemon_slot: Option<Arc<Mutex<Option<Weak<DaemonState>>>>>,
 }
 
 impl ScheduleServices {
@@ -100,7 +103,49 @@ impl ScheduleServices {
         let gates = map_watch(config.subscribe(), |c: &Arc<Config>| Gates::from_config(&c.idle));
         let scheduler =
             Scheduler::spawn(source, gates, SchedulerOptions { busy: Some(busy_rx), ..SchedulerOptions::default() });
-        Ok(ScheduleServices { scheduler: Some(scheduler), config, events: events_tx, models: Mutex::new(HashMap::new()), tasks })
+        Ok(ScheduleServices {
+            scheduler: Some(scheduler),
+            config,
+            events: events_tx,
+            models: Mutex::new(HashMap::new()),
+            tasks,
+            daemon_slot: None,
+        })
+    }
+
+    /// Starts the services for a daemon being built: its config file and config, its event bus,
+    /// and this platform's activity source (`TILEWISE_ACTIVITY_FILE` selects the file source).
+    /// Call [`ScheduleServices::attach`] once the state is in its `Arc`, so that every applied
+    /// config is copied into `state.config` (what `config.get` serves).
+    ///
+    /// ```ignore
+    /// let schedule = ScheduleServices::for_daemon(&state)?;
+    /// state.tuning = Some(Arc::new(SessionManager::from_state(&state).with_gate(schedule.decisions())));
+    /// let state = Arc::new(state);
+    /// schedule.attach(&state);
+    /// ```
+    pub fn for_daemon(state: &DaemonState) -> Result<ScheduleServices, String> {
+        let source = super::activity::platform_source().map_err(|e| e.to_string())?;
+        let initial = state.config.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let slot: Arc<Mutex<Option<Weak<DaemonState>>>> = Arc::default();
+        let target = slot.clone();
+        let mut services = ScheduleServices::start(&state.paths.config_file, initial, state.events.clone(), source, move |c| {
+            let state = target.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(Weak::upgrade);
+            match state {
+                Some(state) => *state.config.write().unwrap_or_else(|p| p.into_inner()) = c.clone(),
+                None => tracing::warn!("config reloaded before the daemon state was attached; config.get serves the old one"),
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        services.daemon_slot = Some(slot);
+        Ok(services)
+    }
+
+    /// Lets applied configs reach `state.config` (see [`ScheduleServices::for_daemon`]).
+    pub fn attach(&self, state: &Arc<DaemonState>) {
+        if let Some(slot) = &self.daemon_slot {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(state));
+        }
     }
 
     /// The gate decisions (give one to the session manager, one to `status`).

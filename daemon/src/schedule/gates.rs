@@ -68,13 +68,21 @@ pub enum Gate {
 }
 
 /// Whether tuning may run now, and why not.
+///
+/// Two answers, because the load gate is a *start* condition only: a running measurement loads
+/// the machine itself (the worker keeps a core busy), so pausing on load would pause on our own
+/// work and oscillate. `run` (pause/resume a session) ignores load; `may_start` (start a new
+/// session by itself) also needs the load below its limit.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
+    /// A session may run (every gate but load passes).
     pub run: bool,
+    /// A new session may start by itself (every gate passes, load included).
+    pub may_start: bool,
     /// One readable line per blocking gate ("on battery", "user active 12 s ago (needs 300 s
     /// idle)"); when `run` is true, one line that says why it may run.
     pub reasons: Vec<String>,
-    /// The gates that block (empty when `run`).
+    /// The gates that block (only `Load` can be here while `run` is true).
     pub blocked_by: Vec<Gate>,
     /// Wall-clock moment the person was last active (now − idle time) at the time of the
     /// reading. The session runner discards every sample taken at or after this moment.
@@ -96,6 +104,7 @@ impl Decision {
     pub fn pending() -> Self {
         Decision {
             run: false,
+            may_start: false,
             reasons: vec!["activity not sampled yet".into()],
             blocked_by: vec![Gate::Source],
             user_active_at: None,
@@ -107,6 +116,7 @@ impl Decision {
     pub fn source_failed(error: &str) -> Self {
         Decision {
             run: false,
+            may_start: false,
             reasons: vec![format!("cannot read activity: {error}")],
             blocked_by: vec![Gate::Source],
             user_active_at: None,
@@ -122,7 +132,7 @@ impl Decision {
     /// True when `other` differs in what a consumer acts on (run or the set of blocking gates);
     /// a changing idle count alone is not a change worth waking anyone for.
     pub fn differs_materially(&self, other: &Decision) -> bool {
-        self.run != other.run || self.blocked_by != other.blocked_by
+        self.run != other.run || self.may_start != other.may_start || self.blocked_by != other.blocked_by
     }
 }
 
@@ -179,8 +189,9 @@ impl Gates {
                 reasons.push(format!("system load {:.2} (limit {:.2})", a.load_1m, max));
             }
         }
-        let run = blocked_by.is_empty();
-        if run {
+        let may_start = blocked_by.is_empty();
+        let run = blocked_by.iter().all(|g| *g == Gate::Load);
+        if may_start {
             reasons.push(format!(
                 "idle {}, {}, thermal {}, load {:.2}",
                 human_duration(a.user_idle),
@@ -189,7 +200,14 @@ impl Gates {
                 a.load_1m
             ));
         }
-        Decision { run, reasons, blocked_by, user_active_at: now.checked_sub(a.user_idle), activity: Some(a.clone()) }
+        Decision {
+            run,
+            may_start,
+            reasons,
+            blocked_by,
+            user_active_at: now.checked_sub(a.user_idle),
+            activity: Some(a.clone()),
+        }
     }
 
     /// How long until the idle gate alone could open, if it is what blocks (None: not blocking).

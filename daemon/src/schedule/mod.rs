@@ -6,7 +6,9 @@
 //! The [`Scheduler`] publishes a [`Decision`] on a `tokio::sync::watch` channel
 //! ([`SchedulerHandle::decisions`]). The session runner holds a `watch::Receiver<Decision>` and:
 //!
-//! 1. starts (or resumes) tuning only while `decision.run` is true;
+//! 1. runs (or resumes) a session only while `decision.run` is true, and starts one by itself
+//!    only when `decision.may_start` is true too (`run` plus the load gate: a running measurement
+//!    loads the machine itself, so load never pauses a running session) and `Gates::auto_start`;
 //! 2. when `run` turns false, stops the running measurement **within one second**: it sends the
 //!    worker `{"op":"cancel","target":<id>}` (docs/worker-protocol.md) and, if the worker has not
 //!    answered `cancelled` within the remaining time, kills it (a new worker is started on resume);
