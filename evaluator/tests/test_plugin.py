@@ -192,6 +192,9 @@ def test_only_layers_a_policy_can_change_are_patched(tiny_dir, tmp_path):
     assert patched == ["model.embed_tokens", "model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.q_proj",
                        "model.layers.1.self_attn.o_proj", "model.layers.1.self_attn.q_proj"]
     assert plugin.status().models[-1].patched_layers == 5
+    text = str(plugin.status())  # what a user reads
+    assert "from file: policy sha256:" in text and "(mixed)" in text and "5 layers patched" in text
+    assert f"mlx {mx.__version__}" in text and "why: policy file" in text
     patch.reset_call_counts()
     assert mlx_lm.generate(model, tok, "hello world", max_tokens=6) == stock_text
     calls = plugin.status().calls

@@ -112,16 +112,20 @@ class Status:
     def __str__(self) -> str:
         if not self.enabled and not self.models:
             return "tilewise: not enabled (call tilewise.enable_optimizations())"
-        lines = [f"tilewise: {'enabled' if self.enabled else 'disabled'}, policy source: {self.requested}"]
+        asked = "the daemon" if self.requested == "daemon" else self.requested
+        lines = [f"tilewise: {'enabled' if self.enabled else 'disabled'}, policies from {asked}"]
         if not self.models:
             lines.append("  no model loaded since enabling")
         for m in self.models:
-            what = f"{m.policy_hash[:19]}… ({m.policy_name or 'unnamed'})" if m.policy_hash else "none"
-            lines.append(
-                f"  model {m.model_fingerprint}: {m.source}, policy {what}, "
-                f"{_layers(m.patched_layers)} patched — {m.reason}"
-            )
-        lines.append("  matmul calls: " + ", ".join(f"{k} {v}" for k, v in self.calls.items()))
+            if m.policy_hash:
+                t = m.target or {}
+                what = (f"policy {m.policy_hash[:19]}… ({m.policy_name or 'unnamed'}) for device "
+                        f"{t.get('device')}, mlx {t.get('mlx')}, {t.get('backend')}")
+            else:
+                what = "native (model left stock)"
+            lines.append(f"  model {m.model_fingerprint}: from {m.source}: {what}; {_layers(m.patched_layers)} patched")
+            lines.append(f"    why: {m.reason}")
+        lines.append("  matmul calls so far: " + ", ".join(f"{k} {v}" for k, v in self.calls.items()))
         if self.warning:
             lines.append(f"  warning: {self.warning}")
         return "\n".join(lines)
