@@ -5,6 +5,12 @@
     model, tokenizer = mlx_lm.load(...)        # the policy is applied here
     print(tilewise.status())                   # what is applied, and why
 
+Models that do not come through ``mlx_lm.load`` (``mlx_lm.utils.load_model``, ``sharded_load``,
+models built in code) get it with ``tilewise.apply_to(model)`` or ``enable_optimizations(model=...)``.
+A policy's ``generation.prefill_step_size`` becomes ``mlx_lm.generate.generate_step``'s default for
+its model (an explicit argument — including the mlx_lm CLI's own ``--prefill-step-size`` default —
+wins).
+
 Where the policy comes from (`source`):
 
 - ``None``: the daemon, over its local socket (docs/protocol.md: ``hello``, ``status`` for the
