@@ -28,9 +28,13 @@ targets another device, model, MLX version or backend (``*`` matches anything), 
 for a backend this process does not run.
 
 "Native" means the model is left exactly as stock (no layer is patched), so a fallback can never
-cost anything. A policy in force that is all-native is not patched in either, for the same reason.
+cost anything. A policy in force that is all-native is not patched in either, for the same reason,
+and of any other policy only the layers whose (N, K) some M routes to a non-native plan are patched
+(tilewise.patch's dispatch costs about a microsecond of Python per call).
 
-The cache (``<cache dir>/policies/<key>.json``, key = model fingerprint, MLX version, backend) holds
+The cache (``<cache dir>/policies/<key>.json``; the cache dir is ``$TILEWISE_HOME/cache``, else
+``$XDG_CACHE_HOME/tilewise`` or ``~/Library/Caches/tilewise``; key = model fingerprint, MLX version,
+backend) holds
 the policy, its hash, the daemon's device fingerprint, a host key of this machine and the fetch time.
 It is used only while it is at most :data:`DEFAULT_CACHE_MAX_AGE_S` old (7 days; env
 ``TILEWISE_POLICY_CACHE_MAX_AGE_S`` overrides), written on this same host, and its policy still passes
