@@ -172,9 +172,11 @@ function speedupPoints(history) {
 }
 /** The current session's measured candidates (correct ones), as faint points behind the promotions. */
 function candidatePoints(show) {
+  const measured = (c) => c.measurement || (show.search && show.search.measurements && show.search.measurements[c.id]);
   return ((show && show.candidates) || [])
-    .filter((c) => c.measurement && c.measurement.correct && typeof c.measurement.ratio === "number")
-    .map((c) => ({ t: fmt.toDate(c.measurement.at), ratio: c.measurement.ratio, lo: c.measurement.lo, hi: c.measurement.hi, label: `candidate ${c.id} (gen ${c.generation}, ${c.origin})` }))
+    .map((c) => ({ c, m: measured(c) }))
+    .filter(({ m }) => m && m.correct && typeof m.ratio === "number")
+    .map(({ c, m }) => ({ t: fmt.toDate(m.at), ratio: m.ratio, lo: m.lo, hi: m.hi, label: `candidate ${c.id} (gen ${c.generation}, ${c.origin})` }))
     .filter((p) => p.t).sort((a, b) => a.t - b.t);
 }
 /**
@@ -183,7 +185,7 @@ function candidatePoints(show) {
  */
 function shapeRows(show) {
   const byShape = new Map();
-  for (const e of (show && show.memo) || []) {
+  for (const e of (show && (show.memo || (show.search && show.search.memo))) || []) {
     const key = `${e.m}×${e.n}×${e.k} ${e.dtype}`;
     const row = byShape.get(key) || { label: key, native: e.stock_median_s, best: null, plan: null };
     if (e.plan && e.plan.kind !== "native" && (row.best === null || e.plan_median_s < row.best)) {

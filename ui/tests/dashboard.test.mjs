@@ -73,7 +73,7 @@ test("the page may not call methods outside the dashboard's list", async () => {
   assert.ok(status.pid > 0);
 });
 
-test("'Start tuning now' and 'Pause' drive the daemon, and the session card shows its session", async () => {
+test("'Start tuning now' and 'Pause' drive the daemon, and the session card shows its session", async (t) => {
   await page.locator("#start-tuning").click();
   // Either a session starts, or the daemon refuses; both must be what the daemon itself says.
   const started = await until("a session or a refusal", async () => {
@@ -85,6 +85,7 @@ test("'Start tuning now' and 'Pause' drive the daemon, and the session card show
   }, 30000);
   if (started.refused) {
     // This build of tilewised has no tuning service: the page shows the daemon's own error.
+    t.diagnostic(`tuning refused by the daemon: ${started.refused.message}`);
     const direct = await daemon.client.call("tuning.start", {}).then(() => null, (e) => e);
     assert.ok(direct, "tuning.start failed from the page but works directly");
     assert.match(await text("#notices .notice.error"), /could not start tuning/);
@@ -92,6 +93,7 @@ test("'Start tuning now' and 'Pause' drive the daemon, and the session card show
     return;
   }
   const session = started.list.sessions.reduce((a, b) => (b.id > a.id ? b : a));
+  t.diagnostic(`session ${session.id} started from the page`);
   await until("the card to show the session", async () => (await text("#session [data-key=session_id]")) === String(session.id), 20000);
   const show = await daemon.client.call("session.show", { session_id: session.id });
   assert.ok((await text("#session [data-key=model]")).startsWith(show.session.model.slice(0, 19)));
@@ -100,6 +102,7 @@ test("'Start tuning now' and 'Pause' drive the daemon, and the session card show
   await until("the daemon to stop tuning", async () => (await daemon.client.call("status")).tuning.state !== "tuning", 30000);
   const after = await daemon.client.call("session.show", { session_id: session.id });
   await until("the card to show the new state", async () => (await text("#session [data-key=state]")).startsWith(after.session.state), 20000);
+  t.diagnostic(`paused from the page: session ${session.id} is ${after.session.state}`);
 });
 
 test("when the daemon stops the page says so, and 'Start it' brings it back", async () => {
