@@ -747,3 +747,18 @@ def test_fine_tuning_with_lora_runs_through_the_policy(tiny_dir, tmp_path):
     assert g.keys() == sg.keys() and any("lora_a" in k for k in g)
     for k in g:
         assert mx.allclose(g[k], sg[k], rtol=1e-4, atol=1e-6).item(), k
+
+
+def test_plugin_command_shows_what_would_be_applied(tiny_dir, tmp_path, fresh_plugin):
+    stock_model, _ = load_tiny(tiny_dir)
+    doc = mixed_policy(target_of(stock_model))
+    path = write_json(tmp_path / "p.json", doc)
+    env = dict(os.environ, TILEWISE_HOME=str(fresh_plugin))
+    out = subprocess.run([sys.executable, "-m", "tilewise.plugin", str(tiny_dir), "--policy", str(path), "--json"],
+                         cwd=EVALUATOR, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout)["models"][0]
+    assert (m["source"], m["policy_hash"], m["patched_layers"]) == ("file", P.content_hash(doc), 5)
+    out = subprocess.run([sys.executable, "-m", "tilewise.plugin", str(tiny_dir)],
+                         cwd=EVALUATOR, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "native (model left stock)" in out.stdout and "daemon not running" in out.stdout

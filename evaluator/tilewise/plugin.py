@@ -131,9 +131,10 @@ class Status:
                 t = m.target or {}
                 what = (f"policy {m.policy_hash[:19]}… ({m.policy_name or 'unnamed'}) for device "
                         f"{t.get('device')}, mlx {t.get('mlx')}, {t.get('backend')}")
+                what = f"from {m.source}: {what}"
             else:
                 what = "native (model left stock)"
-            lines.append(f"  model {m.model_fingerprint}: from {m.source}: {what}; {_layers(m.patched_layers)} patched")
+            lines.append(f"  model {m.model_fingerprint}: {what}; {_layers(m.patched_layers)} patched")
             lines.append(f"    why: {m.reason}")
         lines.append("  matmul calls so far: " + ", ".join(f"{k} {v}" for k, v in self.calls.items()))
         if self.warning:
@@ -707,3 +708,29 @@ def _prefill_step_for(model) -> Optional[int]:
     if entry is None or entry[0]() is not model:
         return None
     return entry[1]
+
+
+def main(argv=None) -> int:
+    """``python -m tilewise.plugin MODEL [--policy PATH]``: what the plugin would apply to MODEL
+    (a path or Hugging Face id that mlx_lm.load finds locally), and why — without generating."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tilewise.plugin", description=main.__doc__.split(":", 1)[1].strip())
+    ap.add_argument("model", help="model path or repo id (as for mlx_lm.load)")
+    ap.add_argument("--policy", default=None, help="a policy JSON or OpenEvolve best_program.py instead of the daemon")
+    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for the daemon to answer")
+    ap.add_argument("--json", action="store_true", help="print status() as JSON")
+    args = ap.parse_args(argv)
+    import mlx_lm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TilewiseWarning)  # the same text is in the status below
+        enable_optimizations(args.policy, timeout=args.timeout)
+        mlx_lm.load(args.model)
+    st = status()
+    print(json.dumps(st.as_dict(), indent=1) if args.json else st)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
