@@ -28,10 +28,18 @@ function h(tag, attrs, ...kids) {
   for (const k of kids.flat()) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
   return e;
 }
+/** A standing notice about the current state (redrawn on every refresh). */
 function notice(text, kind, action) {
   const n = h("div", { class: `notice ${kind || ""}` }, text);
   if (action) n.append(" ", action);
   $("notices").append(n);
+}
+/** A failed action: stays until dismissed or for 20 s, across refreshes. */
+function alertError(text) {
+  const close = h("button", { class: "close", title: "Dismiss", onclick: () => a.remove() }, "×");
+  const a = h("div", { class: "notice error", "data-testid": "alert" }, text, " ", close);
+  $("alerts").append(a);
+  setTimeout(() => a.remove(), 20000);
 }
 
 // ---- device -------------------------------------------------------------------------------------
@@ -278,26 +286,28 @@ function scheduleRefresh(delay = 250) {
   if (document.hidden || state.pending) return;
   state.pending = setTimeout(() => { state.pending = null; refresh().catch(showFatal); }, delay);
 }
-function showFatal(e) { notice(`dashboard error: ${errText(e)}`, "error"); }
+function showFatal(e) { alertError(`dashboard error: ${errText(e)}`); }
 
 async function startDaemon() {
-  try { await T.core.invoke("start_daemon"); } catch (e) { notice(`could not start tilewised: ${errText(e)}`, "error"); }
+  try { await T.core.invoke("start_daemon"); } catch (e) { alertError(`could not start tilewised: ${errText(e)}`); }
   scheduleRefresh(50);
 }
 
 async function main() {
   $("start-tuning").onclick = async () => {
     const r = await tryCall("tuning.start", {});
-    if (r.error) notice(`could not start tuning: ${r.error}`, "error");
+    if (r.error) alertError(`could not start tuning: ${r.error}`);
     scheduleRefresh(50);
   };
   $("stop-tuning").onclick = async () => {
     const r = await tryCall("tuning.stop", {});
-    if (r.error) notice(`could not pause: ${r.error}`, "error");
+    if (r.error) alertError(`could not pause: ${r.error}`);
     scheduleRefresh(50);
   };
   await T.event.listen("daemon-event", (e) => { addEvent(e.payload); scheduleRefresh(); });
   await T.event.listen("link-state", () => scheduleRefresh(50));
+  // A tray action that failed (e.g. the daemon refused config.set): say so here too.
+  await T.event.listen("app-error", (e) => alertError(`menu action failed: ${e.payload}`));
   document.addEventListener("visibilitychange", () => { if (!document.hidden) scheduleRefresh(0); });
   await refresh().catch(showFatal);
 }

@@ -79,7 +79,7 @@ test("'Start tuning now' and 'Pause' drive the daemon, and the session card show
   const started = await until("a session or a refusal", async () => {
     const list = await daemon.client.call("session.list").catch((e) => ({ error: e }));
     if (list.sessions && list.sessions.length) return { list };
-    const notice = await page.locator("#notices .notice.error").count();
+    const notice = await page.locator("[data-testid=alert]").count();
     if (notice && list.error) return { refused: list.error };
     return null;
   }, 30000);
@@ -88,8 +88,8 @@ test("'Start tuning now' and 'Pause' drive the daemon, and the session card show
     t.diagnostic(`tuning refused by the daemon: ${started.refused.message}`);
     const direct = await daemon.client.call("tuning.start", {}).then(() => null, (e) => e);
     assert.ok(direct, "tuning.start failed from the page but works directly");
-    assert.match(await text("#notices .notice.error"), /could not start tuning/);
-    assert.ok((await text("#notices .notice.error")).includes(direct.message.replace(/^tuning.start: /, "")));
+    assert.match(await text("[data-testid=alert]"), /could not start tuning/);
+    assert.ok((await text("[data-testid=alert]")).includes(direct.message.replace(/^tuning.start: /, "")));
     return;
   }
   const session = started.list.sessions.reduce((a, b) => (b.id > a.id ? b : a));
