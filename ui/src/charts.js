@@ -78,7 +78,7 @@
   }
 
   /**
-   * Per-shape timings: for each matmul shape, a pair of bars (native, best plan), in seconds.
+   * Per-shape timings: for each matmul shape, a pair of bars (stock, fastest measured plan), in seconds.
    * rows: [{label, native, best}] (either time may be missing).
    */
   function shapes(container, rows) {
@@ -90,7 +90,7 @@
     s.appendChild(el("rect", { x: L, y: 4, width: 10, height: 10, fill: "var(--muted)" }));
     s.appendChild(el("text", { x: L + 14, y: 13 }, "native"));
     s.appendChild(el("rect", { x: L + 70, y: 4, width: 10, height: 10, fill: "var(--orange)" }));
-    s.appendChild(el("text", { x: L + 84, y: 13 }, "best plan"));
+    s.appendChild(el("text", { x: L + 84, y: 13 }, "fastest measured plan"));
     rows.forEach((r, i) => {
       const y0 = T + i * rowH;
       const g = el("g", { class: "shape", "data-label": r.label });
