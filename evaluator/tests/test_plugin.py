@@ -28,7 +28,7 @@ def fresh_plugin(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("TILEWISE_HOME", str(home))
-    for var in ("TILEWISE_SOCKET", "TILEWISE_POLICY_CACHE_MAX_AGE_S"):
+    for var in ("TILEWISE_SOCKET", "TILEWISE_POLICY_CACHE_MAX_AGE_S", "TILEWISE_PLUGIN_TIMEOUT_S"):
         monkeypatch.delenv(var, raising=False)
     plugin._reset_for_tests()
     yield home
@@ -762,3 +762,14 @@ def test_plugin_command_shows_what_would_be_applied(tiny_dir, tmp_path, fresh_pl
     out = subprocess.run([sys.executable, "-m", "tilewise.plugin", str(tiny_dir)],
                          cwd=EVALUATOR, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "native (model left stock)" in out.stdout and "daemon not running" in out.stdout
+
+
+def test_daemon_budget_defaults_and_env(monkeypatch):
+    assert plugin.default_timeout_s() == daemon_client.DEFAULT_TIMEOUT_S == 0.2
+    monkeypatch.setenv("TILEWISE_PLUGIN_TIMEOUT_S", "1.5")
+    assert plugin.enable_optimizations() is not None and plugin._STATE.timeout == 1.5
+    plugin.enable_optimizations(timeout=0.05)
+    assert plugin._STATE.timeout == 0.05
+    for bad in ("soon", "-1", "0"):
+        monkeypatch.setenv("TILEWISE_PLUGIN_TIMEOUT_S", bad)
+        assert plugin.default_timeout_s() == 0.2

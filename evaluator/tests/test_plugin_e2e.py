@@ -59,7 +59,9 @@ def home(tmp_path):
 
 
 def run_user(home, model_dir, *, timeout=180):
-    env = dict(os.environ, TILEWISE_HOME=str(home))
+    # a generous daemon budget: CI machines can be loaded far beyond what the 200 ms default assumes
+    # (test_plugin.py shows the default bounds a silent daemon's cost)
+    env = dict(os.environ, TILEWISE_HOME=str(home), TILEWISE_PLUGIN_TIMEOUT_S="5")
     env.pop("TILEWISE_SOCKET", None)
     out = subprocess.run([sys.executable, "-c", USER_PROGRAM, str(model_dir)], cwd=EVALUATOR, env=env,
                          capture_output=True, text=True, timeout=timeout)
@@ -163,7 +165,7 @@ def test_cli_wrapper_gets_the_daemons_policy(binaries, home, tiny):
     with daemon_client.LocalDaemon(binaries["daemon"], home) as d:
         stored = seed_best(binaries, home, best_policy(d.device_fingerprint, info["model_fingerprint"]))
         env = dict(os.environ, TILEWISE_HOME=str(home))
-        out = subprocess.run([sys.executable, "-m", "tilewise.mlx_lm", "generate", "--model", info["model_path"],
+        out = subprocess.run([sys.executable, "-m", "tilewise.mlx_lm", "--timeout", "5", "generate", "--model", info["model_path"],
                               "--prompt", "hello", "--max-tokens", "4"],
                              cwd=EVALUATOR, env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr

@@ -169,18 +169,19 @@ _STATE = _Config()
 # Public API
 
 
-def enable_optimizations(source=None, *, model=None, timeout: float = DEFAULT_TIMEOUT_S, announce: bool = False):
+def enable_optimizations(source=None, *, model=None, timeout: Optional[float] = None, announce: bool = False):
     """Applies the best proven policy to every model loaded from now on by ``mlx_lm.load``
     (and to ``model`` now, when given). Returns :func:`status`. Never raises on a missing daemon or
     a bad policy: those fall back to native with one warning.
 
     ``source``: None (ask the daemon), or a path to a policy JSON or an OpenEvolve ``best_program.py``.
-    ``timeout``: seconds for connect + handshake + reply from the daemon.
+    ``timeout``: seconds for connect + handshake + reply from the daemon (default: env
+    ``TILEWISE_PLUGIN_TIMEOUT_S``, else :data:`DEFAULT_TIMEOUT_S`).
     ``announce``: print one status line per applied model on stderr (the CLI wrapper uses it).
     """
     _STATE.enabled = True
     _STATE.source = None if source is None else os.fspath(source)
-    _STATE.timeout = float(timeout)
+    _STATE.timeout = float(timeout) if timeout is not None else default_timeout_s()
     _STATE.announce = announce
     _install_load_hook()
     if model is not None:
@@ -478,6 +479,15 @@ def host_key() -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
+def default_timeout_s() -> float:
+    """``TILEWISE_PLUGIN_TIMEOUT_S`` (for slow or heavily loaded machines), else DEFAULT_TIMEOUT_S."""
+    try:
+        value = float(os.environ.get("TILEWISE_PLUGIN_TIMEOUT_S") or DEFAULT_TIMEOUT_S)
+    except ValueError:
+        return DEFAULT_TIMEOUT_S
+    return value if value > 0 else DEFAULT_TIMEOUT_S
+
+
 def cache_max_age_s() -> float:
     raw = os.environ.get("TILEWISE_POLICY_CACHE_MAX_AGE_S")
     try:
@@ -718,7 +728,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tilewise.plugin", description=main.__doc__.split(":", 1)[1].strip())
     ap.add_argument("model", help="model path or repo id (as for mlx_lm.load)")
     ap.add_argument("--policy", default=None, help="a policy JSON or OpenEvolve best_program.py instead of the daemon")
-    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for the daemon to answer")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds for the daemon to answer")
     ap.add_argument("--json", action="store_true", help="print status() as JSON")
     args = ap.parse_args(argv)
     import mlx_lm
