@@ -128,9 +128,10 @@ class DaemonClient:
         # The daemon checks our UID; we check it is our own daemon's socket before trusting answers.
         if hasattr(os, "getuid") and st.st_uid != os.getuid():
             raise DaemonUnavailable(f"socket {self.path} belongs to uid {st.st_uid}, not to this user")
+        budget = self._remaining()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(self._remaining())
+            sock.settimeout(budget)
             sock.connect(str(self.path))
         except (socket.timeout, TimeoutError):
             sock.close()
