@@ -66,12 +66,15 @@ for _ in $(seq 50); do [ -e "$home/subscribed" ] && break; sleep 0.1; done
 
 RUST_LOG=info "$TILEWISE_BIN_DIR/tilewise-app" >"$out/app.log" 2>&1 & app=$!; pids+=($app)
 
-wid=$(timeout 60 xdotool search --sync --onlyvisible --name '^tilewise$' | head -1) || fail "no dashboard window within 60 s"
+wid=$(timeout 60 xdotool search --sync --onlyvisible --name '^tilewise( — .*)?$' | head -1) || fail "no dashboard window within 60 s"
 echo "smoke: dashboard window $wid: $(xdotool getwindowgeometry "$wid" | tr '\n' ' ')"
 wait $waiter || fail "the daemon saw no hello from tilewise-app: $(cat "$out/hello-wait.log")"
 echo "smoke: daemon saw $(cat "$out/hello-event.json")"
 
-sleep 5  # let the dashboard fetch and draw the daemon's data
+# The page sets the title to "tilewise — <state>" once it has drawn the daemon's data.
+timeout 90 xdotool search --sync --onlyvisible --name '^tilewise — ' >/dev/null || fail "the dashboard never drew the daemon's data (title still $(xdotool getwindowname "$wid"))"
+echo "smoke: dashboard title: $(xdotool getwindowname "$wid")"
+sleep 1
 import -window root "$out/desktop.png"
 import -window "$wid" "$out/dashboard.png"
 spread=$(convert "$out/dashboard.png" -colorspace gray -format '%[fx:standard_deviation]' info:)
@@ -93,7 +96,7 @@ xdotool key Escape
 # One instance only: a second launch hands over to the first (which shows its window) and exits.
 timeout 30 "$TILEWISE_BIN_DIR/tilewise-app" >"$out/app-second.log" 2>&1 || fail "the second instance did not exit by itself (rc $?)"
 kill -0 "$app" 2>/dev/null || fail "the first instance went away when a second was launched"
-[ "$(xdotool search --onlyvisible --name '^tilewise$' | wc -l)" = 1 ] || fail "two dashboard windows after a second launch"
+[ "$(xdotool search --onlyvisible --name '^tilewise( — .*)?$' | wc -l)" = 1 ] || fail "two dashboard windows after a second launch"
 echo "smoke: a second launch exited and left the first instance running"
 
 kill -0 "$app" 2>/dev/null || fail "the app exited early"
@@ -102,8 +105,9 @@ kill "$app"; wait "$app" 2>/dev/null || true
 
 # Without a session bus there can be no tray: the app must keep its window and say why, not panic.
 env -u DBUS_SESSION_BUS_ADDRESS "$TILEWISE_BIN_DIR/tilewise-app" >"$out/app-no-bus.log" 2>&1 & app=$!; pids+=($app)
-wid=$(timeout 60 xdotool search --sync --onlyvisible --name '^tilewise$' | head -1) || fail "no window without a session bus"
-sleep 3
+wid=$(timeout 60 xdotool search --sync --onlyvisible --name '^tilewise( — .*)?$' | head -1) || fail "no window without a session bus"
+timeout 90 xdotool search --sync --onlyvisible --name '^tilewise — ' >/dev/null || fail "the dashboard drew nothing without a session bus"
+sleep 1
 import -window "$wid" "$out/dashboard-no-tray.png"
 kill -0 "$app" 2>/dev/null || fail "the app exited without a session bus"
 grep -q "no tray icon: no D-Bus session bus" "$out/app-no-bus.log" || fail "the app did not say why there is no tray"

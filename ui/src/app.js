@@ -250,6 +250,7 @@ async function refresh() {
   if (!state.connected) {
     const b = h("button", { class: "primary", onclick: startDaemon }, "Start it");
     notice(`tilewised is not running${app.link && app.link.error ? ` (${app.link.error})` : ""}.`, "error", b);
+    showTitle("tilewise — daemon not running");
     return;
   }
   const status = await tryCall("status");
@@ -279,6 +280,18 @@ async function refresh() {
   charts.shapes($("shape-chart"), shapeRows(show));
   if (history.error) $("speedup-chart").append(h("p", { class: "muted" }, `history: ${history.error}`));
   document.body.dataset.loaded = String(state.lastRefresh);
+  showTitle(`tilewise — ${$("tuning").textContent}`);
+}
+
+/**
+ * The window title carries the state ("tilewise — Tuning"), so it shows in window lists, and tells
+ * scripts (the smoke test) that the page has drawn the daemon's data. In the app this goes through
+ * Tauri's window API; in a browser it is the document title.
+ */
+function showTitle(text) {
+  document.title = text;
+  const win = T.window && T.window.getCurrentWindow ? T.window.getCurrentWindow() : null;
+  if (win) win.setTitle(text).catch(() => {});
 }
 
 /** Coalesces bursts of events into one refresh; skipped while the page is hidden. */

@@ -48,6 +48,8 @@ test("the tuning pill follows status.tuning.state", async () => {
   const { tuning } = await daemon.client.call("status");
   const label = { idle: "Idle", tuning: "Tuning", paused: "Paused" }[tuning.state];
   assert.ok((await text("[data-testid=tuning-state]")).startsWith(label));
+  // The title carries the same state (the app's window title; the smoke test waits on it).
+  assert.equal(await page.title(), `tilewise — ${await text("[data-testid=tuning-state]")}`);
 });
 
 test("the speedup chart has one point per promotion in history", async () => {
