@@ -443,8 +443,9 @@ def test_misbehaving_daemon_costs_at_most_the_timeout(behaviour, tiny_dir, fresh
         patch.remove(stock_model)
     assert r.source == "cache", r.reason  # the cached policy is used instead
     assert len(tilewise_warnings(rec)) == 1
-    # the socket part is bounded by the timeout; fingerprinting and patching the tiny model are fast
-    assert elapsed < 1.0, elapsed
+    # the socket part is bounded by the 0.2 s budget; fingerprinting, cache checks and patching the
+    # tiny model take milliseconds (headroom for loaded CI machines; a hang would be unbounded)
+    assert elapsed < 2.0, elapsed
 
 
 class AnsweringDaemon(MisbehavingDaemon):
