@@ -34,8 +34,10 @@ pub struct ScheduleServices {
     scheduler: Option<SchedulerHandle>,
     config: ConfigWatcher<Config>,
     events: mpsc::UnboundedSender<WatchEvent>,
-    models: Mutex<HashMap<PathBuf, ModelWatcher>>,
+    models: ModelWatchers,
     tasks: Vec<JoinHandle<()>>,
+    /// Tasks started by `attach`.
+    extra_tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Where `for_daemon` copies applied configs, once `attach`ed.
     daemon_slot: Option<Arc<Mutex<Option<Weak<DaemonState>>>>>,
 }
@@ -107,8 +109,9 @@ impl ScheduleServices {
             scheduler: Some(scheduler),
             config,
             events: events_tx,
-            models: Mutex::new(HashMap::new()),
+            models: Arc::default(),
             tasks,
+            extra_tasks: Mutex::default(),
             daemon_slot: None,
         })
     }
@@ -141,11 +144,71 @@ impl ScheduleServices {
         Ok(services)
     }
 
-    /// Lets applied configs reach `state.config` (see [`ScheduleServices::for_daemon`]).
+    /// Connects the services to the running daemon (see [`ScheduleServices::for_daemon`]):
+    /// applied configs reach `state.config`, and the model of every session that starts is
+    /// watched. When a watched model changes on disk while its session runs, that session is
+    /// tuning weights that no longer exist: it is stopped and a new one started for the same
+    /// model (same seed and budget), which loads the new weights and so gets a new fingerprint
+    /// and target. The old best stays stored under the old fingerprint and is not served for
+    /// the new one.
     pub fn attach(&self, state: &Arc<DaemonState>) {
         if let Some(slot) = &self.daemon_slot {
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(state));
         }
+        let weak = Arc::downgrade(state);
+        let models = self.models.clone();
+        let events = self.events.clone();
+        let mut rx = state.events.subscribe();
+        let task = tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            // Model directory -> (session id, the started event's data) of the session tuning it.
+            let mut tuned: HashMap<PathBuf, (i64, serde_json::Value)> = HashMap::new();
+            loop {
+                let e = match rx.recv().await {
+                    Ok(e) => e,
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return,
+                };
+                let Some(state) = weak.upgrade() else { return };
+                match e.kind.as_str() {
+                    kind::SESSION_STARTED | kind::SESSION_RESUMED => {
+                        let (Some(sid), Some(fp)) = (e.session_id, e.data["target"]["model"].as_str()) else { continue };
+                        let record = state.store.lock().unwrap_or_else(|p| p.into_inner()).model(fp);
+                        let Some(dir) = record.ok().flatten().and_then(|m| m.path).map(PathBuf::from) else { continue };
+                        if !dir.is_dir() {
+                            continue;
+                        }
+                        if let Err(err) = watch_model_in(&models, &events, &dir) {
+                            tracing::warn!("cannot watch model {}: {err}", dir.display());
+                            continue;
+                        }
+                        tuned.insert(dir, (sid, e.data.clone()));
+                    }
+                    kind::MODEL_CHANGED => {
+                        let Some(dir) = e.data["dir"].as_str().map(PathBuf::from) else { continue };
+                        let Some((sid, started)) = tuned.remove(&dir) else { continue };
+                        let Some(tuning) = state.tuning.clone() else { continue };
+                        let running = tuning.status().session_id == Some(sid);
+                        if !running {
+                            continue;
+                        }
+                        tracing::info!(session = sid, dir = %dir.display(), "model changed on disk: restarting its session");
+                        let _ = tuning.stop(crate::ipc::protocol::TuningStopParams { session_id: Some(sid) }).await;
+                        let params = crate::ipc::protocol::TuningStartParams {
+                            model: started["model"].as_str().map(str::to_owned),
+                            budget: serde_json::from_value(started["budget"].clone()).ok(),
+                            seed: started["seed"].as_u64(),
+                            extra: Default::default(),
+                        };
+                        if let Err(err) = tuning.start(params).await {
+                            tracing::warn!("could not start a session for the changed model: {}", err.message);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        self.extra_tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
     }
 
     /// The gate decisions (give one to the session manager, one to `status`).
@@ -161,14 +224,7 @@ impl ScheduleServices {
     /// Watches a model directory (once per directory); its changes are published as
     /// `model.changed` and counted in the returned generation channel.
     pub fn watch_model(&self, dir: &Path) -> Result<tokio_watch::Receiver<u64>, WatchError> {
-        let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = models.get(dir) {
-            return Ok(w.generation());
-        }
-        let w = ModelWatcher::spawn(dir, self.events.clone(), MODEL_DEBOUNCE)?;
-        let generation = w.generation();
-        models.insert(dir.to_path_buf(), w);
-        Ok(generation)
+        watch_model_in(&self.models, &self.events, dir)
     }
 
     /// Stops the scheduler and every watcher.
@@ -184,5 +240,25 @@ impl Drop for ScheduleServices {
         for t in &self.tasks {
             t.abort();
         }
+        for t in self.extra_tasks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            t.abort();
+        }
     }
+}
+
+type ModelWatchers = Arc<Mutex<HashMap<PathBuf, ModelWatcher>>>;
+
+fn watch_model_in(
+    models: &ModelWatchers,
+    events: &mpsc::UnboundedSender<WatchEvent>,
+    dir: &Path,
+) -> Result<tokio_watch::Receiver<u64>, WatchError> {
+    let mut models = models.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(w) = models.get(dir) {
+        return Ok(w.generation());
+    }
+    let w = ModelWatcher::spawn(dir, events.clone(), MODEL_DEBOUNCE)?;
+    let generation = w.generation();
+    models.insert(dir.to_path_buf(), w);
+    Ok(generation)
 }
