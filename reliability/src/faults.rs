@@ -429,6 +429,7 @@ fn storage_fault(
         std::thread::sleep(Duration::from_millis(100));
     }
     let before = snapshot(&d.db)?;
+    let log_mark = d.log_text().len();
     apply()?;
     // During the fault: reads keep being served.
     let h0 = Instant::now();
@@ -449,7 +450,8 @@ fn storage_fault(
     let mut resumed = "running on".to_string();
     if is_terminal(&state) || running_session(&d) != Some(sid) {
         let (again, _) = start_session(&d, &params)?;
-        resumed = if again == sid { format!("{state} ({}), resumed", reason.clone().unwrap_or_default()) } else { format!("{state}, new session {again}") };
+        let why = reason.clone().map(|r| format!(" ({r})")).unwrap_or_default();
+        resumed = if again == sid { format!("stored as {state}{why}, resumed") } else { format!("stored as {state}{why}, new session {again}") };
     }
     let w1 = Instant::now();
     while snapshot(&d.db)?.trials() <= before.trials() && w1.elapsed() < Duration::from_secs(120) {
@@ -458,19 +460,29 @@ fn storage_fault(
     let after = snapshot(&d.db)?;
     let lost = after.lost_from(&before);
     let progressed = after.trials() > before.trials();
+    // The daemon's own account of the fault (the database may not have been writable to hold it).
     let log = d.log_text();
+    let logged = log
+        .get(log_mark..)
+        .unwrap_or("")
+        .lines()
+        .map(strip_ansi)
+        .find(|l| l.contains("WARN") || l.contains("ERROR"))
+        .map(|l| l.split_once(" tilewise").map(|(_, rest)| format!("tilewise{rest}")).unwrap_or(l))
+        .unwrap_or_default();
     let _ = d.client().and_then(|mut c| c.call("tuning.stop", json!({})));
     let integrity = open_ro(&d.db)?.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))?;
     let unexplained = after.failed.values().filter(|r| r.as_deref().unwrap_or("").trim().is_empty()).count();
-    let error_logged = log.contains("ERROR") || log.contains("WARN");
+    let error_logged = !logged.is_empty();
     let ok = alive_during && alive_after && lost.is_empty() && progressed && integrity == "ok" && unexplained == 0 && error_logged;
     Ok(Row::pass_if(
         check.to_string(),
         format!(
-            "alive during/after: {alive_during}/{alive_after}, reads served {answered}/{asked}; session {resumed}; trials {} → {}, lost {}; integrity {integrity}; failures without reason {unexplained}; error logged: {error_logged}",
+            "alive during/after: {alive_during}/{alive_after}, reads served {answered}/{asked}; session after: {resumed}; trials {} → {}, lost {}; integrity {integrity}; failures without reason {unexplained}; reason logged: {:.110}",
             before.trials(),
             after.trials(),
-            lost.len()
+            lost.len(),
+            if logged.is_empty() { "none".to_string() } else { logged.clone() }
         ),
         "survived, 0 lost, reason stored",
         ok,

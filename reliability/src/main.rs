@@ -106,7 +106,8 @@ fn run(args: &Args) -> Result<bool> {
         .clone()
         .or_else(|| std::env::var_os("TILEWISE_PYTHON").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
-    let bins = Binaries { tilewised: bin_dir.join("tilewised"), python: std::fs::canonicalize(&python).unwrap_or(python) };
+    // Absolute but not canonical: a venv's python is a symlink, and resolving it loses the venv.
+    let bins = Binaries { tilewised: bin_dir.join("tilewised"), python: std::path::absolute(&python).unwrap_or(python) };
     anyhow::ensure!(bins.tilewised.exists(), "{} not found: build it first (cargo build -p tilewise --bins)", bins.tilewised.display());
 
     let q = args.quick;
