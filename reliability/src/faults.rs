@@ -226,7 +226,8 @@ fn skip_or_error(check: &str, e: anyhow::Error) -> Row {
 fn kill9(bins: &Binaries, root: &Path, o: &FaultOptions) -> Result<Row> {
     let home = crate::home(root, "kill9")?;
     let mut d = Daemon::start(bins, &home, &[("TILEWISE_LOG", "info")])?;
-    let evaluations = (o.kills as u64).max(4);
+    // More evaluations than kills, so the session outlives the kill loop.
+    let evaluations = (o.kills as u64 * 3 / 2).max(4);
     let params = session_params(evaluations, 7, None, None);
     let (sid, _) = start_session(&d, &params)?;
     let budget = Duration::from_secs(if o.quick { 150 } else { 540 });
@@ -321,28 +322,50 @@ fn fixed_policy(name: &str, tile_k: u64) -> Value {
     })
 }
 
-/// One worker fault kind: a clean session first (committed trials to protect), then a daemon
-/// whose workers fault on every `evaluate`.
-fn worker_fault(bins: &Binaries, root: &Path, kind: &str) -> Result<Row> {
-    let home = crate::home(root, &format!("worker-{kind}"))?;
-    let check = format!("faults: worker {kind}");
-    let mut d = Daemon::start(bins, &home, &[])?;
-    let (sid0, _) = start_session(&d, &session_params(1, 3, Some(vec![fixed_policy("clean", 16)]), None))?;
-    wait_session_end(&d, sid0, Duration::from_secs(240))?;
-    let before = snapshot(&d.db)?;
-    anyhow::ensure!(before.measurements.len() >= 1, "the clean session committed no measurement");
-    d.terminate(Duration::from_secs(30));
+/// Worker faults, one home: a clean session first (committed trials to protect), then for each
+/// fault kind a daemon whose workers fault on every `evaluate` runs a session of `per_kind`
+/// evaluations. After each: the daemon answered throughout, every earlier trial is intact, and
+/// each new failure has its reason stored (on the candidate and in worker_failures).
+fn worker_faults(bins: &Binaries, root: &Path, kinds: &[&str], per_kind: u64) -> Vec<Row> {
+    let home = match crate::home(root, "worker-faults") {
+        Ok(h) => h,
+        Err(e) => return vec![Row::error("faults: worker", &e)],
+    };
+    let clean = (|| -> Result<()> {
+        let mut d = Daemon::start(bins, &home, &[])?;
+        let (sid0, _) = start_session(&d, &session_params(1, 3, Some(vec![fixed_policy("clean", 16)]), None))?;
+        wait_session_end(&d, sid0, Duration::from_secs(240))?;
+        anyhow::ensure!(!snapshot(&d.db)?.measurements.is_empty(), "the clean session committed no measurement");
+        d.terminate(Duration::from_secs(30));
+        Ok(())
+    })();
+    if let Err(e) = clean {
+        return kinds.iter().map(|k| skip_or_error(&format!("faults: worker {k}"), anyhow!("{e:#}"))).collect();
+    }
+    kinds
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| {
+            let check = format!("faults: worker {kind}");
+            worker_fault(bins, &home, kind, per_kind, 100 + i as u64).unwrap_or_else(|e| skip_or_error(&check, e))
+        })
+        .collect()
+}
 
+fn worker_fault(bins: &Binaries, home: &Path, kind: &str, per_kind: u64, seed: u64) -> Result<Row> {
+    let before = snapshot(&tilewise::paths::Paths::under_home(home).db_file)?;
     let fault = format!("evaluate:{kind}");
-    let mut d = Daemon::start(bins, &home, &[("TILEWISE_WORKER_FAULT", fault.as_str())])?;
+    let mut d = Daemon::start(bins, home, &[("TILEWISE_WORKER_FAULT", fault.as_str())])?;
     let t0 = Instant::now();
-    let (sid, _) = start_session(&d, &session_params(2, 4, Some(vec![fixed_policy("a", 32), fixed_policy("b", 64)]), Some(20)))?;
+    let policies: Vec<Value> = (0..per_kind).map(|j| fixed_policy(&format!("{kind}-{j}"), 32 << j)).collect();
+    let (sid, _) = start_session(&d, &session_params(per_kind, seed, Some(policies), Some(10)))?;
     // While the worker misbehaves, other clients keep being served.
-    let mut served_during = 0;
+    let (mut asked, mut served) = (0, 0);
     let mut end = None;
     while t0.elapsed() < Duration::from_secs(300) {
+        asked += 1;
         if d.answers() {
-            served_during += 1;
+            served += 1;
         }
         if let Some((state, reason, _, _)) = session_row(&d.db, sid)? {
             if is_terminal(&state) {
@@ -354,23 +377,21 @@ fn worker_fault(bins: &Binaries, root: &Path, kind: &str) -> Result<Row> {
     }
     let Some((state, reason)) = end else { bail!("session with worker {kind} did not end in 300 s; log:\n{}", d.log_tail(20)) };
     let after = snapshot(&d.db)?;
+    d.terminate(Duration::from_secs(30));
     let lost = after.lost_from(&before);
     let new_failures: Vec<&(String, String)> = after.worker_failures.iter().skip(before.worker_failures.len()).collect();
     let failed_now: Vec<(&i64, &Option<String>)> = after.failed.iter().filter(|(id, _)| !before.failed.contains_key(id)).collect();
     let reasons_stored = !failed_now.is_empty()
+        && new_failures.len() >= failed_now.len()
         && failed_now.iter().all(|(_, r)| r.as_deref().is_some_and(|r| !r.trim().is_empty()))
-        && new_failures.iter().all(|(_, m)| !m.trim().is_empty());
-    let alive = d.alive() && d.answers();
-    let example = new_failures
-        .first()
-        .map(|(k, m)| format!("{k}: {m}"))
-        .or_else(|| failed_now.first().and_then(|(_, r)| (*r).clone()))
-        .unwrap_or_default();
+        && new_failures.iter().all(|(k, m)| k == kind && !m.trim().is_empty());
+    let alive = served == asked;
+    let example = new_failures.first().map(|(k, m)| format!("{k}: {m}")).unwrap_or_default();
     Ok(Row::pass_if(
-        check,
+        format!("faults: worker {kind}"),
         format!(
-            "alive: {alive}, served {served_during}× meanwhile; session {state}{}; {} candidates failed, {} worker failures stored (e.g. {:.90}); lost {} of {} trials",
-            reason.map(|r| format!(" ({r:.60})")).unwrap_or_default(),
+            "daemon answered {served}/{asked} probes meanwhile; session {state}{}; {} candidates failed, {} worker failures stored (e.g. {:.80}); lost {} of {} earlier trials",
+            reason.map(|r| format!(" ({r:.40})")).unwrap_or_default(),
             failed_now.len(),
             new_failures.len(),
             example,
@@ -614,16 +635,14 @@ fn strip_ansi(line: &str) -> String {
 }
 
 pub fn rows(bins: &Binaries, root: &Path, o: &FaultOptions) -> Vec<Row> {
-    let mut rows = Vec::new();
-    let mut step = |name: &str, r: Result<Row>| rows.push(r.unwrap_or_else(|e| skip_or_error(name, e)));
-    step("faults: corrupted database file", corrupted(bins, root));
-    step("faults: kill -9 during a session", kill9(bins, root, o));
-    let kinds: &[&str] = &["crash", "garbage", "oom", "hang"];
-    for kind in kinds {
-        step(&format!("faults: worker {kind}"), worker_fault(bins, root, kind));
-    }
-    step("faults: database read-only", read_only(bins, root));
-    step("faults: disk full", disk_full(bins, root));
+    let step = |name: &str, r: Result<Row>| r.unwrap_or_else(|e| skip_or_error(name, e));
+    let mut rows = vec![
+        step("faults: corrupted database file", corrupted(bins, root)),
+        step("faults: kill -9 during a session", kill9(bins, root, o)),
+    ];
+    rows.extend(worker_faults(bins, root, &["crash", "garbage", "oom", "hang"], if o.quick { 1 } else { 3 }));
+    rows.push(step("faults: database read-only", read_only(bins, root)));
+    rows.push(step("faults: disk full", disk_full(bins, root)));
     rows
 }
 
