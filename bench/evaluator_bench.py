@@ -118,7 +118,8 @@ def main():
         f"vocab {info['config']['vocab_size']}")
     say(f"sizes: inference P={inf['prompt_tokens']} G={inf['gen_tokens']}; training B×L={trn['batch']}×{trn['seq']}; "
         f"pairs {args.pairs} (shapes {args.shape_pairs}), warmup {args.warmup}")
-    say("ratio = stock time / policy time (> 1: policy faster); median of interleaved pairs [bootstrap 95 % CI]")
+    say("ratio = stock time / policy time (> 1: policy faster); median of interleaved pairs [bootstrap 95 % CI]; "
+        "cpu-time = the same over process CPU time")
 
     policies = {"native": P.native(), **split_policies(model_shapes, info["config"])}
     wanted = [p for p in args.policies.split(",") if p]
@@ -133,8 +134,8 @@ def main():
     if not args.no_shapes:
         say()
         say("## Per shape (one matmul, M = decode 1 / prefill P / training B·L)")
-        say(f"{'layer':<24} {'M':>6} {'N':>7} {'K':>6}  {'plan':<22} {'native µs':>10} {'plan µs':>10}  "
-            f"{'ratio [95% CI]':<24} rel_err")
+        say(f"{'layer':<24} {'M':>6} {'N':>7} {'K':>6}  {'plan':<10} {'native µs':>10} {'plan µs':>10}  "
+            f"{'ratio [95% CI]':<24} {'cpu-time ratio [95% CI]':<24} rel_err")
         ms = sorted({1, inf["prompt_tokens"], trn["batch"] * trn["seq"]})
         for s in model_shapes:
             n, k = s["n"], s["k"]
@@ -152,16 +153,17 @@ def main():
                     r.update(name=s["name"], label=label)
                     result["shapes"].append(r)
                     if r["error"]:
-                        say(f"{s['name'][:24]:<24} {m:>6} {n:>7} {k:>6}  {label:<22} error: {r['error']}")
+                        say(f"{s['name'][:24]:<24} {m:>6} {n:>7} {k:>6}  {label:<10} error: {r['error']}")
                         continue
-                    say(f"{s['name'][:24]:<24} {m:>6} {n:>7} {k:>6}  {label:<22} "
+                    say(f"{s['name'][:24]:<24} {m:>6} {n:>7} {k:>6}  {label:<10} "
                         f"{r['native_median_s'] * 1e6:>10.1f} {r['plan_median_s'] * 1e6:>10.1f}  "
-                        f"{fmt_ci(r):<24} {r['rel_err']:.2e}")
+                        f"{fmt_ci(r):<24} {fmt_ci(r.get('cpu_time')):<24} {r['rel_err']:.2e}")
 
     say()
     say("## End to end (gate first; inference = generation, training = full AdamW step)")
     say(f"{'policy':<15} {'correct':<8} {'logits err':>10}  {'inference':<24} {'training':<24} {'combined':<24} "
-        f"{'prefill tok/s s→p':<20} {'decode tok/s s→p':<18} {'peak MB s→p (inf)'}")
+        f"{'prefill tok/s s→p':<20} {'decode tok/s s→p':<18} {'peak MB s→p (inf)':<18} "
+        f"{'cpu-time inference':<24} {'cpu-time training'}")
     for name in wanted:
         r = E.evaluate(model, policies[name], dtype=dtype, inference=inf, training=trn,
                        pairs=args.pairs, warmup=args.warmup, seed=args.seed)
@@ -176,7 +178,8 @@ def main():
         dec = f"{i['decode_tok_s']['stock']:.4g}→{i['decode_tok_s']['candidate']:.4g}"
         mem = f"{i['peak_memory']['stock'] / 1e6:.2f}→{i['peak_memory']['candidate'] / 1e6:.2f}"
         say(f"{name:<15} {'yes':<8} {g['logits_rel_err']:>10.2e}  {fmt_ci(r['inference']):<24} "
-            f"{fmt_ci(r['training']):<24} {fmt_ci(r['combined']):<24} {pre:<20} {dec:<18} {mem}")
+            f"{fmt_ci(r['training']):<24} {fmt_ci(r['combined']):<24} {pre:<20} {dec:<18} {mem:<18} "
+            f"{fmt_ci(i.get('cpu_time')):<24} {fmt_ci(r['training'].get('cpu_time'))}")
 
     nat = result["end_to_end"].get("native")
     if nat and nat["correct"]:
@@ -191,6 +194,8 @@ def main():
                 verdict = "unclear (median < 0.99, interval reaches 0.99)"
             say(f"native overhead goal (ratio >= 0.99), {part}: {verdict} — {fmt_ci(c)}"
                 + ("" if c["lo"] <= 1.0 <= c["hi"] else "  (interval excludes 1.0)"))
+            if part != "combined" and c.get("cpu_time"):
+                say(f"    same on process CPU time (less disturbed by other load): {fmt_ci(c['cpu_time'])}")
     say()
     if hasattr(os, "getloadavg"):
         machine["loadavg_end"] = list(os.getloadavg())

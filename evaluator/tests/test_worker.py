@@ -178,6 +178,8 @@ def test_evaluate_reports_gate_timing_and_calls(loaded):
         assert r[part]["n_pairs"] == 3 and len(r[part]["samples"]) == 6
         assert r[part]["lo"] <= r[part]["ratio"] <= r[part]["hi"]
         assert set(r[part]["peak_memory"]) == {"stock", "candidate"}
+        cpu = r[part]["cpu_time"]
+        assert cpu["lo"] <= cpu["ratio"] <= cpu["hi"] and all(s["cpu_s"] > 0 for s in r[part]["samples"])
     s = r["inference"]["samples"][0]
     assert set(s) >= {"pair", "arm", "seconds", "prefill_s", "decode_s", "peak_memory"}
     assert r["inference"]["decode_tok_s"]["stock"] > 0

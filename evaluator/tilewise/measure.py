@@ -77,8 +77,18 @@ def interleaved(arms, pairs, warmup, *, seed=0, should_stop=None, on_sample=None
         if on_sample:
             on_sample(i + 1, pairs)
     ratio, lo, hi = median_ci(ratios, seed=seed)
-    return {"ratio": ratio, "lo": lo, "hi": hi, "n_pairs": pairs, "ratios": ratios,
-            "samples": samples, "peak_memory": peak}
+    out = {"ratio": ratio, "lo": lo, "hi": hi, "n_pairs": pairs, "ratios": ratios,
+           "samples": samples, "peak_memory": peak}
+    if samples and all("cpu_s" in s for s in samples):
+        # The same statistic over process CPU time (secondary; see workloads.py).
+        by_pair = {}
+        for s in samples:
+            by_pair.setdefault(s["pair"], {})[s["arm"]] = s["cpu_s"]
+        cpu_ratios = [p["stock"] / p["candidate"] for p in by_pair.values() if p["candidate"] > 0]
+        if cpu_ratios:
+            r, l, h = median_ci(cpu_ratios, seed=seed)
+            out["cpu_time"] = {"ratio": r, "lo": l, "hi": h}
+    return out
 
 
 def _run_sample(fn):

@@ -77,10 +77,11 @@ def bench_item(item, *, pairs=10, warmup=2, seed=0, should_stop=None):
     reps = int(min(MAX_REPS, max(1, MIN_SAMPLE_S / single)))
 
     def timed():
+        cpu = time.process_time()
         tic = time.perf_counter()
         for _ in range(reps):
             mx.eval(layer(x))
-        return {"seconds": (time.perf_counter() - tic) / reps}
+        return {"seconds": (time.perf_counter() - tic) / reps, "cpu_s": (time.process_time() - cpu) / reps}
 
     def native():
         patch.remove(layer)
@@ -99,7 +100,7 @@ def bench_item(item, *, pairs=10, warmup=2, seed=0, should_stop=None):
     out["plan_s"] = [s["seconds"] for s in r["samples"] if s["arm"] == "candidate"]
     out["native_median_s"] = _median(out["native_s"])
     out["plan_median_s"] = _median(out["plan_s"])
-    out.update(ratio=r["ratio"], lo=r["lo"], hi=r["hi"], reps=reps)
+    out.update(ratio=r["ratio"], lo=r["lo"], hi=r["hi"], reps=reps, cpu_time=r.get("cpu_time"))
     return out
 
 

@@ -4,6 +4,9 @@ Inference: `mlx_lm.generate.generate_step` on a fixed prompt of P token ids, gre
 (EOS does not stop it, so both arms always do the same work). Prefill = time until the first token
 is materialised; decode = the rest. Tokens/s are reported separately.
 
+Each run also reports `cpu_s`, the process's CPU time over the same region: on the CPU backend it is
+a second cost measure that other processes on a shared machine disturb far less than wall time.
+
 Training: one full step = forward, mean cross-entropy, `nn.value_and_grad`, AdamW update, all
 evaluated. To keep the arms comparable, every step starts from the *same* weights and a *fresh*
 optimizer state: the weights are restored after the step (MLX arrays are immutable, so keeping the
@@ -66,6 +69,7 @@ def run_inference(model, prompt, gen_tokens, prefill_step_size=2048):
     from mlx_lm.generate import generate_step
 
     tokens = []
+    cpu = time.process_time()
     tic = time.perf_counter()
     first = None
     for tok, _ in generate_step(prompt, model, max_tokens=gen_tokens, prefill_step_size=prefill_step_size):
@@ -73,7 +77,8 @@ def run_inference(model, prompt, gen_tokens, prefill_step_size=2048):
             first = time.perf_counter()
         tokens.append(tok)
     end = time.perf_counter()
-    return {"seconds": end - tic, "prefill_s": first - tic, "decode_s": end - first, "tokens": tokens}
+    return {"seconds": end - tic, "prefill_s": first - tic, "decode_s": end - first,
+            "cpu_s": time.process_time() - cpu, "tokens": tokens}
 
 
 def make_batch(model, batch, seq, seed):
@@ -99,10 +104,12 @@ def run_training_step(model, batch, learning_rate=1e-5):
     saved = model.parameters()
     optimizer = optim.AdamW(learning_rate=learning_rate)
     step = nn.value_and_grad(model, loss_fn)
+    cpu = time.process_time()
     tic = time.perf_counter()
     loss, grads = step(model, *batch)
     optimizer.update(model, grads)
     mx.eval(loss, model.parameters(), optimizer.state)
     seconds = time.perf_counter() - tic
+    cpu_s = time.process_time() - cpu
     model.update(saved)
-    return {"seconds": seconds, "loss": loss.item()}
+    return {"seconds": seconds, "cpu_s": cpu_s, "loss": loss.item()}
