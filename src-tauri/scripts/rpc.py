@@ -14,7 +14,10 @@ import time
 
 def connect(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
+    try:
+        s.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        sys.exit(f"no tilewised answers at {path}: {e.strerror}")
     return s, s.makefile("rwb")
 
 

@@ -20,6 +20,6 @@ fi
 dest=$root/docs/screenshots
 mkdir -p "$dest"
 cp "$work/out/dashboard.png" "$dest/dashboard.png"
-convert "$work/out/tray-menu.png" -gravity SouthEast -crop 560x400+0+0 +repage "$dest/tray-menu.png"
+convert "$work/out/tray-menu.png" -gravity SouthEast -crop 250x260+0+0 +repage "$dest/tray-menu.png"
 cp "$work/out/dashboard-no-tray.png" "$dest/dashboard-no-tray.png"
 echo "screenshots: $(ls "$dest")"

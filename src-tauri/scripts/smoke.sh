@@ -22,8 +22,8 @@ if [ "${1:-}" != --inner ]; then
   for tool in xvfb-run dbus-run-session trayer xdotool import convert; do
     command -v "$tool" >/dev/null || { echo "smoke: $tool is missing (scripts/setup.d/40-app.sh installs it)" >&2; exit 1; }
   done
-  # -a picks a free display; the screen is large enough for the 1120x780 dashboard and the tray.
-  exec xvfb-run -a -s "-screen 0 1280x860x24" dbus-run-session -- "$0" --inner "$out"
+  # -a picks a free display; the screen is tall enough to show the whole dashboard, and the tray.
+  exec xvfb-run -a -s "-screen 0 1280x1600x24" dbus-run-session -- "$0" --inner "$out"
 fi
 
 out=$2
@@ -66,7 +66,7 @@ for _ in $(seq 50); do [ -e "$home/subscribed" ] && break; sleep 0.1; done
 
 RUST_LOG=info "$TILEWISE_BIN_DIR/tilewise-app" >"$out/app.log" 2>&1 & app=$!; pids+=($app)
 
-wid=$(timeout 60 xdotool search --sync --onlyvisible --name '^tilewise( — .*)?$' | head -1) || fail "no dashboard window within 60 s"
+wid=$(timeout 120 xdotool search --sync --onlyvisible --name '^tilewise( — .*)?$' | head -1) || fail "no dashboard window within 120 s"
 echo "smoke: dashboard window $wid: $(xdotool getwindowgeometry "$wid" | tr '\n' ' ')"
 wait $waiter || fail "the daemon saw no hello from tilewise-app: $(cat "$out/hello-wait.log")"
 echo "smoke: daemon saw $(cat "$out/hello-event.json")"
@@ -74,7 +74,15 @@ echo "smoke: daemon saw $(cat "$out/hello-event.json")"
 # The page sets the title to "tilewise — <state>" once it has drawn the daemon's data.
 timeout 90 xdotool search --sync --onlyvisible --name '^tilewise — ' >/dev/null || fail "the dashboard never drew the daemon's data (title still $(xdotool getwindowname "$wid"))"
 echo "smoke: dashboard title: $(xdotool getwindowname "$wid")"
-sleep 1
+if [ -n "${SMOKE_TUNE:-}" ]; then
+  # Let one more event arrive while the app runs, so "Recent events" shows live data.
+  python3 "$here/rpc.py" "$sock" --wait-event "${SMOKE_TUNE_EVENT:-candidate.measured}" --timeout "${SMOKE_TUNE_WAIT_S:-600}" >/dev/null \
+    || fail "no further ${SMOKE_TUNE_EVENT:-candidate.measured} event while the app ran"
+  sleep 2
+fi
+# Taller than its default, so the screenshot shows every card (no window manager: applied as is).
+xdotool windowsize "$wid" 1120 1560
+sleep 2
 import -window root "$out/desktop.png"
 import -window "$wid" "$out/dashboard.png"
 spread=$(convert "$out/dashboard.png" -colorspace gray -format '%[fx:standard_deviation]' info:)
@@ -105,7 +113,7 @@ kill "$app"; wait "$app" 2>/dev/null || true
 
 # Without a session bus there can be no tray: the app must keep its window and say why, not panic.
 env -u DBUS_SESSION_BUS_ADDRESS "$TILEWISE_BIN_DIR/tilewise-app" >"$out/app-no-bus.log" 2>&1 & app=$!; pids+=($app)
-wid=$(timeout 60 xdotool search --sync --onlyvisible --name '^tilewise( — .*)?$' | head -1) || fail "no window without a session bus"
+wid=$(timeout 120 xdotool search --sync --onlyvisible --name '^tilewise( — .*)?$' | head -1) || fail "no window without a session bus"
 timeout 90 xdotool search --sync --onlyvisible --name '^tilewise — ' >/dev/null || fail "the dashboard drew nothing without a session bus"
 sleep 1
 import -window "$wid" "$out/dashboard-no-tray.png"
