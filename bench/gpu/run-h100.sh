@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (root, Python 3.12 with numpy/pytest/transformers, no network), from the
-# repository root. Installs MLX CUDA from the wheels this repo's caller carried (see bench/gpu/README.md),
+# repository root. Installs MLX CUDA from the wheels this repo's caller carried (see docs/kernels.md, "Running on the H100"),
 # then one STEP, writing logs under $OUT (the device tool returns that folder):
 #   tests            smoke-compile one kernel of each body, then the kernel tests (CPU and GPU suites)
 #   kernels [ARGS]   smoke, then bench/gpu/kernel_bench.py ARGS (wall time per op, pairs, intervals)
