@@ -20,6 +20,8 @@
 //! `evaluations` counts the session's trials (measurements + failures, as the store counts them);
 //! screening by the cost model is not a trial. `seconds` counts running time across restarts.
 
+pub mod tune;
+
 use crate::events::{kind, EventBus};
 use crate::evolve::cost::{Memo, ShapeTiming};
 use crate::evolve::engine::{Engine, EngineConfig, Outcome};
@@ -74,6 +76,9 @@ pub struct StartParams {
     /// Ask the configured LLM for candidates (needs `[llm]` in the config).
     #[serde(default)]
     pub llm: Option<bool>,
+    /// Run now, ignoring the idle/power gate (an explicit `tilewise tune` in the foreground).
+    #[serde(default)]
+    pub now: Option<bool>,
 }
 
 /// The fully resolved settings of a session, stored with it so a resume runs the same session.
@@ -96,6 +101,9 @@ pub struct SessionSpec {
     /// A prediction must exceed this to earn an end-to-end run.
     pub screen_threshold: f64,
     pub engine: EngineConfig,
+    /// Ignore the idle/power gate.
+    #[serde(default)]
+    pub now: bool,
 }
 
 /// Everything a session needs to continue after a restart (saved in `search_state`).
@@ -213,6 +221,7 @@ impl StartParams {
             remeasure_every: 5,
             screen_threshold: 1.0,
             engine: EngineConfig::default(),
+            now: self.now.unwrap_or(false),
         })
     }
 }
@@ -476,6 +485,15 @@ impl Runner {
         }
     }
 
+    /// The gate this session obeys (none when it runs `now`).
+    fn gate(&self) -> Option<watch::Receiver<crate::schedule::gates::Decision>> {
+        if self.state.spec.now {
+            None
+        } else {
+            self.opts.gate.clone()
+        }
+    }
+
     fn save(&self) -> Result<(), StoreError> {
         self.now.lock().unwrap().progress = json!({
             "generation": self.state.engine.generation, "screened": self.state.screened,
@@ -556,6 +574,9 @@ impl Runner {
 
     /// Holds between steps while the idle/power gate says no.
     async fn wait_for_gate(&mut self) {
+        if self.state.spec.now {
+            return;
+        }
         let Some(mut gate) = self.opts.gate.clone() else { return };
         if gate.borrow().run {
             return;
@@ -697,7 +718,7 @@ impl Runner {
         let timeout = Duration::from_secs(spec.evaluate_timeout_s);
         // Cancelled by a stop or by the idle gate closing; a result taken while the person came
         // back is discarded (the candidate goes back to pending and is measured again later).
-        let pause = crate::schedule::PauseToken::new(&self.stop, self.opts.gate.clone());
+        let pause = crate::schedule::PauseToken::new(&self.stop, self.gate());
         let stop = pause.token();
         let hash = policy.content_hash();
         match self.sup.request("evaluate", req, timeout, Some(&stop), |_| {}).await {
@@ -852,7 +873,7 @@ impl Runner {
         req["policy"] = policy.to_value();
         req["pairs"] = json!(spec.pairs);
         req["warmup"] = json!(spec.warmup);
-        let pause = crate::schedule::PauseToken::new(&self.stop, self.opts.gate.clone());
+        let pause = crate::schedule::PauseToken::new(&self.stop, self.gate());
         let stop = pause.token();
         match self.sup.request("evaluate", req, Duration::from_secs(spec.evaluate_timeout_s), Some(&stop), |_| {}).await {
             Ok(_) | Err(WorkerError::Cancelled) if stop.is_cancelled() => {
@@ -893,7 +914,7 @@ impl Runner {
             let items: Vec<Value> =
                 batch.iter().map(|n| json!({"m": n.m, "n": n.n, "k": n.k, "dtype": dtype, "plan": n.plan})).collect();
             let req = json!({"items": items, "pairs": self.state.spec.shape_pairs, "warmup": 1});
-            let pause = crate::schedule::PauseToken::new(&self.stop, self.opts.gate.clone());
+            let pause = crate::schedule::PauseToken::new(&self.stop, self.gate());
             let stop = pause.token();
             let r = self.sup.request("shapes", req, Duration::from_secs(self.state.spec.evaluate_timeout_s), Some(&stop), |_| {}).await;
             let result = match r {

@@ -33,7 +33,9 @@ pub fn prepare_home(home: &Path) -> Paths {
     if let Some(dir) = paths.config_file.parent() {
         std::fs::create_dir_all(dir).unwrap();
     }
-    std::fs::write(&paths.config_file, format!("python = {:?}\n", python().display().to_string())).unwrap();
+    // Idle gates off: these tests run sessions on a machine someone may be using.
+    let config = format!("python = {:?}\n\n[idle]\nenabled = false\n", python().display().to_string());
+    std::fs::write(&paths.config_file, config).unwrap();
     paths
 }
 
