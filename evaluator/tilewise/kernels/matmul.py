@@ -58,7 +58,7 @@ def kernel_supported(plan: dict, backend: str | None = None) -> tuple[bool, str]
     return True, ""
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=1024)
 def _kernel_object(launch: Launch):
     """One `mx.fast.*_kernel` object per parameter set (its constants are baked into the source)."""
     make = mx.fast.cuda_kernel if launch.backend == "cuda" else mx.fast.metal_kernel
@@ -120,7 +120,9 @@ def _differentiable(launch: Launch, x_dtype):
 
 
 # (plan_key, x.shape, w.shape, x.dtype, w.dtype, has bias) -> the prepared differentiable call.
+# Bounded: a server sees a new x shape per prompt length; compiled modules stay cached in MLX by name.
 _PREPARED: dict = {}
+_PREPARED_MAX = 4096
 
 
 def kernel_matmul(x: mx.array, w: mx.array, plan: dict, bias: mx.array | None = None) -> mx.array:
@@ -130,6 +132,8 @@ def kernel_matmul(x: mx.array, w: mx.array, plan: dict, bias: mx.array | None = 
     key = (plan_key(plan), x.shape, w.shape, x.dtype, w.dtype, bias is None)
     fn = _PREPARED.get(key)
     if fn is None:
+        if len(_PREPARED) >= _PREPARED_MAX:
+            _PREPARED.clear()
         fn = _PREPARED[key] = _differentiable(_validated_launch(plan, x, w, bias), x.dtype)
     return fn(x, w) if bias is None else fn(x, w, bias)
 

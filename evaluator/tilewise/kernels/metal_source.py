@@ -85,12 +85,12 @@ GEMM_SIMT = r"""
     for (int e = tid; e < BM * BK; e += THREADS) {
       const int r = e / BK, c = e % BK;
       const int gr = m0 + r, gc = k0 + c;
-      As[r * LDS + c] = (gr < M && gc < k_end) ? x[size_t(gr) * K + gc] : T(0);
+      As[r * LDS + c] = (gr < M && gc < k_end) ? x[size_t(gr) * K + gc] : static_cast<T>(0.0f);
     }
     for (int e = tid; e < BN * BK; e += THREADS) {
       const int r = e / BK, c = e % BK;
       const int gr = n0 + r, gc = k0 + c;
-      Bs[r * LDS + c] = (gr < N && gc < k_end) ? w[size_t(gr) * K + gc] : T(0);
+      Bs[r * LDS + c] = (gr < N && gc < k_end) ? w[size_t(gr) * K + gc] : static_cast<T>(0.0f);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int kk = 0; kk < BK; ++kk) {
