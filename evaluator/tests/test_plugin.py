@@ -774,3 +774,21 @@ def test_daemon_budget_defaults_and_env(monkeypatch):
     for bad in ("soon", "-1", "0"):
         monkeypatch.setenv("TILEWISE_PLUGIN_TIMEOUT_S", bad)
         assert plugin.default_timeout_s() == 0.2
+
+
+def test_quantized_models_get_the_policy_on_the_right_shapes(tiny_dir, tmp_path):
+    """(N, K) of packed quantized weights is unpacked before matching rules (K = columns x 32 / bits)."""
+    import mlx.nn as nn
+    import mlx_lm
+
+    model, tok = load_tiny(tiny_dir)
+    nn.quantize(model, group_size=32, bits=4)
+    assert plugin.layer_nk(model.model.layers[0].self_attn.q_proj) == (64, 64)
+    assert plugin.layer_nk(model.model.layers[0].mlp.down_proj) == (64, 128)
+    stock_text = mlx_lm.generate(model, tok, "hello world", max_tokens=4)
+    rec = plugin.apply_to(model, write_json(tmp_path / "p.json", mixed_policy(target_of(model))))
+    assert rec.source == "file" and rec.patched_layers == 5, rec.reason
+    patch.reset_call_counts()
+    assert mlx_lm.generate(model, tok, "hello world", max_tokens=4) == stock_text
+    assert plugin.status().calls["split"] > 0
+    patch.remove(model)
