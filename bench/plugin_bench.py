@@ -177,6 +177,8 @@ def generation_overhead(args, model) -> dict:
     native = patch.prepare(P.native())
     b = _compare(args, model, "(b) the native policy forced through the patch on every linear (dispatch cost, worst case)",
                  lambda m: patch.apply(m, native))
+    say(f"  noise floor: the A/A check (a) spans [{a['cpu']['lo']:.4f}, {a['cpu']['hi']:.4f}] (CPU time), "
+        f"[{a['lo']:.4f}, {a['hi']:.4f}] (wall): differences inside that are not resolved by this run")
     return {"plugin_native": a, "forced_patch_native": b}
 
 
