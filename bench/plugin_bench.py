@@ -16,9 +16,11 @@ Usage:
   python bench/plugin_bench.py [--model synthetic:tiny] [--dtype float32] [--pairs 60]
                                [--prompt-tokens 64] [--gen-tokens 16] [--fetches 300]
                                [--daemon target/debug/tilewised | --no-daemon] [--out results/cpu/plugin-bench.txt]
-On a GPU (the H100 figure): python bench/plugin_bench.py --model synthetic:qwen2.5-0.5b --dtype bfloat16
-  --prompt-tokens 512 --gen-tokens 64 --pairs 40 --no-daemon --out results/h100/plugin-bench.txt
-(--no-daemon skips part 1 where no tilewised binary is built; parts 2-3 need only Python.)
+On a GPU (the H100 figure): `bash bench/gpu/run-h100.sh plugin` on the lent machine runs
+  python bench/plugin_bench.py --model synthetic:qwen2.5-0.5b --dtype bfloat16 --prompt-tokens 512
+    --gen-tokens 64 --pairs 40 --no-daemon --out $OUT/plugin-bench.txt
+(--no-daemon skips part 1 where no tilewised binary is built; parts 2-3 need only Python. On a GPU
+read the wall-clock ratios: process CPU time there is only the host's side.)
 """
 
 from __future__ import annotations
