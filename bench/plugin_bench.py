@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def fetch_latency(args, model) -> dict:
     binary = Path(args.daemon) if args.daemon else daemon_client.find_daemon_binary()
     if binary is None:
         raise SystemExit("no tilewised binary: build it (cargo build -p tilewise --bins) or pass --daemon / --no-daemon")
-    home = Path(tempfile.mkdtemp(prefix="tw-bench-"))
+    home = Path(tempfile.mkdtemp(prefix="tw-bench-"))  # short: AF_UNIX paths are limited to ~104 bytes
     os.environ["TILEWISE_HOME"] = str(home)
     os.environ.pop("TILEWISE_SOCKET", None)
     target = plugin.this_target(model)
@@ -107,8 +108,9 @@ def fetch_latency(args, model) -> dict:
             daemon_s.append(t1 - t0)
             cache_s.append(t2 - t1)
             raw_s.append(t3 - t2)
+    shutil.rmtree(home, ignore_errors=True)
     say("## 1. policy fetch latency (real tilewised, stored best; alternated, %d each)" % args.fetches)
-    say(f"  plugin daemon path (connect+hello+status+policy.get+validate+cache write): "
+    say(f"  plugin daemon path (connect+hello+status+policy.get+validate+cache upkeep): "
         f"median {us(statistics.median(daemon_s))}  p99 {us(pct(daemon_s, 0.99))}")
     say(f"  one bare policy.get round trip (connect+request+reply):                     "
         f"median {us(statistics.median(raw_s))}  p99 {us(pct(raw_s, 0.99))}")
@@ -168,9 +170,10 @@ def generation_overhead(args, model) -> dict:
         f"prompt {args.prompt_tokens}, generate {args.gen_tokens} tokens; ratio = stock time / candidate time)")
     # (a) what the plugin does when native is in force: resolve it, and leave the model stock.
     target = plugin.this_target(model)
-    home = Path(tempfile.mkdtemp(prefix="tw-bench-native-"))
-    (home / "native.json").write_text(json.dumps(P.make_policy(target=dict(target, device="*"), name="native")))
-    record = plugin.apply_to(model, home / "native.json")
+    with tempfile.TemporaryDirectory(prefix="tw-bench-native-") as tmp:
+        path = Path(tmp) / "native.json"
+        path.write_text(json.dumps(P.make_policy(target=dict(target, device="*"), name="native")))
+        record = plugin.apply_to(model, path)
     assert record.source == "file" and record.patched_layers == 0, record
     a = _compare(args, model, "(a) the plugin with the native policy in force (it leaves the model stock: an A/A check)",
                  lambda m: None)
