@@ -159,10 +159,15 @@ fn run(args: &Args) -> Result<bool> {
                 Ok(v) => v,
                 Err(e) => return vec![Row::error("security: scratch", &e)],
             };
-            match Daemon::start(&bins, &scratch.0.join("home"), &[]) {
+            let mut rows = match Daemon::start(&bins, &scratch.0.join("home"), &[]) {
                 Ok(mut d) => security::rows(&mut d, &scratch.1),
                 Err(e) => vec![Row::error("security: start daemon", &e)],
-            }
+            };
+            rows.push(
+                security::planted_wrong_session_row(&bins, &scratch.0.join("planted"))
+                    .unwrap_or_else(|e| Row::error("security: planted wrong policy (live session, gate must fail)", &e)),
+            );
+            rows
         });
     }
     if wanted("faults") {

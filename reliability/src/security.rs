@@ -10,14 +10,14 @@
 //! through `setpriv --reuid=nobody`; it prints one word saying what happened.
 
 use crate::client::{Client, Wire};
-use crate::harness::Daemon;
+use crate::harness::{Binaries, Daemon};
 use crate::report::{Row, Verdict};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tilewise::policy::Policy;
 use tilewise::store::{BestKey, NewCandidate, NewMeasurement, NewSession, Promotion, Store, Budget};
 
@@ -262,6 +262,59 @@ fn planted_wrong_row(daemon: &Daemon, device: &str) -> Result<Row> {
         format!("served: {source}; planted hash served: {served}; in history: {promoted}"),
         "never served",
         !served && !promoted && source == "native",
+    ))
+}
+
+/// The live form: a real session measures a split policy whose plans the worker computes wrongly
+/// (`TILEWISE_PLANT_BUG=drop_last_k_tile`, docs/worker-protocol.md), so the correctness gate must
+/// fail it; meanwhile and afterwards, `policy.get` for that model must serve native.
+pub fn planted_wrong_session_row(bins: &Binaries, home: &Path) -> Result<Row> {
+    let d = Daemon::start(bins, home, &[("TILEWISE_PLANT_BUG", "drop_last_k_tile")])?;
+    let wrong = json!({
+        "schema": "tilewise.policy/1",
+        "name": "planted: wrong K tiles",
+        "target": {"device": "*", "model": "*", "mlx": "*", "backend": "*"},
+        "matmul": {"rules": [], "default": {"kind": "split", "tile_m": null, "tile_n": null, "tile_k": 16}}
+    });
+    let mut c = d.client()?;
+    c.set_timeout(Duration::from_secs(300))?;
+    let r = c
+        .call("tuning.start", json!({"model": "synthetic:tiny", "budget": {"evaluations": 1}, "seed": 5, "pairs": 2, "warmup": 0, "policies": [wrong]}))?
+        .map_err(|e| anyhow!("tuning.start: {e}"))?;
+    let sid = r.get("session_id").and_then(Value::as_i64).context("session_id")?;
+    let conn = || rusqlite::Connection::open_with_flags(&d.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY);
+    let model: String = conn()?.query_row("SELECT model FROM sessions WHERE id = ?1", [sid], |r| r.get(0))?;
+    let params = json!({"model": model, "mlx": "0.32.4", "backend": "cpu"});
+    let (mut polls, mut served_wrong) = (0, 0);
+    let t0 = Instant::now();
+    loop {
+        let got = c.call("policy.get", params.clone())?.map_err(|e| anyhow!("policy.get: {e}"))?;
+        polls += 1;
+        if got.get("source").and_then(Value::as_str) != Some("native") {
+            served_wrong += 1;
+        }
+        let state: String = conn()?.query_row("SELECT state FROM sessions WHERE id = ?1", [sid], |r| r.get(0))?;
+        if matches!(state.as_str(), "finished" | "failed" | "stopped") {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            bail!("session {sid} did not end in 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (correct, gate): (bool, String) =
+        conn()?.query_row("SELECT correct, gate_json FROM measurements WHERE session_id = ?1 ORDER BY id LIMIT 1", [sid], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let reason = serde_json::from_str::<Value>(&gate).ok().and_then(|g| g.get("reason").and_then(Value::as_str).map(str::to_string)).unwrap_or_default();
+    let promotions: i64 = conn()?.query_row("SELECT count(*) FROM best_history WHERE model = ?1", [&model], |r| r.get(0))?;
+    let after = c.call("policy.get", params)?.map_err(|e| anyhow!("policy.get: {e}"))?;
+    let native_after = after.get("source").and_then(Value::as_str) == Some("native");
+    Ok(Row::pass_if(
+        "security: planted wrong policy (live session, gate must fail)",
+        format!(
+            "gate passed: {correct} (reason: {reason:.80}); promotions {promotions}; served non-native {served_wrong}/{polls} polls during, native after: {native_after}"
+        ),
+        "never served",
+        !correct && !reason.is_empty() && promotions == 0 && served_wrong == 0 && native_after,
     ))
 }
 
