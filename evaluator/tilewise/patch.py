@@ -106,10 +106,8 @@ def _kernel_matmul(layer, x, n, k, plan):
         raise PlanError(f"kernel plans need dense weights; {type(layer).__mro__[1].__name__} is quantized")
     from .kernels import kernel_matmul  # lazy: only kernel plans need the kernels package
 
-    y = kernel_matmul(x, layer._tw_dense_weight(), plan)
-    if "bias" in layer:
-        y = y + layer["bias"]
-    return y
+    # The bias is added in the kernel's store (one op, like stock's addmm).
+    return kernel_matmul(x, layer._tw_dense_weight(), plan, bias=layer["bias"] if "bias" in layer else None)
 
 
 class _Resolver:
