@@ -154,13 +154,18 @@ pub fn completions_url(endpoint: &str) -> String {
     }
 }
 
-/// Sends the messages and parses the first choice's content.
+/// Sends the messages and parses the first choice's content (waiting at most [`REQUEST_TIMEOUT`]).
 pub async fn ask(cfg: &LlmConfig, messages: &[Value]) -> Result<Vec<Proposal>, LlmError> {
+    ask_with_timeout(cfg, messages, REQUEST_TIMEOUT).await
+}
+
+/// [`ask`] with an explicit limit on the whole exchange.
+pub async fn ask_with_timeout(cfg: &LlmConfig, messages: &[Value], timeout: Duration) -> Result<Vec<Proposal>, LlmError> {
     let url = completions_url(&cfg.endpoint);
     let key = cfg.api_key_env.as_ref().and_then(|k| std::env::var(k).ok());
     let body = json!({"model": cfg.model, "messages": messages, "temperature": 0.8, "max_tokens": 2048});
     let reply = tokio::task::spawn_blocking(move || -> Result<Value, LlmError> {
-        let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(REQUEST_TIMEOUT)).build().into();
+        let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(timeout)).build().into();
         let mut req = agent.post(&url).header("Content-Type", "application/json");
         if let Some(k) = key {
             req = req.header("Authorization", &format!("Bearer {k}"));

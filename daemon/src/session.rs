@@ -990,7 +990,7 @@ impl Runner {
             let policy = match proposal {
                 crate::llm::Proposal::Policy(v) => retarget(&v, &self.state.space.target).ok(),
                 crate::llm::Proposal::Function(source) => {
-                    let req = json!({"source": source, "time_limit_s": 10.0,
+                    let req = json!({"source": source, "time_limit_s": 10.0, "device": self.state.space.target.device,
                                      "m_values": self.state.space.m_bands().iter().map(|b| b.0).collect::<Vec<_>>()});
                     match self.sup.request("tabulate", req, Duration::from_secs(60), None, |_| {}).await {
                         Ok(r) => r.get("policy").and_then(|p| retarget(p, &self.state.space.target).ok()),
