@@ -49,7 +49,7 @@ async fn kill_9_twenty_times_loses_no_committed_trial_and_the_session_completes(
     for kill in 0..20 {
         // Each life is long enough to start the worker and load the model (a few seconds) and then
         // be cut somewhere in screening, measuring or committing.
-        tokio::time::sleep(Duration::from_millis(rng.random_range(2000..12000))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(3000..20000))).await;
         d.kill9();
         let (trials, memo, integrity) = inspect(&db);
         assert_eq!(integrity, "ok", "after kill {kill}");
