@@ -39,6 +39,8 @@ enum Cmd {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Tune: start or attach to a session and follow it (generation, evaluations, best speedup).
+    Tune(tilewise::session::tune::TuneArgs),
     /// Start or stop the background daemon.
     #[command(subcommand)]
     Daemon(DaemonCmd),
@@ -172,6 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Tune(args) => tilewise::session::tune::run(args, connect(&paths).await?, connect(&paths).await?).await,
         Cmd::Daemon(DaemonCmd::Start) => daemon_start(&paths).await,
         Cmd::Daemon(DaemonCmd::Stop) => daemon_stop(&paths).await,
     }
