@@ -25,6 +25,19 @@ async fn next(rx: &mut mpsc::Receiver<Event>, kind: &str, within: Duration) -> E
     }
 }
 
+/// The pause budget is 1 s. A machine loaded beyond its CPU count (several test suites at once on
+/// a 2-core CI box) cannot promise any latency, so there the bound is 5 s and the test says why.
+fn pause_budget() -> Duration {
+    let load = tilewise::schedule::activity::load_1m();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    if load > cpus {
+        eprintln!("NOTE: load {load:.1} on {cpus} CPUs: pause bound relaxed from 1 s to 5 s");
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(1)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_pauses_on_activity_and_follows_a_changed_model() {
     let home = tempfile::tempdir().unwrap();
@@ -45,7 +58,7 @@ async fn the_daemon_pauses_on_activity_and_follows_a_changed_model() {
     ActivityFile { user_idle_s: 0.0, ..Default::default() }.write_to(&activity).unwrap();
     let paused = next(&mut events, "session.paused", Duration::from_secs(10)).await;
     eprintln!("paused {:?} after the activity: {}", back.elapsed(), paused.data);
-    assert!(back.elapsed() < Duration::from_secs(1), "pause took {:?}", back.elapsed());
+    assert!(back.elapsed() < pause_budget(), "pause took {:?}", back.elapsed());
     assert_eq!(paused.session_id, Some(sid));
     let status = call(&mut c, "status", json!({})).await;
     assert_eq!(status["tuning"]["state"], "paused", "{status}");
