@@ -351,7 +351,13 @@ impl SessionManager {
     }
 
     fn fresh_state(&self, spec: SessionSpec, target: &Target, loaded: &Value) -> Result<SavedState, SessionError> {
-        let space = SearchSpace { target: target.clone(), shapes: shapes_of(loaded)?, workload: spec.workload.clone(), chip: self.opts.device.chip.clone() };
+        let space = SearchSpace {
+            target: target.clone(),
+            shapes: shapes_of(loaded)?,
+            workload: spec.workload.clone(),
+            chip: self.opts.device.chip.clone(),
+            dtype: str_field(loaded, "dtype"),
+        };
         if let Some(list) = &spec.fixed {
             for (i, doc) in list.iter().enumerate() {
                 retarget(doc, target).map_err(|e| SessionError::InvalidPolicy(format!("policies[{i}]: {e}")))?;

@@ -104,6 +104,31 @@ pub struct SearchSpace {
     pub workload: Workload,
     /// Chip name from the device probe (the seed heuristic keys its base tile on it).
     pub chip: String,
+    /// The model's dtype as the worker loaded it (`float32`, `bfloat16`, `float16`): kernel plans
+    /// are valid or not per element size.
+    #[serde(default)]
+    pub dtype: String,
+}
+
+/// Whether a kernel plan obeys the validity rules of docs/kernels.md ("mirror these in Rust") that
+/// do not depend on the tensor-core/SIMT path: gemv `32 × rows_per_block × split_k ≤ 1024`, vector
+/// width `4 ≤ V × itemsize ≤ 16` bytes, gemm `block_k % V == 0`, V = 16 bytes / itemsize for gemm,
+/// and the shared-memory bound `(block_m + block_n) × (block_k + 8) × itemsize ≤ 48 KiB` (CUDA) /
+/// 32 KiB (Metal). The path-specific rules (5, 6) are left to the evaluator, which rejects such a
+/// plan at its correctness gate; the search then records it as failed.
+pub fn kernel_plan_ok(k: &KernelPlan, itemsize: u32) -> bool {
+    let bytes = k.vector_width * itemsize;
+    match k.family {
+        KernelFamily::Gemv => {
+            let r = k.rows_per_block.unwrap_or(0);
+            r > 0 && 32 * r * k.split_k <= 1024 && (4..=16).contains(&bytes)
+        }
+        KernelFamily::Gemm => {
+            let (Some(bm), Some(bn), Some(bk), Some(_w)) = (k.block_m, k.block_n, k.block_k, k.warps) else { return false };
+            let limit = if k.backend == crate::policy::KernelBackend::Cuda { 48 * 1024 } else { 32 * 1024 };
+            bytes == 16 && bk % k.vector_width == 0 && (bm + bn) * (bk + 8) * itemsize <= limit
+        }
+    }
 }
 
 /// The plan actually run for one matmul once tiles that do not split anything are dropped: a split
@@ -321,7 +346,7 @@ impl SearchSpace {
                             block_n: Some(64),
                             block_k: Some(16),
                             warps: Some(4),
-                            vector_width: k.vector_width,
+                            vector_width: 16 / self.itemsize(),
                             split_k: 1,
                         };
                     }
@@ -332,6 +357,16 @@ impl SearchSpace {
             if k.family == KernelFamily::Gemv {
                 p.matmul.default = Plan::Native;
             }
+        }
+        // A kernel step can leave the valid set (docs/kernels.md): such a plan falls back to native.
+        let itemsize = self.itemsize();
+        for r in &mut p.matmul.rules {
+            if matches!(&r.plan, Plan::Kernel(k) if !kernel_plan_ok(k, itemsize)) {
+                r.plan = Plan::Native;
+            }
+        }
+        if matches!(&p.matmul.default, Plan::Kernel(k) if !kernel_plan_ok(k, itemsize)) {
+            p.matmul.default = Plan::Native;
         }
         let mut used = vec![false; p.matmul.rules.len()];
         for (w, s) in self.matmuls() {
@@ -347,6 +382,14 @@ impl SearchSpace {
         });
         p.matmul.rules.truncate(MAX_RULES);
         p
+    }
+
+    /// Bytes per element of the model's dtype (bf16 when unknown: the GPU default).
+    pub fn itemsize(&self) -> u32 {
+        match self.dtype.as_str() {
+            "float32" => 4,
+            _ => 2,
+        }
     }
 
     fn kernels_available(&self) -> bool {
@@ -383,6 +426,19 @@ impl SearchSpace {
 
     /// A kernel plan drawn from the schema's enumerations (docs/kernels.md documents the space).
     fn random_kernel<R: Rng>(&self, rng: &mut R, m: u64) -> Plan {
+        // Draw until the plan obeys the documented validity rules (most draws do).
+        for _ in 0..64 {
+            let plan = self.draw_kernel(rng, m);
+            if let Plan::Kernel(k) = &plan {
+                if kernel_plan_ok(k, self.itemsize()) {
+                    return plan;
+                }
+            }
+        }
+        Plan::Native
+    }
+
+    fn draw_kernel<R: Rng>(&self, rng: &mut R, m: u64) -> Plan {
         let backend = if self.target.backend == "cuda" { crate::policy::KernelBackend::Cuda } else { crate::policy::KernelBackend::Metal };
         let vw = *[1u32, 2, 4, 8].choose(rng).unwrap();
         if m <= crate::policy::GEMV_MAX_M {
@@ -406,8 +462,8 @@ impl SearchSpace {
                 block_n: Some(*[16u32, 32, 64, 128, 256].choose(rng).unwrap()),
                 block_k: Some(*[8u32, 16, 32, 64].choose(rng).unwrap()),
                 warps: Some(*[1u32, 2, 4, 8].choose(rng).unwrap()),
-                vector_width: vw,
                 split_k: *[1u32, 2, 4, 8].choose(rng).unwrap(),
+                vector_width: 16 / self.itemsize(),
             })
         }
     }
@@ -432,10 +488,12 @@ impl SearchSpace {
                 step(rng, &mut k.warps, &[1, 2, 4, 8]);
             }
             _ => {
-                let mut vw = Some(k.vector_width);
-                step(rng, &mut vw, &[1, 2, 4, 8]);
-                k.vector_width = vw.unwrap_or(1);
-                if k.family == KernelFamily::Gemm {
+                // GEMM's vector width is fixed by the dtype (16 bytes); GEMV's may vary.
+                if k.family == KernelFamily::Gemv {
+                    let mut vw = Some(k.vector_width);
+                    step(rng, &mut vw, &[1, 2, 4, 8]);
+                    k.vector_width = vw.unwrap_or(1);
+                } else {
                     let mut sk = Some(k.split_k);
                     step(rng, &mut sk, &[1, 2, 4, 8]);
                     k.split_k = sk.unwrap_or(1);
@@ -609,6 +667,7 @@ pub(crate) mod tests {
             ],
             workload: Workload::default_for(backend),
             chip: "x86_64 cpu".into(),
+            dtype: if backend == "cpu" { "float32".into() } else { "bfloat16".into() },
         }
     }
 
@@ -671,6 +730,13 @@ pub(crate) mod tests {
             assert_eq!(invalid, 0, "{backend}");
             assert!(kinds.contains("split"));
             assert_eq!(kinds.contains("kernel"), backend == "cuda", "{backend}: {kinds:?}");
+            for p in &pop {
+                for r in &p.matmul.rules {
+                    if let Plan::Kernel(k) = &r.plan {
+                        assert!(kernel_plan_ok(k, s.itemsize()), "{k:?}");
+                    }
+                }
+            }
         }
     }
 
