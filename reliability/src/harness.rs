@@ -66,6 +66,15 @@ impl Daemon {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        // If the suite itself is killed, its daemons (and through them their workers) go too.
+        #[cfg(target_os = "linux")]
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let child = cmd.spawn().with_context(|| format!("starting {}", self.bins.tilewised.display()))?;
         self.child = Some(child);
         self.starts += 1;

@@ -53,7 +53,7 @@ struct Args {
     /// libFuzzer inputs for the fuzz target (default: 1,000,000; quick: 60 s of fuzzing).
     #[arg(long)]
     fuzz_runs: Option<u64>,
-    /// kill -9 cycles during one tuning session (default 40; quick 5).
+    /// kill -9 cycles during tuning sessions (default 30; quick 5).
     #[arg(long)]
     kills: Option<u32>,
     /// Load: concurrent clients and requests per client (default 64 × 10,000; quick 16 × 1,000).
@@ -171,7 +171,7 @@ fn run(args: &Args) -> Result<bool> {
         });
     }
     if wanted("faults") {
-        let opts = faults::FaultOptions { kills: args.kills.unwrap_or(if q { 5 } else { 40 }), quick: q };
+        let opts = faults::FaultOptions { kills: args.kills.unwrap_or(if q { 5 } else { 30 }), quick: q };
         section("faults", &mut rows, &mut || faults::rows(&bins, root.path(), &opts));
     }
 
