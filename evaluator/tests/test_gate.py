@@ -71,9 +71,10 @@ def test_a_a_interval_contains_one(model):
     interval this can fail by chance, more often on a machine loaded by other work."""
     stages = []
     # Longer samples than SMALL: they are less at the mercy of other processes on a shared machine.
+    # Every layer patched (reachable_only=False): the candidate really runs through the patch.
     r = E.evaluate(model, P.native(), dtype="float32", pairs=PAIRS, warmup=2, seed=11,
                    inference={"prompt_tokens": 64, "gen_tokens": 32}, training={"batch": 4, "seq": 64},
-                   progress=lambda *a: stages.append(a))
+                   progress=lambda *a: stages.append(a), reachable_only=False)
     assert r["correct"]
     for work in ("inference", "training"):
         w = r[work]
@@ -101,3 +102,16 @@ def test_training_step_restores_the_weights(model):
     assert a["loss"] == b["loss"]  # same weights at the start of each step
     for name, v in tree_flatten(model.parameters()):
         assert mx.array_equal(v, before[name]).item(), name
+
+
+def test_candidate_is_applied_as_shipped_by_default(model):
+    """Only layers a policy can route off native are patched (as the plugin does): a head-only
+    policy patches one layer, and its calls are the only ones counted."""
+    head_only = P.make_policy(rules=[{"n": [1024, 1024], "m": [2, None], "plan": P.split_plan(None, 256, None)}])
+    r = E.evaluate(model, head_only, dtype="float32", pairs=2, warmup=0, **SMALL)
+    assert r["correct"]
+    # Gate: logits over the prompt (M=24: split), then greedy generation (prefill split, decode native).
+    assert r["calls"]["split"] >= 2 and r["calls"]["native"] >= 15
+    assert r["calls"]["native"] + r["calls"]["split"] < 15 * 4  # far fewer than all 15 layers' calls
+    native = E.evaluate(model, P.native(), dtype="float32", pairs=2, warmup=0, **SMALL)
+    assert native["calls"] == {"native": 0, "split": 0, "kernel": 0}  # nothing patched at all

@@ -197,3 +197,32 @@ def test_kernel_plans_route_to_kernel_matmul_with_weight_and_bias(model, monkeyp
     assert gate.rel_err(out, stock) <= 1e-6
     assert ((1, 6, 64), (1024, 64), False, "gemm") in seen  # the tied head, leading dims kept
     assert sum(1 for s in seen if s[2]) == 6  # q, k, v carry a bias in both layers
+
+
+def test_reachable_only_leaves_layers_that_stay_native_stock(model):
+    head = {"n": [1024, 1024], "plan": P.split_plan(None, 256, None)}
+    h = patch.apply(model, P.make_policy(rules=[head]), reachable_only=True)
+    assert h.layers == ["model.embed_tokens"]
+    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
+    assert patch.apply(model, P.native(), reachable_only=True).layers == []
+    # A native rule covering every M for (128, 64) shields gate/up from a split default.
+    shielded = P.make_policy(rules=[{"n": [128, 128], "k": [64, 64], "plan": {"kind": "native"}}],
+                             default=P.split_plan(None, None, 32))
+    assert len(patch.apply(model, shielded, reachable_only=True).layers) == 15 - 4
+    # A native rule for M=1 only does not: larger M still reaches the split default.
+    decode_only = P.make_policy(rules=[{"m": [1, 1], "plan": {"kind": "native"}}],
+                                default=P.split_plan(None, None, 32))
+    assert len(patch.apply(model, decode_only, reachable_only=True).layers) == 15
+    # Re-applying replaces the previous policy entirely.
+    assert len(patch.apply(model, P.make_policy(rules=[head]), reachable_only=True).layers) == 1
+    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
+
+
+def test_may_leave_native():
+    split = P.split_plan(None, None, 32)
+    assert not P.may_leave_native(P.native(), 64, 64)
+    assert P.may_leave_native(P.make_policy(default=split), 64, 64)
+    doc = P.make_policy(rules=[{"n": [1, 100], "m": [1, None], "plan": {"kind": "native"}}], default=split)
+    assert not P.may_leave_native(doc, 64, 64) and P.may_leave_native(doc, 128, 64)
+    doc = P.make_policy(rules=[{"m": [5, 9], "k": [64, 64], "plan": split}])
+    assert P.may_leave_native(doc, 10, 64) and not P.may_leave_native(doc, 10, 65)

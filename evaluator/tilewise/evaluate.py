@@ -3,6 +3,11 @@ timing against stock. Produces the `evaluate` result of docs/worker-protocol.md.
 
 Stock and candidate share the same loaded weights; the candidate arm applies the policy (class swap,
 see patch.py) before its sample and removes it after, so the stock arm is the untouched model.
+
+By default the candidate is applied as the plugin applies it (`reachable_only`): layers that no M
+routes off native stay stock, so what is measured is what would ship, and `calls` counts the patched
+layers' calls. `reachable_only=False` patches every layer (the bench uses it to measure the cost of
+the patch mechanism itself with the native policy).
 """
 
 from . import gate as G
@@ -13,7 +18,8 @@ from . import workloads as W
 
 
 def evaluate(model, doc, *, dtype, inference=None, training=None, pairs=10, warmup=2, seed=0,
-             progress=None, should_stop=None, skip_inference=False, skip_training=False):
+             progress=None, should_stop=None, skip_inference=False, skip_training=False,
+             reachable_only=True):
     """Gate first, then timing. `inference` = {prompt_tokens, gen_tokens}, `training` = {batch, seq};
     None picks the backend's defaults, skip_* leaves a workload out. `progress(stage, done, total)`
     reports; `should_stop()` is polled between samples (measure.Cancelled is raised)."""
@@ -29,7 +35,8 @@ def evaluate(model, doc, *, dtype, inference=None, training=None, pairs=10, warm
               "inference": None, "training": None, "combined": None, "calls": None}
     progress("gate", 0, 1)
     patch.reset_call_counts()
-    correct, gate = G.check(model, doc, dtype=dtype, prompt=prompt, batch=batch)
+    correct, gate = G.check(model, doc, dtype=dtype, prompt=prompt, batch=batch,
+                            reachable_only=reachable_only)
     # Counts of the gate's candidate run: proof that the plans were reached.
     result["calls"] = patch.call_counts()
     result["gate"] = gate
@@ -44,7 +51,7 @@ def evaluate(model, doc, *, dtype, inference=None, training=None, pairs=10, warm
 
     def with_policy(fn):
         def run():
-            patch.apply(model, prepared)
+            patch.apply(model, prepared, reachable_only=reachable_only)
             try:
                 return fn()
             finally:

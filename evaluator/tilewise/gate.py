@@ -63,10 +63,11 @@ def _outputs(model, prompt, batch, greedy_tokens):
     return logits, tokens, loss, grads
 
 
-def check(model, doc, *, dtype, prompt, batch=None, greedy_tokens=GREEDY_TOKENS, stock=None):
+def check(model, doc, *, dtype, prompt, batch=None, greedy_tokens=GREEDY_TOKENS, stock=None,
+          reachable_only=False):
     """Runs the gate for policy `doc` on `model`; returns the `gate` dict of docs/worker-protocol.md
     plus "correct". `stock` may pass precomputed stock outputs (from `stock_outputs`).
-    The model is left unpatched."""
+    `reachable_only` is passed to patch.apply. The model is left unpatched."""
     tol = tolerance(dtype)
     gate = {"logits_rel_err": None, "tolerance": tol, "greedy_tokens_equal": 0,
             "greedy_tokens_checked": greedy_tokens, "loss_rel_err": None, "grad_rel_err": None,
@@ -80,7 +81,7 @@ def check(model, doc, *, dtype, prompt, batch=None, greedy_tokens=GREEDY_TOKENS,
         stock = stock_outputs(model, prompt, batch, greedy_tokens)
     s_logits, s_tokens, s_loss, s_grads = stock
     try:
-        patch.apply(model, doc)
+        patch.apply(model, doc, reachable_only=reachable_only)
         c_logits, c_tokens, c_loss, c_grads = _outputs(model, prompt, batch, greedy_tokens)
     except Exception as e:  # any failure of the candidate makes it incorrect, never a crash
         gate["reason"] = f"candidate raised {type(e).__name__}: {e}"

@@ -281,18 +281,31 @@ def prepare(doc):
     return _Resolver(doc)
 
 
-def apply(model, doc):
-    """Routes every linear matmul of `model` through `doc`'s plans. Re-applying replaces the policy.
+def layer_nk(module):
+    """(N, K) of a linear-like layer (quantized weights pack `32 // bits` values per uint32 along K)."""
+    w = module["weight"]
+    bits = getattr(module, "bits", None)
+    return w.shape[0], (w.shape[1] * 32 // bits if bits else w.shape[1])
+
+
+def apply(model, doc, *, reachable_only=False):
+    """Routes the linear matmuls of `model` through `doc`'s plans. Re-applying replaces the policy.
 
     `doc` is a policy dict (validated first: PolicyError on a bad policy) or the result of
     `prepare(doc)`. Plan choices are memoised per layer and input shape for this application.
+    By default every linear layer is patched (so every call is counted). With `reachable_only`,
+    layers that no M can route to a non-native plan (`policy.may_leave_native`) stay stock and pay
+    no dispatch cost, as in the plugin; only the patched layers' calls are counted then.
     """
     resolver = doc if isinstance(doc, _Resolver) else prepare(doc)
+    remove(model)  # a re-application must not leave layers of the previous policy patched
     layers = []
     for name, module in model.named_modules():
         cls = type(module)
-        patched = PATCHED.get(cls) or (cls if cls in _STOCK else None)
+        patched = PATCHED.get(cls)
         if patched is None:
+            continue
+        if reachable_only and not P.may_leave_native(resolver.policy, *layer_nk(module)):
             continue
         module.__class__ = patched
         object.__setattr__(module, "_tw_resolver", resolver)

@@ -216,6 +216,22 @@ def plan_for(doc, m, n, k):
     return doc["matmul"]["default"]
 
 
+def may_leave_native(doc, n, k):
+    """Whether some M gives a layer of shape (N, K) a non-native plan under `doc`. Scans the rules
+    matching (N, K) in order (first match wins): a non-native plan says yes; a native rule covering
+    every M ends the scan with no; otherwise the default decides. Layers for which this is False can
+    be left unpatched (stock), which is what the plugin and the evaluator's timing do."""
+    for rule in doc["matmul"]["rules"]:
+        if not (_in_range(rule.get("n"), n) and _in_range(rule.get("k"), k)):
+            continue
+        if rule["plan"]["kind"] != "native":
+            return True
+        m = rule.get("m")
+        if m is None or (m[0] <= 1 and m[1] is None):
+            return False
+    return doc["matmul"]["default"]["kind"] != "native"
+
+
 def is_all_native(doc):
     """True when every matmul runs native (the policy cannot change anything)."""
     return doc["matmul"]["default"]["kind"] == "native" and all(
