@@ -227,8 +227,9 @@ pub fn render_table(shown: &Value) -> String {
         };
         out.push_str(&format!(
             "{:>5} {:>4} {:<24} {:<9} {:>8} {:>19}  {}\n",
-            c["id"],
-            c["generation"],
+            // Value's Display ignores width: format the numbers as strings first.
+            c["id"].to_string(),
+            c["generation"].to_string(),
             c["origin"].as_str().unwrap_or("").chars().take(24).collect::<String>(),
             c["status"].as_str().unwrap_or(""),
             ratio,
