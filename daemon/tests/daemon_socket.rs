@@ -211,7 +211,9 @@ async fn error_codes_follow_the_protocol() {
     assert_eq!(code(&raw.call(r#"{"jsonrpc":"1.0","id":1,"method":"status"}"#)), codes::INVALID_REQUEST);
     assert_eq!(code(&raw.call(r#"{"jsonrpc":"2.0","id":1,"method":"no.such"}"#)), codes::METHOD_NOT_FOUND);
     assert_eq!(code(&raw.call(r#"{"jsonrpc":"2.0","id":1,"method":"policy.get","params":{"model":5}}"#)), codes::INVALID_PARAMS);
-    for m in ["tuning.start", "tuning.stop", "session.list", "session.show", "config.set", "policy.export", "policy.import"] {
+    // tuning.* and session.* are served by the session manager (daemon/tests/session_daemon.rs);
+    // these are still outside this build and must say so rather than fake a success.
+    for m in ["config.set", "policy.export", "policy.import"] {
         let reply = raw.call(&format!(r#"{{"jsonrpc":"2.0","id":"{m}","method":"{m}","params":{{"session_id":1,"key":"k","value":1}}}}"#));
         assert_eq!(code(&reply), codes::NOT_AVAILABLE, "{m}: {reply}");
         assert!(reply["error"]["message"].as_str().unwrap().starts_with("not available: "), "{reply}");
