@@ -27,7 +27,14 @@ fn last_number_after(text: &str, key: &str) -> Option<u64> {
     })
 }
 
-pub fn rows(quick: bool, runs: Option<u64>) -> Vec<Row> {
+/// Where `cargo fuzz build -O` leaves the target's binary.
+fn built_binary() -> std::path::PathBuf {
+    Path::new("fuzz/target").join(format!("{}-unknown-linux-gnu", std::env::consts::ARCH)).join("release").join(TARGET)
+}
+
+/// `build`: false runs the binary already built (after a `cargo fuzz build -O protocol`), e.g.
+/// while the daemon's sources change under a long run.
+pub fn rows(quick: bool, runs: Option<u64>, build: bool) -> Vec<Row> {
     let check = "fuzz: protocol decode + dispatch (libFuzzer)";
     if !Path::new("fuzz/Cargo.toml").exists() {
         return vec![Row::new(check, "fuzz/Cargo.toml not found: run from the repository root", "runs", Verdict::Fail)];
@@ -44,8 +51,12 @@ pub fn rows(quick: bool, runs: Option<u64>) -> Vec<Row> {
         }
     }
     let t0 = Instant::now();
-    let build = cargo_fuzz(&["build", "-O", TARGET]).output();
-    match build {
+    let built = if build || !built_binary().exists() {
+        cargo_fuzz(&["build", "-O", TARGET]).output()
+    } else {
+        Command::new("true").output()
+    };
+    match built {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
             let err = String::from_utf8_lossy(&o.stderr);
@@ -63,13 +74,10 @@ pub fn rows(quick: bool, runs: Option<u64>) -> Vec<Row> {
         (None, false) => "-runs=1000000".to_string(),
     };
     let t1 = Instant::now();
-    let out = cargo_fuzz(&[
-        "run",
-        "-O",
-        TARGET,
+    let out = Command::new(built_binary())
+        .args([
         &corpus,
         &format!("fuzz/seeds/{TARGET}"),
-        "--",
         "-dict=fuzz/protocol.dict",
         &limit,
         "-max_len=4096",

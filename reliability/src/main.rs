@@ -53,6 +53,9 @@ struct Args {
     /// libFuzzer inputs for the fuzz target (default: 1,000,000; quick: 60 s of fuzzing).
     #[arg(long)]
     fuzz_runs: Option<u64>,
+    /// Run the fuzz binary already built instead of rebuilding it (cargo fuzz build -O protocol).
+    #[arg(long)]
+    no_fuzz_build: bool,
     /// kill -9 cycles during tuning sessions (default 30; quick 5).
     #[arg(long)]
     kills: Option<u32>,
@@ -127,8 +130,8 @@ fn run(args: &Args) -> Result<bool> {
     };
 
     if wanted("fuzz") {
-        let runs = args.fuzz_runs;
-        section("fuzz (libFuzzer on decode/dispatch)", &mut rows, &mut || fuzz::rows(q, runs));
+        let (runs, build) = (args.fuzz_runs, !args.no_fuzz_build);
+        section("fuzz (libFuzzer on decode/dispatch)", &mut rows, &mut || fuzz::rows(q, runs, build));
     }
     if wanted("live-fuzz") {
         let cfg = live_fuzz::LiveFuzzConfig {
