@@ -214,7 +214,7 @@ def test_only_layers_a_policy_can_change_are_patched(tiny_dir, tmp_path):
 ])
 def test_may_leave_native(rules, default, expected):
     doc = P.make_policy(rules, default)
-    assert plugin.may_leave_native(doc, 64, 64) is expected
+    assert P.may_leave_native(doc, 64, 64) is expected
 
 
 BAD_POLICIES = {
@@ -783,8 +783,8 @@ def test_quantized_models_get_the_policy_on_the_right_shapes(tiny_dir, tmp_path)
 
     model, tok = load_tiny(tiny_dir)
     nn.quantize(model, group_size=32, bits=4)
-    assert plugin.layer_nk(model.model.layers[0].self_attn.q_proj) == (64, 64)
-    assert plugin.layer_nk(model.model.layers[0].mlp.down_proj) == (64, 128)
+    assert patch.layer_nk(model.model.layers[0].self_attn.q_proj) == (64, 64)
+    assert patch.layer_nk(model.model.layers[0].mlp.down_proj) == (64, 128)
     stock_text = mlx_lm.generate(model, tok, "hello world", max_tokens=4)
     rec = plugin.apply_to(model, write_json(tmp_path / "p.json", mixed_policy(target_of(model))))
     assert rec.source == "file" and rec.patched_layers == 5, rec.reason

@@ -329,48 +329,14 @@ def _apply(model, src: Optional[str]) -> ModelRecord:
     return rec
 
 
-def layer_nk(module) -> tuple:
-    """(N, K) of a linear-like layer: output and input features (quantized weights are packed
-    ``32 // bits`` values per uint32 along K)."""
-    w = module["weight"]
-    bits = getattr(module, "bits", None)
-    return w.shape[0], (w.shape[1] * 32 // bits if bits else w.shape[1])
-
-
-def may_leave_native(doc: dict, n: int, k: int) -> bool:
-    """Whether some M gives a layer of shape (N, K) a non-native plan under ``doc`` (first matching
-    rule wins): scanning the rules that match (N, K) in order, a non-native plan says yes, and a
-    native rule that covers every M ends the scan with no."""
-    def covers(r, v):
-        return r is None or (r[0] <= v and (r[1] is None or v <= r[1]))
-
-    for rule in doc["matmul"]["rules"]:
-        if not (covers(rule.get("n"), n) and covers(rule.get("k"), k)):
-            continue
-        if rule["plan"]["kind"] != "native":
-            return True
-        m = rule.get("m")
-        if m is None or (m[0] <= 1 and m[1] is None):
-            return False
-    return doc["matmul"]["default"]["kind"] != "native"
-
-
 def _patch_reachable_layers(model, doc: dict) -> int:
-    """Patches only the layers whose shape some M routes to a non-native plan; the rest stay stock
-    classes, so they pay nothing for the plugin's dispatch (about 1 µs of Python per call, which
-    at 169 linears per token is several % of a fast GPU decode step). Returns how many."""
+    """Patches only the layers whose shape some M routes to a non-native plan
+    (`policy.may_leave_native`); the rest stay stock classes, so they pay nothing for the plugin's
+    dispatch (about 1 µs of Python per call, which at 169 linears per token is several % of a fast
+    GPU decode step). Returns how many."""
     from . import patch
 
-    resolver = patch.prepare(doc)  # validated once, shared by every patched layer
-    count = 0
-    for _, module in model.named_modules():
-        if type(module) not in patch.PATCHED:
-            continue
-        n, k = layer_nk(module)
-        if may_leave_native(doc, n, k):
-            patch.apply(module, resolver)
-            count += 1
-    return count
+    return len(patch.apply(model, doc, reachable_only=True).layers)
 
 
 def _from_daemon(want: dict, timeout: float) -> _Resolved:
