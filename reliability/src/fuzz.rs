@@ -44,7 +44,7 @@ pub fn rows(quick: bool, runs: Option<u64>, build: bool) -> Vec<Row> {
         _ => {
             return vec![Row::new(
                 check,
-                "cargo-fuzz is not installed (scripts/setup.d/60-reliability.sh installs it: cargo install cargo-fuzz --locked)",
+                "cargo-fuzz is not installed: bash scripts/setup.d/60-reliability.sh --fuzz (cargo install cargo-fuzz --locked)",
                 "runs",
                 Verdict::Skip,
             )]
