@@ -44,6 +44,9 @@ enum Cmd {
     /// Start or stop the background daemon.
     #[command(subcommand)]
     Daemon(DaemonCmd),
+    /// Run the daemon at login (launchd / systemd --user), restarted with backoff; opt-in.
+    #[command(subcommand)]
+    Service(tilewise::service::ServiceCmd),
 }
 
 #[derive(Args, Debug, Clone, Copy)]
@@ -177,6 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Tune(args) => tilewise::session::tune::run(args, connect(&paths).await?, connect(&paths).await?).await,
         Cmd::Daemon(DaemonCmd::Start) => daemon_start(&paths).await,
         Cmd::Daemon(DaemonCmd::Stop) => daemon_stop(&paths).await,
+        Cmd::Service(c) => tilewise::service::run_cli(c, paths.logs_dir.clone()),
     }
 }
 

@@ -47,10 +47,26 @@ fn main() -> ExitCode {
             Ok(s) => s,
             Err(e) => return fail(&e),
         };
+        // Idle/power gates, live config reload, model-directory watching (schedule::daemon).
+        let schedule = match tilewise::schedule::daemon::ScheduleServices::for_daemon(&state) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("idle gates and config reload are off: {e}");
+                None
+            }
+        };
         // Tuning sessions (session.rs); a session a previous daemon left running resumes.
-        let tuning = Arc::new(tilewise::session::SessionManager::from_state(&state));
+        let mut manager = tilewise::session::SessionManager::from_state(&state);
+        if let Some(s) = &schedule {
+            manager = manager.with_gate(s.decisions());
+        }
+        let tuning = Arc::new(manager);
         state.tuning = Some(tuning.clone());
-        let server = match Server::bind(Arc::new(state)) {
+        let state = Arc::new(state);
+        if let Some(s) = &schedule {
+            s.attach(&state);
+        }
+        let server = match Server::bind(state) {
             Ok(s) => s,
             Err(e) => return fail(&e),
         };
