@@ -151,6 +151,48 @@ impl Config {
         }
     }
 
+    /// Sets one dotted key (`idle.enabled`) in the config file and returns the new, validated
+    /// config. The file is rewritten only when the result validates (write to a temp file, then
+    /// rename), so a bad `config.set` leaves both the file and the running config as they were.
+    /// Other keys and their values are kept; comments are not (the file is re-serialized).
+    pub fn set_in_file(path: &Path, key: &str, value: &serde_json::Value) -> Result<Config, ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            errors: vec![ConfigFieldError { field: field.to_string(), message }],
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
+        };
+        let mut table: toml::Table = text.parse().map_err(|e| invalid("(file)", format!("{e}")))?;
+        let new_value: toml::Value = serde_json::from_value(value.clone())
+            .map_err(|e| invalid(key, format!("not representable in TOML: {e}")))?;
+        let parts: Vec<&str> = key.split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(invalid(key, "empty key segment".into()));
+        }
+        let (last, parents) = parts.split_last().expect("split gives at least one part");
+        let mut node = &mut table;
+        for part in parents {
+            let entry = node.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            node = entry.as_table_mut().ok_or_else(|| invalid(key, format!("`{part}` is not a section")))?;
+        }
+        node.insert(last.to_string(), new_value);
+        let out = toml::to_string(&table).map_err(|e| invalid(key, format!("cannot write TOML: {e}")))?;
+        let config = Config::from_toml_str(&out).map_err(|errors| ConfigError::Invalid { path: path.to_path_buf(), errors })?;
+        let tmp = path.with_extension("toml.tmp");
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&tmp, out.as_bytes())?;
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Ok(config)
+    }
+
     /// Parses and validates TOML text.
     pub fn from_toml_str(text: &str) -> Result<Config, Vec<ConfigFieldError>> {
         let de = toml::Deserializer::parse(text).map_err(|e| vec![toml_error("(file)", text, &e)])?;

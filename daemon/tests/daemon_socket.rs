@@ -213,7 +213,7 @@ async fn error_codes_follow_the_protocol() {
     assert_eq!(code(&raw.call(r#"{"jsonrpc":"2.0","id":1,"method":"policy.get","params":{"model":5}}"#)), codes::INVALID_PARAMS);
     // tuning.* and session.* are served by the session manager (daemon/tests/session_daemon.rs);
     // these are still outside this build and must say so rather than fake a success.
-    for m in ["config.set", "policy.export", "policy.import"] {
+    for m in ["policy.export", "policy.import"] {
         let reply = raw.call(&format!(r#"{{"jsonrpc":"2.0","id":"{m}","method":"{m}","params":{{"session_id":1,"key":"k","value":1}}}}"#));
         assert_eq!(code(&reply), codes::NOT_AVAILABLE, "{m}: {reply}");
         assert!(reply["error"]["message"].as_str().unwrap().starts_with("not available: "), "{reply}");
@@ -392,4 +392,25 @@ fn cli_works_against_the_real_daemon() {
     let out = cli(&["daemon", "stop"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(std::fs::symlink_metadata(home.path().join("run/tilewised.sock")).is_err());
+}
+
+#[tokio::test]
+async fn config_set_persists_valid_changes_and_refuses_bad_ones() {
+    let d = TestDaemon::start();
+    let mut raw = d.raw();
+    let file = d.home.path().join("config.toml");
+    let ok = raw.call(r#"{"jsonrpc":"2.0","id":1,"method":"config.set","params":{"key":"idle.enabled","value":false}}"#);
+    assert_eq!(ok["result"]["idle"]["enabled"], json!(false), "{ok}");
+    let got = raw.call(r#"{"jsonrpc":"2.0","id":2,"method":"config.get"}"#);
+    assert_eq!(got["result"]["idle"]["enabled"], json!(false), "{got}");
+    let on_disk = std::fs::read_to_string(&file).unwrap();
+    assert!(tilewise::config::Config::load(&file).unwrap().idle.enabled == false, "{on_disk}");
+    // An unknown key and an out-of-range value are refused; file and running config unchanged.
+    for bad in [r#"{"key":"idle.no_such_key","value":1}"#, r#"{"key":"worker.request_timeout_s","value":0}"#, r#"{"key":"idle.enabled.x","value":1}"#] {
+        let reply = raw.call(&format!(r#"{{"jsonrpc":"2.0","id":3,"method":"config.set","params":{bad}}}"#));
+        assert_eq!(code(&reply), codes::INVALID_PARAMS, "{bad}: {reply}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), on_disk, "{bad} changed the file");
+    }
+    let got = raw.call(r#"{"jsonrpc":"2.0","id":4,"method":"config.get"}"#);
+    assert_eq!(got["result"]["idle"]["enabled"], json!(false));
 }

@@ -209,7 +209,8 @@ fn on_menu_event(app: &AppHandle, event: MenuEvent) {
                 app.exit(0);
                 Ok(Value::Null)
             }
-            "start" => link.call("tuning.start", json!({})).await,
+            // "Start tuning now" means now: past the idle gate (which still pauses a session it started).
+            "start" => link.call("tuning.start", json!({"now": true})).await,
             "pause" => link.call("tuning.stop", json!({})).await,
             "only_idle" => {
                 let wanted = tray_check(&app, |t| &t.only_idle);

@@ -308,7 +308,7 @@ async function startDaemon() {
 
 async function main() {
   $("start-tuning").onclick = async () => {
-    const r = await tryCall("tuning.start", {});
+    const r = await tryCall("tuning.start", { now: true }); // "now": past the idle gate
     if (r.error) alertError(`could not start tuning: ${r.error}`);
     scheduleRefresh(50);
   };

@@ -441,12 +441,20 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
             Some(t) => to_value(t.show_session(params(p)?).await?),
             None => Err(RpcError::not_available(NO_TUNING)),
         },
+        methods::CONFIG_SET => {
+            let set: ConfigSetParams = params(p)?;
+            let config = crate::config::Config::set_in_file(&state.paths.config_file, &set.key, &set.value)
+                .map_err(|e| RpcError::invalid_params(format!("config.set {}: {e}", set.key)))?;
+            info!(key = %set.key, "config changed by a client");
+            *state.config.write().unwrap_or_else(|p| p.into_inner()) = config.clone();
+            to_value(&config)
+        }
         other => {
             if let Some(fut) = state.tuning.as_ref().and_then(|t| t.call_other(other, p)) {
                 return fut.await;
             }
             match other {
-                methods::CONFIG_SET | methods::POLICY_EXPORT | methods::POLICY_IMPORT => {
+                methods::POLICY_EXPORT | methods::POLICY_IMPORT => {
                     Err(RpcError::not_available(format!("{other} is not part of this build of tilewised")))
                 }
                 _ => Err(RpcError::method_not_found(other)),
