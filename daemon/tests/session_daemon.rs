@@ -32,7 +32,13 @@ async fn a_short_session_ends_with_the_best_that_policy_get_serves() {
     assert_eq!(s["state"], "finished", "{shown}");
     assert!(s["evaluations"].as_i64().unwrap() + s["failures"].as_i64().unwrap() >= 4);
     assert!(shown["memo_size"].as_u64().unwrap() > 0, "the cascade measured shapes first");
-    assert!(shown["search"]["generation"].as_u64().unwrap() >= 1);
+    // The search state is reported, and no candidate is from a generation the engine has not
+    // reached. (Whether generation 0 is complete after 4 evaluations depends on how many children
+    // the cascade screened out, which depends on timing noise: not something to assert.)
+    let generation = shown["search"]["generation"].as_u64().expect("search.generation");
+    for cand in shown["candidates"].as_array().unwrap() {
+        assert!(cand["generation"].as_u64().unwrap() <= generation, "{cand} is ahead of generation {generation}");
+    }
     let listed = call(&mut c, "session.list", json!({})).await;
     assert!(listed["sessions"].as_array().unwrap().iter().any(|x| x["id"] == json!(sid)));
 
