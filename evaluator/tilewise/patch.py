@@ -117,12 +117,24 @@ class _Resolver:
     Module keeps it out of the parameter tree).
     """
 
-    __slots__ = ("policy", "policy_hash", "_cache")
+    __slots__ = ("policy", "policy_hash", "_cache", "_by_n")
 
     def __init__(self, doc):
         self.policy = doc
         self.policy_hash = P.content_hash(doc)
         self._cache = {}
+        # N -> {x.shape: (kind, plan)}: the per-layer dispatch tables, shared by every layer with
+        # this N (the plan depends only on M, N, K, all fixed by N and x.shape) and kept across
+        # re-applications of this prepared policy, so the A/B loop, which applies and removes the
+        # policy around every sample, times the warm dispatch a long-lived process has rather
+        # than re-resolving every layer in every sample.
+        self._by_n = {}
+
+    def dispatch_table(self, n):
+        table = self._by_n.get(n)
+        if table is None:
+            table = self._by_n[n] = {}
+        return table
 
     def plan(self, m, n, k):
         key = (m, n, k)
@@ -309,7 +321,8 @@ def apply(model, doc, *, reachable_only=False):
             continue
         module.__class__ = patched
         object.__setattr__(module, "_tw_resolver", resolver)
-        object.__setattr__(module, "_tw_plans", {})  # x.shape -> (kind, plan), filled on first use
+        # x.shape -> (kind, plan), filled on first use
+        object.__setattr__(module, "_tw_plans", resolver.dispatch_table(module["weight"].shape[0]))
         layers.append(name)
     return Handle(model, resolver, layers)
 
