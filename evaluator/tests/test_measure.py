@@ -71,3 +71,83 @@ def test_cancel_stops_at_a_sample_boundary():
         measure.interleaved({"stock": sleeper(0, log, "s"), "candidate": sleeper(0, log, "c")},
                             pairs=10, warmup=0, should_stop=lambda: next(calls) >= 3)
     assert len(log) == 3
+
+
+def fixed(seconds):
+    """An arm that reports a fixed time (no sleeping: the race logic, not the clock, is tested)."""
+    return lambda: {"seconds": seconds}
+
+
+def test_race_stops_a_clear_loser_after_min_pairs():
+    race = measure.Race(["inference"], bar=1.0, min_pairs=3)
+    r = measure.interleaved({"stock": fixed(0.01), "candidate": fixed(0.02)}, pairs=10, warmup=0, race=race)
+    assert r["n_pairs"] == 3 and r["stopped_early"] is True and len(r["samples"]) == 6
+    assert r["hi"] < 1.0
+    st = race.state()
+    assert st["stopped_early"] and st["stopped_in"] == "inference" and st["pairs_taken"] == {"inference": 3}
+
+
+def test_race_never_stops_a_winner_or_a_tie():
+    for cand in (0.005, 0.01):  # 2x faster; identical
+        race = measure.Race(["inference"], bar=1.0, min_pairs=2)
+        r = measure.interleaved({"stock": fixed(0.01), "candidate": fixed(cand)}, pairs=6, warmup=0, race=race)
+        assert r["n_pairs"] == 6 and r["stopped_early"] is False and not race.state()["stopped_early"]
+
+
+def test_race_counts_unmeasured_workloads_at_assume_hi():
+    # Inference 10 % slower: with training assumed up to 1.25x it could still win combined
+    # (0.7*0.9 + 0.3*1.25 = 1.005), so it is not stopped; assumed at most 1.0 it is.
+    slow = {"stock": fixed(0.009), "candidate": fixed(0.010)}
+    hopeful = measure.Race(["inference", "training"], min_pairs=3, assume_hi=1.25)
+    assert measure.interleaved(slow, pairs=8, warmup=0, race=hopeful)["n_pairs"] == 8
+    doubtful = measure.Race(["inference", "training"], min_pairs=3, assume_hi=1.0)
+    assert measure.interleaved(slow, pairs=8, warmup=0, race=doubtful)["n_pairs"] == 3
+    # Training then runs against the real inference bound: a fast training keeps it going.
+    r = measure.interleaved({"stock": fixed(0.02), "candidate": fixed(0.01)}, pairs=5, warmup=0, race=doubtful)
+    assert r["n_pairs"] == 5 and doubtful.bound() > 1.0
+
+
+def test_racing_context_applies_to_calls_in_order_and_rejects_extra_calls():
+    race = measure.Race(["inference", "training"], min_pairs=2)
+    arms = {"stock": fixed(0.01), "candidate": fixed(0.03)}
+    with measure.racing(race):
+        a = measure.interleaved(arms, pairs=5, warmup=0)
+        b = measure.interleaved(arms, pairs=5, warmup=0)
+        with pytest.raises(RuntimeError):
+            measure.interleaved(arms, pairs=5, warmup=0)
+    assert a["n_pairs"] == 2 and b["n_pairs"] == 2
+    assert race.state()["pairs_taken"] == {"inference": 2, "training": 2}
+    # Outside the context nothing races.
+    assert measure.interleaved(arms, pairs=4, warmup=0)["n_pairs"] == 4
+
+
+def test_race_rejects_bad_settings():
+    for kw in ({"min_pairs": 1}, {"bar": 0}, {"assume_hi": -1.0}, {"bar": True}):
+        with pytest.raises(ValueError):
+            measure.Race(["inference"], **kw)
+    with pytest.raises(ValueError):
+        measure.Race([])
+
+
+def test_cyclic_garbage_of_an_arm_is_collected_before_the_next_sample_and_gc_is_restored():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    refs, seen_alive = [], []
+
+    def candidate():
+        n = Node()
+        n.self = n  # a cycle: only the cyclic collector frees it
+        refs.append(weakref.ref(n))
+        return {"seconds": 0.001}
+
+    def stock():
+        seen_alive.append(any(r() is not None for r in refs))
+        return {"seconds": 0.001}
+
+    measure.interleaved({"stock": stock, "candidate": candidate}, pairs=4, warmup=0)
+    assert seen_alive and not any(seen_alive[1:]), seen_alive
+    assert gc.isenabled() and gc.get_freeze_count() == 0

@@ -318,3 +318,27 @@ def test_unknown_fault_is_a_bad_request(worker):
 def test_closing_stdin_ends_the_worker(worker):
     worker.proc.stdin.close()
     assert worker.proc.wait(timeout=30) == 0
+
+
+def test_evaluate_race_stops_losers_early_and_reports_it(loaded):
+    # Against a bar of 100x every candidate is a loser: each workload stops at min_pairs.
+    r = loaded.call(60, "evaluate", policy=P.native(), pairs=6, warmup=0,
+                    race={"bar": 100.0, "min_pairs": 2}, **SMALL)["result"]
+    assert r["inference"]["n_pairs"] == 2 and r["training"]["n_pairs"] == 2
+    assert r["inference"]["stopped_early"] and len(r["training"]["samples"]) == 4
+    assert r["race"]["stopped_early"] is True and r["race"]["stopped_in"] == "inference"
+    assert r["race"]["pairs_taken"] == {"inference": 2, "training": 2}
+    # Against a bar no ratio is under, every pair is run.
+    r = loaded.call(61, "evaluate", policy=P.native(), pairs=3, warmup=0,
+                    race={"bar": 0.001}, **SMALL)["result"]
+    assert r["inference"]["n_pairs"] == 3 and r["training"]["n_pairs"] == 3
+    assert r["race"]["stopped_early"] is False
+    # Without `race` nothing is raced and the result has no race field.
+    r = loaded.call(62, "evaluate", policy=P.native(), pairs=2, warmup=0, **SMALL)["result"]
+    assert "race" not in r and r["inference"]["stopped_early"] is False
+
+
+def test_evaluate_bad_race_fields(loaded):
+    for race in ("fast", {"min_pairs": 1}, {"bar": -1}, {"patience": 3}):
+        assert error_code(loaded.call(70, "evaluate", policy=P.native(), race=race, **SMALL)) == "bad_request"
+    assert loaded.call(71, "ping")["result"] == {"pong": True}

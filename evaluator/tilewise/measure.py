@@ -8,9 +8,21 @@ pairing removes slow drifts of the machine that would widen an unpaired comparis
 
 Python's cyclic garbage collector is run before each sample and paused during it (as `timeit`
 does): otherwise garbage made by one arm's set-up (e.g. applying a policy) is collected inside the
-next timed run and shows up as a bias against whichever arm happens to allocate more.
+next timed run and shows up as a bias against whichever arm happens to allocate more. The heap that
+exists when a measurement starts (the model, mlx_lm, every imported module) is moved to the
+collector's permanent generation for the measurement's duration (`gc.freeze`): a full collection of
+it cost about 50 ms per sample on the tiny CPU model — a third of an evaluation — while the garbage
+the arms make is young and is still collected before every sample.
+
+Racing (`Race`): an end-to-end evaluation may stop before all its pairs when it can no longer be
+promoted — after at least `min_pairs` pairs, the combined upper bound (finished workloads at their
+interval's `hi`, the running one at its current `hi`, workloads not started at `assume_hi`) is
+below `bar`. It only ever stops losers: a measurement whose `hi` is below the bar has `lo` below it
+too, and promotion needs `lo` above it. The daemon never races a confirmation or a re-measurement.
 """
 
+import contextlib
+import contextvars
 import gc
 
 import numpy as np
@@ -24,6 +36,78 @@ WEIGHTS = {"inference": 0.7, "training": 0.3}
 
 class Cancelled(Exception):
     """Raised at a sample boundary when the caller asked to stop."""
+
+
+class Race:
+    """The early-stop rule of one evaluation (see the module doc).
+
+    `workloads` names the workloads the evaluation measures, in the order it measures them
+    (evaluate.py: inference, then training); each `interleaved` call under `racing(race)` takes the
+    next one. `state()` is what the evaluate result reports under `race`."""
+
+    def __init__(self, workloads, *, bar=1.0, min_pairs=3, assume_hi=1.25, weights=None):
+        workloads = list(workloads)
+        if not workloads:
+            raise ValueError("race: no workload")
+        if not isinstance(min_pairs, int) or min_pairs < 2:
+            raise ValueError("race.min_pairs: an integer >= 2 (one pair has no interval)")
+        for name, v in (("bar", bar), ("assume_hi", assume_hi)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1e6:
+                raise ValueError(f"race.{name}: a positive number")
+        self.workloads = workloads
+        self.bar = float(bar)
+        self.min_pairs = min_pairs
+        self.assume_hi = float(assume_hi)
+        self.weights = weights or WEIGHTS
+        self.hi = {}  # workload -> latest upper bound
+        self.started = 0
+        self.stopped_in = None
+        self.pairs_taken = {}
+
+    def begin(self):
+        """The next workload's name (called by `interleaved`)."""
+        if self.started >= len(self.workloads):
+            raise RuntimeError(f"race: more measurements than workloads {self.workloads}")
+        name = self.workloads[self.started]
+        self.started += 1
+        return name
+
+    def bound(self):
+        """Weighted upper bound of the combined ratio with what is known now."""
+        parts = [(self.weights[w], self.hi.get(w, self.assume_hi)) for w in self.workloads]
+        total = sum(w for w, _ in parts)
+        return sum(w * h for w, h in parts) / total
+
+    def should_stop(self, name, ratios, seed):
+        """After a pair of workload `name`: record its interval, decide."""
+        self.pairs_taken[name] = len(ratios)
+        if len(ratios) < self.min_pairs:
+            return False
+        _, _, hi = median_ci(ratios, seed=seed)
+        self.hi[name] = hi
+        if self.bound() < self.bar:
+            self.stopped_in = self.stopped_in or name
+            return True
+        return False
+
+    def state(self):
+        return {"stopped_early": self.stopped_in is not None, "stopped_in": self.stopped_in,
+                "bar": self.bar, "min_pairs": self.min_pairs, "assume_hi": self.assume_hi,
+                "bound": self.bound(), "pairs_taken": dict(self.pairs_taken)}
+
+
+_RACE = contextvars.ContextVar("tilewise_race", default=None)
+
+
+@contextlib.contextmanager
+def racing(race):
+    """Every `interleaved` call inside uses `race` (None: no racing). The worker sets it around
+    `evaluate.evaluate`, whose measurement calls need not know about it."""
+    token = _RACE.set(race)
+    try:
+        yield race
+    finally:
+        _RACE.reset(token)
 
 
 def median_ci(ratios, seed=0, resamples=BOOTSTRAP_RESAMPLES, level=0.95):
@@ -41,14 +125,27 @@ def median_ci(ratios, seed=0, resamples=BOOTSTRAP_RESAMPLES, level=0.95):
     return med, float(np.quantile(meds, alpha)), float(np.quantile(meds, 1.0 - alpha))
 
 
-def interleaved(arms, pairs, warmup, *, seed=0, should_stop=None, on_sample=None):
+def interleaved(arms, pairs, warmup, *, seed=0, should_stop=None, on_sample=None, race=None):
     """Times two arms in interleaved pairs.
 
     `arms` maps "stock" and "candidate" to callables that each run one sample and return a dict with
     at least "seconds" (they switch the policy themselves). Returns
     {"ratio", "lo", "hi", "n_pairs", "samples": [{"pair", "arm", "seconds", ...}], "peak_memory"}.
     `should_stop()` is polled between samples (Cancelled is raised); `on_sample(done, total)` reports.
+    `race` (default: the one set by `racing`) may end the pairs early; `n_pairs` is then the number
+    taken and `stopped_early` is true.
     """
+    race = race if race is not None else _RACE.get()
+    race_name = race.begin() if race is not None else None
+    gc.collect()
+    gc.freeze()
+    try:
+        return _interleaved(arms, pairs, warmup, seed, should_stop, on_sample, race, race_name)
+    finally:
+        gc.unfreeze()
+
+
+def _interleaved(arms, pairs, warmup, seed, should_stop, on_sample, race, race_name):
     should_stop = should_stop or (lambda: False)
     names = ("stock", "candidate")
     for i in range(warmup):
@@ -76,9 +173,14 @@ def interleaved(arms, pairs, warmup, *, seed=0, should_stop=None, on_sample=None
         ratios.append(seconds["stock"] / seconds["candidate"])
         if on_sample:
             on_sample(i + 1, pairs)
+        if race is not None and i + 1 < pairs and race.should_stop(race_name, ratios, seed):
+            break
     ratio, lo, hi = median_ci(ratios, seed=seed)
-    out = {"ratio": ratio, "lo": lo, "hi": hi, "n_pairs": pairs, "ratios": ratios,
-           "samples": samples, "peak_memory": peak}
+    if race is not None:  # the final interval replaces the running one in the race's bound
+        race.hi[race_name] = hi
+        race.pairs_taken[race_name] = len(ratios)
+    out = {"ratio": ratio, "lo": lo, "hi": hi, "n_pairs": len(ratios), "ratios": ratios,
+           "samples": samples, "peak_memory": peak, "stopped_early": len(ratios) < pairs}
     if samples and all("cpu_s" in s for s in samples):
         # The same statistic over process CPU time (secondary; see workloads.py).
         by_pair = {}

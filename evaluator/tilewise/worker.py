@@ -283,8 +283,26 @@ def _policy_field(doc, backend):
     return doc
 
 
+def _race_field(req, workloads):
+    """`race: {bar?, min_pairs?, assume_hi?}` (absent or null: every pair is run)."""
+    from . import measure
+
+    v = req.get("race")
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise _bad("race: an object {bar, min_pairs, assume_hi} or null")
+    for f in v:
+        if f not in ("bar", "min_pairs", "assume_hi"):
+            raise _bad(f"race.{f}: unknown field (expected bar, min_pairs, assume_hi)")
+    try:
+        return measure.Race(workloads, **v)
+    except ValueError as e:
+        raise _bad(str(e)) from None
+
+
 def op_evaluate(w, req):
-    from . import evaluate, workloads
+    from . import evaluate, measure, workloads
 
     w.need_model()
     doc = _policy_field(req.get("policy"), workloads.backend())
@@ -295,13 +313,18 @@ def op_evaluate(w, req):
     pairs = _int_field(req, "pairs", 10, 1, 10000)
     warmup = _int_field(req, "warmup", 2, 0, 1000)
     seed = _int_field(req, "seed", 0, 0, 2**31 - 1)
+    # evaluate.py measures inference, then training; the race takes them in that order.
+    race = _race_field(req, [n for n, v in (("inference", inference), ("training", training)) if v is not None])
     rid = req["id"]
-    result = evaluate.evaluate(
-        w.model, doc, dtype=w.info["dtype"], inference=inference, training=training,
-        pairs=pairs, warmup=warmup, seed=seed,
-        skip_inference=inference is None, skip_training=training is None,
-        progress=lambda stage, done, total: w.progress(rid, stage, done, total),
-        should_stop=w.should_stop)
+    with measure.racing(race):
+        result = evaluate.evaluate(
+            w.model, doc, dtype=w.info["dtype"], inference=inference, training=training,
+            pairs=pairs, warmup=warmup, seed=seed,
+            skip_inference=inference is None, skip_training=training is None,
+            progress=lambda stage, done, total: w.progress(rid, stage, done, total),
+            should_stop=w.should_stop)
+    if race is not None:
+        result["race"] = race.state() if result["correct"] else None
     for part in ("inference", "training"):
         if result[part] is not None:
             result[part].pop("ratios", None)  # the samples carry them
