@@ -68,9 +68,14 @@ pub struct StartParams {
     /// Pairs per shape microbenchmark.
     #[serde(default)]
     pub shape_pairs: Option<u32>,
-    /// A candidate goes on to an end-to-end run only when its predicted speedup exceeds this (1.02).
+    /// A candidate goes on to an end-to-end run only when its predicted speedup exceeds this (1.02)
+    /// and its conservative prediction (every shape at the slow end of its interval) exceeds 1.0.
     #[serde(default)]
     pub screen_threshold: Option<f64>,
+    /// Stop a first end-to-end evaluation early once it can no longer be promoted (default true;
+    /// see `RACE_MIN_PAIRS`). Confirmations and re-measurements always run every pair.
+    #[serde(default)]
+    pub race: Option<bool>,
     #[serde(default)]
     pub workload: Option<Workload>,
     /// Per-request worker timeout for `evaluate` in seconds (default 600).
@@ -103,6 +108,9 @@ pub struct SessionSpec {
     pub remeasure_every: u64,
     /// A prediction must exceed this to earn an end-to-end run.
     pub screen_threshold: f64,
+    /// Race first evaluations (stop losers early); sessions saved before this field existed did not.
+    #[serde(default)]
+    pub race: bool,
     pub engine: EngineConfig,
     /// Ignore the idle/power gate.
     #[serde(default)]
@@ -178,6 +186,9 @@ struct Now {
 /// Owns the running session (at most one per daemon: the measurements must not share the machine).
 #[derive(Clone)]
 pub struct SessionManager {
+    /// Serializes `start`: it loads a worker for seconds before the session is registered, and
+    /// two overlapping starts (two clients, or the auto-starter and a person) would both launch.
+    starting: Arc<tokio::sync::Mutex<()>>,
     opts: ManagerOptions,
     running: Arc<Mutex<Option<Running>>>,
     now: Arc<Mutex<Now>>,
@@ -225,6 +236,7 @@ impl StartParams {
             // A predicted matmul-time gain under 2 % is within what the shape timings' noise
             // produces and would almost never be proven end to end (lower bound > 1.0).
             screen_threshold: self.screen_threshold.unwrap_or(1.02),
+            race: self.race.unwrap_or(true),
             engine: EngineConfig::default(),
             now: self.now.unwrap_or(false),
         })
@@ -258,6 +270,7 @@ impl SessionManager {
             running: Arc::new(Mutex::new(None)),
             now: Arc::new(Mutex::new(Now::default())),
             shutting_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            starting: Arc::default(),
         }
     }
 
@@ -271,6 +284,7 @@ impl SessionManager {
     /// resumes the newest unfinished session of that (device, model, mlx, backend) or creates one,
     /// and runs it in a task. A session already running for the same target is attached to.
     pub async fn start(&self, params: StartParams) -> Result<(SessionId, bool), SessionError> {
+        let _one_start_at_a_time = self.starting.lock().await;
         if let Some(id) = self.current() {
             // Attach when the request names nothing different; refuse to run two at once.
             let same = params.model.is_none() && params.policies.is_none();
@@ -436,7 +450,8 @@ impl SessionManager {
             candidates.push(json!({
                 "id": c.id, "hash": c.hash, "status": c.status, "origin": c.origin, "island": c.island,
                 "generation": c.generation, "failure_reason": c.failure_reason, "policy": c.policy,
-                "measurement": m.map(|m| json!({"id": m.id, "correct": m.correct, "ratio": m.ratio, "lo": m.lo, "hi": m.hi, "at": m.at})),
+                "measurement": m.map(|m| json!({"id": m.id, "correct": m.correct, "ratio": m.ratio, "lo": m.lo, "hi": m.hi, "at": m.at,
+                                                 "stopped_early": stopped_early(&m.detail)})),
             }));
         }
         let memo_size = st.memo_size(&s.device, &s.mlx, &s.backend)?;
@@ -463,6 +478,15 @@ fn retarget(doc: &Value, target: &Target) -> Result<Policy, String> {
     let p = Policy::from_value(&v).map_err(|e| e.to_string())?;
     p.validate_for_backend(&target.backend).map_err(|e| e.to_string())?;
     Ok(p)
+}
+
+/// Pairs a raced first evaluation takes before it may stop (fewer give no useful interval: with 3
+/// pairs the bootstrap upper bound is the largest pair ratio, so every pair must have lost).
+pub const RACE_MIN_PAIRS: u32 = 3;
+
+/// Whether a stored measurement's detail says the worker's race stopped it before all its pairs.
+fn stopped_early(detail: &Value) -> bool {
+    detail.pointer("/race/stopped_early").and_then(Value::as_bool).unwrap_or(false)
 }
 
 /// The session task.
@@ -611,7 +635,7 @@ impl Runner {
         let mut memo = Memo::default();
         for e in self.store().memo_for(&t.device, &t.mlx, &t.backend)? {
             if e.dtype == dtype && e.plan_hash.starts_with("sha256:") {
-                memo.insert(e.m, e.n, e.k, e.plan_hash.clone(), ShapeTiming { stock_median_s: e.stock_median_s, ratio: e.ratio });
+                memo.insert(e.m, e.n, e.k, e.plan_hash.clone(), ShapeTiming { stock_median_s: e.stock_median_s, ratio: e.ratio, lo: e.lo });
             }
         }
         Ok(memo)
@@ -639,9 +663,9 @@ impl Runner {
         let existing = self.store().find_candidate(self.session_id, &hash)?;
         if existing.is_none() && self.state.spec.screen {
             match self.screen(&child.policy).await? {
-                Screen::Predicted(p) if p <= self.state.spec.screen_threshold => {
+                Screen::Predicted(p) if !p.earns_evaluation(self.state.spec.screen_threshold) => {
                     self.state.screened += 1;
-                    self.state.engine.resolve(index, Outcome::Screened { predicted: p });
+                    self.state.engine.resolve(index, Outcome::Screened { predicted: p.combined });
                     return Ok(true);
                 }
                 Screen::Predicted(_) => {}
@@ -726,6 +750,11 @@ impl Runner {
         req["warmup"] = json!(spec.warmup);
         let attempt = self.store().measurements(id)?.len() as u64;
         req["seed"] = json!((spec.seed.wrapping_add(id as u64 * 7919 + attempt)) % (1 << 31));
+        // Only a candidate's first measurement races: a confirmation (attempt ≥ 1) is what a
+        // promotion rests on and always runs every pair.
+        if spec.race && attempt == 0 && origin != "confirmation" {
+            req["race"] = json!({"bar": 1.0, "min_pairs": RACE_MIN_PAIRS.min(spec.pairs)});
+        }
         let timeout = Duration::from_secs(spec.evaluate_timeout_s);
         // Cancelled by a stop or by the idle gate closing; a result taken while the person came
         // back is discarded (the candidate goes back to pending and is measured again later).
@@ -771,6 +800,11 @@ impl Runner {
             let outcome = Outcome::Measured { correct: last.correct, ratio: last.ratio, lo: last.lo, hi: last.hi };
             let ev = |m: &crate::store::Measurement| Evidence { hash: hash.clone(), correct: m.correct, ratio: m.ratio, lo: m.lo, hi: m.hi };
             let inc = self.incumbent()?.map(|(i, _)| i);
+            // A raced measurement that stopped early is a measured loser, never grounds to promote
+            // (its stop needed an upper bound under 1.0; this holds even if later pairs disagreed).
+            if stopped_early(&last.detail) {
+                return Ok(Some(outcome));
+            }
             let promotion::Decision::Promote { reason } = promotion::decide(&ev(&last), inc.as_ref()) else {
                 return Ok(Some(outcome));
             };
@@ -917,7 +951,7 @@ impl Runner {
         let dtype = self.sup.loaded().map(|l| str_field(l, "dtype")).unwrap_or_else(|| "float32".into());
         loop {
             if let Some(pred) = self.memo.predict(&space, p) {
-                return Ok(Screen::Predicted(pred.combined));
+                return Ok(Screen::Predicted(pred));
             }
             let needed = self.memo.needed(&space, p);
             // Small batches: each batch's results are committed before the next is asked for.
@@ -967,7 +1001,8 @@ impl Runner {
                     updated_at: String::new(),
                 };
                 self.store().upsert_memo(&entry)?;
-                self.memo.insert(n.m, n.n, n.k, n.plan_hash(), ShapeTiming { stock_median_s: stock, ratio });
+                let lo = if correct { num("lo") } else { Some(0.0) };
+                self.memo.insert(n.m, n.n, n.k, n.plan_hash(), ShapeTiming { stock_median_s: stock, ratio, lo });
                 self.state.shape_items += 1;
             }
             // Persist progress counters with the committed memo rows.
@@ -1028,7 +1063,7 @@ enum Evaluated {
 }
 
 enum Screen {
-    Predicted(f64),
+    Predicted(crate::evolve::cost::Prediction),
     Failed(String),
     Stopped,
 }

@@ -110,3 +110,46 @@ async fn an_all_a_a_population_promotes_nothing() {
         }
     }
 }
+
+/// Racing: a first evaluation of a clear loser stops after `RACE_MIN_PAIRS` pairs and is stored as a
+/// measured loser flagged `stopped_early`; with racing off the same candidate runs every pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raced_loser_stops_early_and_is_stored_as_measured() {
+    // Tiles of 16 split every matmul of the tiny model into many small ones: far slower than stock.
+    let slow = json!({"schema": "tilewise.policy/1", "name": "split-16",
+                      "target": {"device": "*", "model": "*", "mlx": "*", "backend": "*"},
+                      "matmul": {"rules": [], "default": {"kind": "split", "tile_m": 16, "tile_n": 16, "tile_k": 16}}});
+    for race in [true, false] {
+        let home = tempfile::tempdir().unwrap();
+        let (m, store, _) = manager(home.path());
+        let params = StartParams { policies: Some(vec![slow.clone()]), pairs: Some(8), warmup: Some(1), seed: Some(1), race: Some(race), ..Default::default() };
+        let (sid, _) = m.start(params).await.unwrap();
+        m.wait().await;
+        let shown = m.show(sid).unwrap();
+        let st = store.lock().unwrap();
+        let s = st.session(sid).unwrap().unwrap();
+        assert_eq!(s.state, SessionState::Finished, "{:?}", s.reason);
+        let measured = st.candidates(sid, Some(CandidateStatus::Measured)).unwrap();
+        assert_eq!(measured.len(), 1);
+        let ms = st.measurements(measured[0].id).unwrap();
+        assert_eq!(ms.len(), 1, "a loser gets no confirmation");
+        let d = &ms[0].detail;
+        eprintln!("race {race}: ratio {:?} [{:?}, {:?}] race {}", ms[0].ratio, ms[0].lo, ms[0].hi, d["race"]);
+        assert!(ms[0].hi.unwrap() < 1.0, "split-16 is slower than stock");
+        let n_inf = d.pointer("/inference/n_pairs").and_then(|v| v.as_u64()).unwrap();
+        let n_trn = d.pointer("/training/n_pairs").and_then(|v| v.as_u64()).unwrap();
+        let stopped = shown["candidates"][0]["measurement"]["stopped_early"].as_bool().unwrap();
+        if race {
+            assert_eq!(d.pointer("/race/stopped_early"), Some(&json!(true)));
+            assert!(stopped);
+            assert_eq!(n_trn, u64::from(tilewise::session::RACE_MIN_PAIRS), "training stops at the minimum");
+            assert!(n_inf < 8, "inference stopped before its 8 pairs");
+            let samples = st.samples(ms[0].id).unwrap();
+            assert_eq!(samples.len() as u64, 2 * (n_inf + n_trn), "every pair taken is stored");
+        } else {
+            assert!(d.get("race").is_none() && !stopped);
+            assert_eq!((n_inf, n_trn), (8, 8));
+        }
+        assert_eq!(s.promotions, 0);
+    }
+}

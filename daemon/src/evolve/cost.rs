@@ -7,6 +7,13 @@
 //! and a native matmul's time is the stock median of that shape. The prediction covers matmul time
 //! only (attention, norms and sampling are the same in both arms), so it overstates the size of a
 //! change but not its sign — good enough to screen, never used to promote.
+//!
+//! Each memo entry also carries the bootstrap interval of its paired ratio. The prediction `lo` puts
+//! every non-native shape at the slow end of its interval (time = stock / lo): a candidate whose
+//! predicted gain rests on shape timings that are within their own noise gets `lo` ≤ 1.0, and the
+//! session does not spend an end-to-end run on it. (Taking every shape's bound at once is more
+//! conservative than a joint interval would be; it is a screen, and a true win of a few per cent per
+//! shape survives it because the shape intervals are narrow — microbenchmarks of one matmul.)
 
 use super::space::{effective_plan, plan_hash, SearchSpace};
 use crate::policy::{Plan, Policy};
@@ -18,6 +25,16 @@ use std::collections::{BTreeMap, BTreeSet};
 pub struct ShapeTiming {
     pub stock_median_s: f64,
     pub ratio: f64,
+    /// Lower end of the ratio's 95 % interval; `None` (an entry stored without one) counts as `ratio`.
+    #[serde(default)]
+    pub lo: Option<f64>,
+}
+
+impl ShapeTiming {
+    /// The ratio at the slow end of its interval (never above the point estimate).
+    fn conservative_ratio(&self) -> f64 {
+        self.lo.map_or(self.ratio, |lo| lo.min(self.ratio))
+    }
 }
 
 /// The memo entries of one (device, mlx, backend, dtype), keyed by (m, n, k, plan_hash).
@@ -47,6 +64,25 @@ pub struct Prediction {
     pub inference: Option<f64>,
     pub training: Option<f64>,
     pub combined: f64,
+    /// `combined` with every non-native shape at the lower end of its interval (see the module doc).
+    pub lo: f64,
+}
+
+impl Prediction {
+    /// Worth an end-to-end run: the point prediction clears `threshold` and the predicted gain
+    /// survives the shapes' own noise (`lo` > 1.0).
+    pub fn earns_evaluation(&self, threshold: f64) -> bool {
+        self.combined > threshold && self.lo > 1.0
+    }
+}
+
+/// 0.7 × inference + 0.3 × training, as the worker's `combined` (a missing workload gets weight 0).
+fn combine(i: Option<f64>, t: Option<f64>) -> f64 {
+    match (i, t) {
+        (Some(i), Some(t)) => 0.7 * i + 0.3 * t,
+        (Some(x), None) | (None, Some(x)) => x,
+        (None, None) => 1.0,
+    }
 }
 
 impl Memo {
@@ -99,30 +135,27 @@ impl Memo {
 
     /// Predicted speedup of `p`, or `None` while a needed entry is missing.
     pub fn predict(&self, space: &SearchSpace, p: &Policy) -> Option<Prediction> {
-        let (mut inf, mut trn) = ((0.0, 0.0), (0.0, 0.0)); // (stock, candidate) seconds
+        // (stock, candidate, candidate at the slow end of each shape's interval) seconds
+        let (mut inf, mut trn) = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0));
         for (w, s) in space.matmuls() {
             let stock = self.stock_s(w.m, s.n, s.k)?;
             let plan = effective_plan(p.plan_for(w.m, s.n, s.k), w.m, s.n, s.k);
-            let cand = if plan == Plan::Native {
-                stock
+            let (cand, slow) = if plan == Plan::Native {
+                (stock, stock)
             } else {
                 let t = self.get(w.m, s.n, s.k, &plan)?;
-                t.stock_median_s / t.ratio.max(1e-9)
+                (t.stock_median_s / t.ratio.max(1e-9), t.stock_median_s / t.conservative_ratio().max(1e-9))
             };
             let scale = w.weight * s.count as f64;
             let acc = if w.training { &mut trn } else { &mut inf };
             acc.0 += scale * stock;
             acc.1 += scale * cand;
+            acc.2 += scale * slow;
         }
-        let ratio = |(s, c): (f64, f64)| (c > 0.0).then(|| s / c);
-        let (i, t) = (ratio(inf), ratio(trn));
-        // Same weighting as the worker's `combined` (a missing workload gets weight 0).
-        let combined = match (i, t) {
-            (Some(i), Some(t)) => 0.7 * i + 0.3 * t,
-            (Some(x), None) | (None, Some(x)) => x,
-            (None, None) => 1.0,
-        };
-        Some(Prediction { inference: i, training: t, combined })
+        let ratio = |s: f64, c: f64| (c > 0.0).then(|| s / c);
+        let (i, t) = (ratio(inf.0, inf.1), ratio(trn.0, trn.1));
+        let (i_lo, t_lo) = (ratio(inf.0, inf.2), ratio(trn.0, trn.2));
+        Some(Prediction { inference: i, training: t, combined: combine(i, t), lo: combine(i_lo, t_lo) })
     }
 }
 
@@ -141,7 +174,7 @@ mod tests {
         assert_eq!(needed.len(), 15);
         assert!(memo.predict(&s, &native).is_none());
         for n in &needed {
-            memo.insert(n.m, n.n, n.k, n.plan_hash(), ShapeTiming { stock_median_s: (n.m * n.n * n.k) as f64 * 1e-9, ratio: 1.0 });
+            memo.insert(n.m, n.n, n.k, n.plan_hash(), ShapeTiming { stock_median_s: (n.m * n.n * n.k) as f64 * 1e-9, ratio: 1.0, lo: Some(0.97) });
         }
         assert_eq!(memo.predict(&s, &native).unwrap().combined, 1.0);
 
@@ -156,12 +189,64 @@ mod tests {
         let needed = memo.needed(&s, &p);
         assert_eq!(needed.len(), 1);
         assert_eq!((needed[0].m, needed[0].n), (63, 1024));
-        memo.insert(63, 1024, 64, needed[0].plan_hash(), ShapeTiming { stock_median_s: 63.0 * 1024.0 * 64.0 * 1e-9, ratio: 2.0 });
+        memo.insert(63, 1024, 64, needed[0].plan_hash(), ShapeTiming { stock_median_s: 63.0 * 1024.0 * 64.0 * 1e-9, ratio: 2.0, lo: None });
         let pred = memo.predict(&s, &p).unwrap();
         assert!(pred.inference.unwrap() > 1.0 && pred.training.unwrap() == 1.0, "{pred:?}");
         assert!(pred.combined > 1.0);
         // The same split, but twice as slow: predicted to lose.
-        memo.insert(63, 1024, 64, needed[0].plan_hash(), ShapeTiming { stock_median_s: 63.0 * 1024.0 * 64.0 * 1e-9, ratio: 0.5 });
+        memo.insert(63, 1024, 64, needed[0].plan_hash(), ShapeTiming { stock_median_s: 63.0 * 1024.0 * 64.0 * 1e-9, ratio: 0.5, lo: None });
         assert!(memo.predict(&s, &p).unwrap().combined < 1.0);
+    }
+
+    /// A memo where every native shape is timed and the output head at prefill has one split plan
+    /// with the given (ratio, lo); returns the policy that uses that plan.
+    fn head_memo(ratio: f64, lo: Option<f64>) -> (SearchSpace, Memo, Policy) {
+        let s = tiny_space("cpu");
+        let mut memo = Memo::default();
+        for n in memo.needed(&s, &s.native()) {
+            memo.insert(n.m, n.n, n.k, n.plan_hash(), ShapeTiming { stock_median_s: (n.m * n.n * n.k) as f64 * 1e-9, ratio: 1.0, lo: Some(0.9) });
+        }
+        let head = crate::policy::Rule {
+            m: Some(crate::policy::Range(2, Some(95))),
+            n: Some(crate::policy::Range(1024, Some(1024))),
+            k: None,
+            plan: Plan::Split { tile_m: None, tile_n: Some(256), tile_k: None },
+        };
+        let p = s.policy("head", vec![head], Plan::Native);
+        let needed = memo.needed(&s, &p);
+        assert_eq!(needed.len(), 1);
+        memo.insert(63, 1024, 64, needed[0].plan_hash(), ShapeTiming { stock_median_s: 63.0 * 1024.0 * 64.0 * 1e-9, ratio, lo });
+        (s, memo, p)
+    }
+
+    #[test]
+    fn a_gain_inside_the_shape_noise_does_not_earn_an_evaluation() {
+        // A 10 % faster head whose interval reaches down to 0.95: the point prediction clears the
+        // threshold, the conservative one does not.
+        let (s, memo, p) = head_memo(1.10, Some(0.95));
+        let pred = memo.predict(&s, &p).unwrap();
+        assert!(pred.combined > 1.02, "{pred:?}");
+        assert!(pred.lo < 1.0, "{pred:?}");
+        assert!(!pred.earns_evaluation(1.02));
+
+        // The same point estimate with a tight interval (lo 1.08) does.
+        let (s, memo, p) = head_memo(1.10, Some(1.08));
+        let pred = memo.predict(&s, &p).unwrap();
+        assert!(pred.lo > 1.0 && pred.lo < pred.combined, "{pred:?}");
+        assert!(pred.earns_evaluation(1.02));
+
+        // Native shapes' intervals do not matter (native is never the candidate's risk), and an
+        // entry stored without an interval counts at its point estimate.
+        let (s, memo, p) = head_memo(1.10, None);
+        let pred = memo.predict(&s, &p).unwrap();
+        assert_eq!(pred.lo, pred.combined);
+        assert!(pred.earns_evaluation(1.02));
+        assert_eq!(memo.predict(&s, &s.native()).unwrap().lo, 1.0);
+
+        // A lo above the point estimate (not a bootstrap interval) never makes it look better.
+        let (s, memo, p) = head_memo(1.01, Some(1.5));
+        let pred = memo.predict(&s, &p).unwrap();
+        assert_eq!(pred.lo, pred.combined);
+        assert!(!pred.earns_evaluation(1.02));
     }
 }
