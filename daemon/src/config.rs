@@ -19,6 +19,9 @@
 //! block_in_low_power_mode = true
 //! max_cpu_load = 0.5
 //! max_thermal_level = 0
+//! model = "synthetic:tiny"             # what idle time tunes (default: the backend's embedded model)
+//! session_evaluations = 100            # budget of each automatic session
+//! retune_after_h = 24                  # after a finished automatic session, wait this long
 //! [llm]                                  # optional: an OpenAI-compatible endpoint for mutations
 //! endpoint = "http://127.0.0.1:8080/v1"
 //! model = "qwen2.5-coder"
@@ -77,11 +80,24 @@ pub struct IdleConfig {
     pub max_cpu_load: f64,
     /// Highest thermal pressure level tolerated (0 = nominal, 1 = fair, 2 = serious, 3 = critical).
     pub max_thermal_level: u8,
+    /// The model idle time tunes (a path, a locally cached Hugging Face id, or `synthetic:…`);
+    /// unset = the backend's embedded default (`session::default_model`).
+    pub model: Option<String>,
+    /// Evaluation budget of each session the daemon starts by itself.
+    pub session_evaluations: u32,
+    /// After an automatic session finished (budget spent or search exhausted), hours before the
+    /// daemon starts another one for the same model (a fresh seed re-checks the result).
+    pub retune_after_h: f64,
 }
 
 impl Default for IdleConfig {
     fn default() -> Self {
-        IdleConfig { enabled: true, min_idle_s: 300, require_ac_power: true, block_in_low_power_mode: true, max_cpu_load: 0.5, max_thermal_level: 0 }
+        IdleConfig { enabled: true, min_idle_s: 300, require_ac_power: true, block_in_low_power_mode: true, max_cpu_load: 0.5,
+            max_thermal_level: 0,
+            model: None,
+            session_evaluations: 100,
+            retune_after_h: 24.0,
+        }
     }
 }
 
@@ -222,6 +238,15 @@ impl Config {
         }
         if self.idle.max_thermal_level > 3 {
             bad("idle.max_thermal_level", format!("must be 0..=3, got {}", self.idle.max_thermal_level));
+        }
+        if self.idle.session_evaluations == 0 {
+            bad("idle.session_evaluations", "must be at least 1".into());
+        }
+        if !(self.idle.retune_after_h >= 0.0 && self.idle.retune_after_h.is_finite()) {
+            bad("idle.retune_after_h", format!("must be a number of hours >= 0, got {}", self.idle.retune_after_h));
+        }
+        if self.idle.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
+            bad("idle.model", "must not be empty (leave it out for the default model)".into());
         }
         if let Some(llm) = &self.llm {
             if !(llm.endpoint.starts_with("http://") || llm.endpoint.starts_with("https://")) {

@@ -21,6 +21,10 @@ pub mod kind {
     pub const WORKER_FAILED: &str = "worker.failed";
     pub const CONFIG_RELOADED: &str = "config.reloaded";
     pub const MODEL_CHANGED: &str = "model.changed";
+    /// The daemon started (or resumed) a session by itself because the machine was free.
+    pub const TUNING_AUTO_STARTED: &str = "tuning.auto_started";
+    /// An automatic start failed; `retry_in_s` says when it is tried again.
+    pub const TUNING_AUTO_START_FAILED: &str = "tuning.auto_start_failed";
 }
 
 /// How many events a slow subscriber may fall behind before it starts missing some (it is told

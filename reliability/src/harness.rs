@@ -32,6 +32,14 @@ impl Daemon {
     /// Starts `tilewised` with `TILEWISE_HOME=home` (plus `env`) and waits until it answers `hello`.
     pub fn start(bins: &Binaries, home: &Path, env: &[(&str, &str)]) -> Result<Daemon> {
         let paths = tilewise::paths::Paths::under_home(home);
+        // No automatic tuning: the checks start the sessions they measure, and a session the
+        // daemon started by itself (an idle headless box counts as idle) would load the machine.
+        if !paths.config_file.exists() {
+            if let Some(dir) = paths.config_file.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&paths.config_file, "[idle]\nenabled = false\n")?;
+        }
         let mut d = Daemon {
             home: home.to_path_buf(),
             socket: paths.socket,

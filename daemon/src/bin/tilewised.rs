@@ -65,6 +65,16 @@ fn main() -> ExitCode {
         let state = Arc::new(state);
         if let Some(s) = &schedule {
             s.attach(&state);
+            // Tune by itself while the machine is free (schedule::autostart).
+            tilewise::schedule::autostart::spawn(tilewise::schedule::autostart::AutoStartDeps {
+                tuning: tuning.clone(),
+                store: state.store.clone(),
+                events: state.events.clone(),
+                decisions: s.decisions(),
+                config: s.config(),
+                device: state.device_fingerprint.clone(),
+                backend: state.device.backend.as_str().to_string(),
+            });
         }
         let server = match Server::bind(state) {
             Ok(s) => s,

@@ -35,6 +35,7 @@
 //! scheduler immediately.
 
 pub mod activity;
+pub mod autostart;
 pub mod daemon;
 pub mod gates;
 pub mod watch;

@@ -28,21 +28,31 @@ pub struct Daemon {
 
 /// Writes the config that points the worker at the project's Python.
 pub fn prepare_home(home: &Path) -> Paths {
+    // Idle gates off: these tests run sessions on a machine someone may be using.
+    prepare_home_with_idle(home, "enabled = false\n")
+}
+
+/// Same, with the given body of the `[idle]` section.
+pub fn prepare_home_with_idle(home: &Path, idle: &str) -> Paths {
     let paths = Paths::under_home(home);
     std::fs::create_dir_all(home).unwrap();
     if let Some(dir) = paths.config_file.parent() {
         std::fs::create_dir_all(dir).unwrap();
     }
-    // Idle gates off: these tests run sessions on a machine someone may be using.
-    let config = format!("python = {:?}\n\n[idle]\nenabled = false\n", python().display().to_string());
+    let config = format!("python = {:?}\n\n[idle]\n{idle}", python().display().to_string());
     std::fs::write(&paths.config_file, config).unwrap();
     paths
 }
 
 impl Daemon {
     pub fn start(home: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with_idle(home, env, "enabled = false\n")
+    }
+
+    /// Starts with `idle` as the body of the config's `[idle]` section.
+    pub fn start_with_idle(home: &Path, env: &[(&str, &str)], idle: &str) -> Daemon {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let paths = prepare_home(home);
+        let paths = prepare_home_with_idle(home, idle);
         let log = home.join(format!("daemon-{}.log", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         let mut cmd = Command::new(TILEWISED);
         cmd.env("TILEWISE_HOME", home)
