@@ -39,11 +39,24 @@ pub struct WorkerConfig {
     pub cwd: Option<PathBuf>,
     /// How long the interpreter may take to import MLX and print `ready`.
     pub ready_timeout: Duration,
+    /// After a cancel, how long the worker may take to answer `cancelled` before it is killed.
+    /// The worker checks for a cancel between samples and between generated tokens, which is
+    /// quick on small models; a training step of a big model may not be. The scheduler's
+    /// contract is that a returning person gets the machine back within one second (it notices
+    /// within 250 ms), so the default leaves 700 ms: a worker that cannot stop by then is killed
+    /// and a new one is started (and its model loaded again) when tuning resumes.
+    pub cancel_grace: Duration,
 }
 
 impl WorkerConfig {
     pub fn new(python: impl Into<PathBuf>) -> Self {
-        WorkerConfig { python: python.into(), env: Vec::new(), cwd: None, ready_timeout: Duration::from_secs(120) }
+        WorkerConfig {
+            python: python.into(),
+            env: Vec::new(),
+            cwd: None,
+            ready_timeout: Duration::from_secs(120),
+            cancel_grace: Duration::from_millis(700),
+        }
     }
 
     /// The interpreter to use when nothing is configured: `TILEWISE_PYTHON`, else `python3` on PATH.
@@ -193,6 +206,7 @@ pub struct Worker {
     next_id: u64,
     ready: Ready,
     dead: bool,
+    cancel_grace: Duration,
 }
 
 impl Worker {
@@ -242,6 +256,7 @@ impl Worker {
             next_id: 1,
             ready: Ready { protocol: 0, mlx: String::new(), backend: String::new(), pid: 0 },
             dead: false,
+            cancel_grace: cfg.cancel_grace,
         };
         let ready = match tokio::time::timeout(cfg.ready_timeout, w.stdout.next()).await {
             Err(_) => {
@@ -340,7 +355,7 @@ impl Worker {
                     // Ask the worker to stop at its next sample boundary; it must answer soon.
                     let _ = self.write_line(&json!({"id": self.next_id, "op": "cancel", "target": id})).await;
                     self.next_id += 1;
-                    cancel_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(10));
+                    cancel_deadline = Some(tokio::time::Instant::now() + self.cancel_grace);
                     continue;
                 }
                 r = tokio::time::timeout_at(until, self.stdout.next()) => r,

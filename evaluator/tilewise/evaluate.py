@@ -66,8 +66,9 @@ def evaluate(model, doc, *, dtype, inference=None, training=None, pairs=10, warm
         return run
 
     if inf is not None:
-        run_stock = without_policy(lambda: W.run_inference(model, prompt, inf["gen_tokens"]))
-        run_cand = with_policy(lambda: W.run_inference(model, prompt, inf["gen_tokens"], prefill_step))
+        run_stock = without_policy(lambda: W.run_inference(model, prompt, inf["gen_tokens"], should_stop=should_stop))
+        run_cand = with_policy(lambda: W.run_inference(model, prompt, inf["gen_tokens"], prefill_step,
+                                                       should_stop=should_stop))
         r = measure.interleaved({"stock": run_stock, "candidate": run_cand}, pairs, warmup, seed=seed,
                                 should_stop=should_stop,
                                 on_sample=lambda d, t: progress("inference", d, t))

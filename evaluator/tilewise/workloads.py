@@ -64,8 +64,11 @@ def vocab_size(model):
     return model.args.vocab_size
 
 
-def run_inference(model, prompt, gen_tokens, prefill_step_size=2048):
-    """One generation: returns {"seconds", "prefill_s", "decode_s", "tokens"}."""
+def run_inference(model, prompt, gen_tokens, prefill_step_size=2048, should_stop=None):
+    """One generation: returns {"seconds", "prefill_s", "decode_s", "tokens"}.
+
+    `should_stop()` is polled after every token (measure.Cancelled is raised): a sample of a big
+    model lasts seconds, and a person coming back must get the machine within one second."""
     from mlx_lm.generate import generate_step
 
     tokens = []
@@ -76,6 +79,10 @@ def run_inference(model, prompt, gen_tokens, prefill_step_size=2048):
         if first is None:
             first = time.perf_counter()
         tokens.append(tok)
+        if should_stop is not None and should_stop():
+            from .measure import Cancelled
+
+            raise Cancelled()
     end = time.perf_counter()
     return {"seconds": end - tic, "prefill_s": first - tic, "decode_s": end - first,
             "cpu_s": time.process_time() - cpu, "tokens": tokens}
