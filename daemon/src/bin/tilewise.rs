@@ -41,6 +41,15 @@ enum Cmd {
     },
     /// Tune: start or attach to a session and follow it (generation, evaluations, best speedup).
     Tune(tilewise::session::tune::TuneArgs),
+    /// Stop the running tuning session (the daemon does not start another by itself until you
+    /// have been away again; `tilewise tune` starts one now).
+    Stop {
+        /// Only if this session is the one running.
+        #[arg(long)]
+        session: Option<i64>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Start or stop the background daemon.
     #[command(subcommand)]
     Daemon(DaemonCmd),
@@ -178,6 +187,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Tune(args) => tilewise::session::tune::run(args, connect(&paths).await?, connect(&paths).await?).await,
+        Cmd::Stop { session, json } => {
+            let mut c = connect(&paths).await?;
+            let before = c.status().await?.tuning;
+            let r = c.call(tilewise::ipc::protocol::methods::TUNING_STOP, Some(serde_json::json!({"session_id": session}))).await?;
+            if json.json {
+                return print_json(&r);
+            }
+            match (r["stopped"].as_bool(), before.session_id) {
+                (Some(true), Some(id)) => println!("stopped session {id}"),
+                (Some(true), None) => println!("stopped"),
+                _ => match (session, before.session_id) {
+                    (Some(want), Some(running)) => println!("session {want} is not running (session {running} is); nothing stopped"),
+                    _ => println!("no tuning session is running"),
+                },
+            }
+            Ok(())
+        }
         Cmd::Daemon(DaemonCmd::Start) => daemon_start(&paths).await,
         Cmd::Daemon(DaemonCmd::Stop) => daemon_stop(&paths).await,
         Cmd::Service(c) => tilewise::service::run_cli(c, paths.logs_dir.clone()),
