@@ -130,6 +130,9 @@ pub struct SavedState {
     pub elapsed_s: f64,
     #[serde(default)]
     pub llm: crate::llm::LlmStats,
+    /// How much this session's screen predictions overstated end-to-end results (see `Calibration`).
+    #[serde(default)]
+    pub calibration: crate::evolve::cost::Calibration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -383,7 +386,7 @@ impl SessionManager {
             }
         }
         let engine = Engine::new(spec.seed, spec.engine.clone(), &space);
-        Ok(SavedState { spec, space, engine, fixed_next: 0, screened: 0, shape_items: 0, elapsed_s: 0.0, llm: Default::default() })
+        Ok(SavedState { spec, space, engine, fixed_next: 0, screened: 0, shape_items: 0, elapsed_s: 0.0, llm: Default::default(), calibration: Default::default() })
     }
 
     fn launch(&self, session_id: SessionId, target: BestKey, state: SavedState, sup: Supervisor, resumed: bool) {
@@ -661,14 +664,16 @@ impl Runner {
         let Some((index, child)) = self.state.engine.next_child(&space) else { return Ok(false) };
         let hash = child.policy.content_hash();
         let existing = self.store().find_candidate(self.session_id, &hash)?;
+        let mut predicted = None;
         if existing.is_none() && self.state.spec.screen {
             match self.screen(&child.policy).await? {
-                Screen::Predicted(p) if !p.earns_evaluation(self.state.spec.screen_threshold) => {
+                Screen::Predicted(raw) if !self.state.calibration.apply(raw).earns_evaluation(self.state.spec.screen_threshold) => {
+                    let p = self.state.calibration.apply(raw);
                     self.state.screened += 1;
                     self.state.engine.resolve(index, Outcome::Screened { predicted: p.combined });
                     return Ok(true);
                 }
-                Screen::Predicted(_) => {}
+                Screen::Predicted(raw) => predicted = Some(raw.combined),
                 Screen::Failed(reason) => {
                     // A plan that kills the worker in a microbenchmark is recorded as a failed candidate.
                     let id = self.add_candidate(&child.policy, child.island, child.generation, &child.origin, &child.parents)?;
@@ -681,7 +686,13 @@ impl Runner {
         }
         let parents = child.parents.clone();
         match self.measure_candidate(&child.policy, child.island, child.generation, &child.origin, parents).await? {
-            Some(outcome) => self.state.engine.resolve(index, outcome),
+            Some(outcome) => {
+                // Teach the screen how far its raw prediction was from what was measured.
+                if let (Some(pred), Outcome::Measured { correct: true, ratio: Some(r), .. }) = (predicted, &outcome) {
+                    self.state.calibration.record(pred, *r);
+                }
+                self.state.engine.resolve(index, outcome)
+            }
             None => {} // stopped mid-measurement: the child stays pending
         }
         Ok(true)

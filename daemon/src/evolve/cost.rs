@@ -76,6 +76,52 @@ impl Prediction {
     }
 }
 
+/// How far this session's predictions have overstated the end-to-end result: the cost model times
+/// single matmuls, the session measures the whole model with the policy applied as it ships (patched
+/// layers, dispatch, memory traffic between layers), and on some machines the two disagree by more
+/// than the screen's margin. Each end-to-end first measurement adds (predicted, measured); once
+/// `MIN_SAMPLES` are in, the median overstatement (never negative: an understating model is not
+/// made more generous) is taken off every prediction before the screen decides. Saved with the
+/// session so a resume screens the same way.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// (predicted combined, measured combined ratio), newest last, at most `WINDOW`.
+    pub pairs: Vec<(f64, f64)>,
+}
+
+impl Calibration {
+    pub const MIN_SAMPLES: usize = 5;
+    pub const WINDOW: usize = 50;
+
+    pub fn record(&mut self, predicted: f64, measured: f64) {
+        if !(predicted.is_finite() && measured.is_finite()) {
+            return;
+        }
+        self.pairs.push((predicted, measured));
+        if self.pairs.len() > Self::WINDOW {
+            self.pairs.remove(0);
+        }
+    }
+
+    /// The median overstatement, 0.0 until there are `MIN_SAMPLES`.
+    pub fn bias(&self) -> f64 {
+        if self.pairs.len() < Self::MIN_SAMPLES {
+            return 0.0;
+        }
+        let mut d: Vec<f64> = self.pairs.iter().map(|(p, m)| p - m).collect();
+        d.sort_by(|a, b| a.total_cmp(b));
+        let n = d.len();
+        let med = if n % 2 == 1 { d[n / 2] } else { 0.5 * (d[n / 2 - 1] + d[n / 2]) };
+        med.max(0.0)
+    }
+
+    /// `p` with the bias taken off both its point and its conservative bound.
+    pub fn apply(&self, p: Prediction) -> Prediction {
+        let b = self.bias();
+        Prediction { combined: p.combined - b, lo: p.lo - b, ..p }
+    }
+}
+
 /// 0.7 × inference + 0.3 × training, as the worker's `combined` (a missing workload gets weight 0).
 fn combine(i: Option<f64>, t: Option<f64>) -> f64 {
     match (i, t) {
@@ -248,5 +294,36 @@ mod tests {
         let pred = memo.predict(&s, &p).unwrap();
         assert_eq!(pred.lo, pred.combined);
         assert!(!pred.earns_evaluation(1.02));
+    }
+
+    #[test]
+    fn calibration_takes_the_median_overstatement_off_once_it_has_evidence() {
+        let p = Prediction { inference: Some(1.06), training: None, combined: 1.06, lo: 1.03 };
+        let mut c = Calibration::default();
+        for _ in 0..Calibration::MIN_SAMPLES - 1 {
+            c.record(1.05, 0.97);
+        }
+        assert_eq!(c.bias(), 0.0, "too few samples to believe");
+        assert!(c.apply(p).earns_evaluation(1.02));
+        c.record(1.05, 0.97);
+        assert!((c.bias() - 0.08).abs() < 1e-12);
+        let q = c.apply(p);
+        assert!((q.combined - 0.98).abs() < 1e-12 && (q.lo - 0.95).abs() < 1e-12);
+        assert!(!q.earns_evaluation(1.02), "a predicted 6 % gain is within this session's usual overstatement");
+        // A large predicted gain still earns its run.
+        assert!(c.apply(Prediction { inference: Some(1.4), training: None, combined: 1.4, lo: 1.3 }).earns_evaluation(1.02));
+        // Understatement is not rewarded; non-finite input is ignored; the window is bounded.
+        let mut u = Calibration::default();
+        for _ in 0..10 {
+            u.record(1.0, 1.2);
+        }
+        u.record(f64::NAN, 1.0);
+        assert_eq!(u.bias(), 0.0);
+        assert_eq!(u.pairs.len(), 10);
+        for _ in 0..100 {
+            u.record(1.1, 1.0);
+        }
+        assert_eq!(u.pairs.len(), Calibration::WINDOW);
+        assert!((u.bias() - 0.1).abs() < 1e-12);
     }
 }
