@@ -137,12 +137,16 @@ def interleaved(arms, pairs, warmup, *, seed=0, should_stop=None, on_sample=None
     """
     race = race if race is not None else _RACE.get()
     race_name = race.begin() if race is not None else None
+    # Someone else's freeze is left alone (unfreeze would undo it): then only what we add is frozen
+    # too, and stays so.
+    ours = gc.get_freeze_count() == 0
     gc.collect()
     gc.freeze()
     try:
         return _interleaved(arms, pairs, warmup, seed, should_stop, on_sample, race, race_name)
     finally:
-        gc.unfreeze()
+        if ours:
+            gc.unfreeze()
 
 
 def _interleaved(arms, pairs, warmup, seed, should_stop, on_sample, race, race_name):
