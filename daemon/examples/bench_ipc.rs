@@ -10,6 +10,12 @@
 //! sides move the same bytes; the difference is the protocol: JSON-RPC parse, dispatch, SQLite
 //! lookup, serialization, typed decode in the client). Echo and policy.get alternate in blocks so
 //! drift in machine load hits both alike.
+//!
+//! The daemon caches `policy.get` answers until the `best` table changes (see `PolicyCache` in
+//! ipc/server.rs), so repeated asks take the cached path, as every MLX start after the first does.
+//! A third block times `policy.get` right after a `hello` (what the Python plugin sends first),
+//! whose event append is a write the cache must see past. The in-process breakdown also shows the
+//! per-request store check and what a cache miss (after a promotion) costs.
 
 use futures_util::{SinkExt, StreamExt};
 use interprocess::local_socket::tokio::{prelude::*, Stream};
@@ -128,7 +134,7 @@ async fn orchestrate(iters: usize) {
     let stream = Stream::connect(echo_socket.as_path().to_fs_name::<GenericFilePath>().unwrap()).await.unwrap();
     let mut raw = Framed::new(stream, LinesCodec::new_with_max_length(1 << 20));
 
-    let (mut t_echo, mut t_rpc) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+    let (mut t_echo, mut t_rpc, mut t_rpc_hello) = (Vec::with_capacity(iters), Vec::with_capacity(iters), Vec::with_capacity(iters));
     let warmup = iters / 10;
     let block = 500;
     let mut done = 0;
@@ -153,6 +159,18 @@ async fn orchestrate(iters: usize) {
                 t_rpc.push(dt.as_secs_f64() * 1e6);
             }
         }
+        // As the Python plugin does at every MLX start: `hello` (which appends an event to the
+        // store, a write by the daemon's own connection) right before `policy.get` (timed alone).
+        for _ in 0..n {
+            client.hello().await.unwrap();
+            let t = Instant::now();
+            let r = client.policy_get(&params).await.unwrap();
+            let dt = t.elapsed();
+            assert_eq!(r.source, PolicySource::Best);
+            if done >= warmup {
+                t_rpc_hello.push(dt.as_secs_f64() * 1e6);
+            }
+        }
         done += n;
     }
     drop((daemon, echo));
@@ -172,30 +190,51 @@ async fn orchestrate(iters: usize) {
     let server_us = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
     let t = Instant::now();
     for _ in 0..iters {
-        let parsed = tilewise::ipc::protocol::Incoming::parse(&reply_line).unwrap();
-        let tilewise::ipc::protocol::Incoming::Response(r) = parsed else { panic!() };
-        let typed: tilewise::ipc::protocol::PolicyGetResult = serde_json::from_value(r.result.unwrap()).unwrap();
+        // The client's real decode of its reply (what `Client::policy_get` runs per line).
+        let typed: tilewise::ipc::protocol::PolicyGetResult =
+            tilewise::ipc::client::decode_reply(&reply_line, 1_000_000, "policy.get").unwrap().unwrap();
         assert_eq!(typed.source, PolicySource::Best);
     }
     let client_us = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
+    // Parts of the daemon's handling: the store check every request pays (is the cache still
+    // valid?), and what a cache miss costs (the uncached lookup + validation + encoding).
+    let store2 = Store::open(&state.paths.db_file).unwrap();
+    let mut stamp = store2.best_stamp(None).unwrap();
+    let t = Instant::now();
+    for _ in 0..iters {
+        stamp = std::hint::black_box(store2.best_stamp(Some(stamp)).unwrap());
+    }
+    let stamp_us = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
+    let t = Instant::now();
+    for _ in 0..iters {
+        let r = state.policy_get(&params).unwrap();
+        std::hint::black_box(serde_json::to_string(&serde_json::to_value(&r).unwrap()).unwrap());
+    }
+    let miss_us = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
 
     t_echo.sort_by(f64::total_cmp);
     t_rpc.sort_by(f64::total_cmp);
+    t_rpc_hello.sort_by(f64::total_cmp);
     let (e50, e99) = (percentile(&t_echo, 0.5), percentile(&t_echo, 0.99));
     let (r50, r99) = (percentile(&t_rpc, 0.5), percentile(&t_rpc, 0.99));
+    let (h50, h99) = (percentile(&t_rpc_hello, 0.5), percentile(&t_rpc_hello, 0.99));
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     println!("# tilewise bench_ipc — {}", tilewise::store::now());
     println!("# machine: {} ({} cpus), {} {}", cpu, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), std::env::consts::OS, std::env::consts::ARCH);
-    println!("# {} round trips each after {} warm-up, alternating blocks of {}; separate processes, tokio multi-thread runtimes", t_rpc.len(), warmup, block);
+    println!("# {} round trips each after {} warm-up, alternating blocks of {} (echo, policy.get, hello + timed policy.get); separate processes, tokio multi-thread runtimes", t_rpc.len(), warmup, block);
     println!("# request {} bytes, reply {} bytes (echo moves the same bytes)", request_line.len() + 1, reply_len + 1);
     println!("{:<28} {:>10} {:>10}", "round trip (µs)", "p50", "p99");
     println!("{:<28} {:>10.1} {:>10.1}", "raw local-socket echo", e50, e99);
     println!("{:<28} {:>10.1} {:>10.1}", "policy.get (best, typed)", r50, r99);
     println!("{:<28} {:>10.2} {:>10.2}", "ratio policy.get / echo", r50 / e50, r99 / e99);
+    println!("{:<28} {:>10.1} {:>10.1}", "policy.get right after hello", h50, h99);
+    println!("{:<28} {:>10.2} {:>10.2}", "ratio that / echo", h50 / e50, h99 / e99);
     println!("{:<28} {:>10.1}", "  of which daemon handling", server_us);
+    println!("{:<28} {:>10.1}", "    store change check", stamp_us);
     println!("{:<28} {:>10.1}", "  of which client decoding", client_us);
-    println!("goal: p50 ratio <= 1.50 -> {}", if r50 / e50 <= 1.5 { "met" } else { "NOT met" });
+    println!("{:<28} {:>10.1}", "(a cache miss would add)", miss_us);
+    println!("goal: p50 ratio <= 1.50 -> {} (right after hello: {})", if r50 / e50 <= 1.5 { "met" } else { "NOT met" }, if h50 / e50 <= 1.5 { "met" } else { "NOT met" });
 }

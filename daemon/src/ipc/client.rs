@@ -22,7 +22,7 @@ use futures_util::{SinkExt, StreamExt};
 use interprocess::local_socket::tokio::{prelude::*, Stream};
 use interprocess::local_socket::GenericFilePath;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -105,33 +105,29 @@ impl Client {
     /// Calls `method` and returns its result, or the daemon's error as [`ClientError::Rpc`].
     /// Event notifications arriving meanwhile are skipped (use [`Client::subscribe_events`]).
     pub async fn call(&mut self, method: &str, params: Option<Value>) -> Result<Value, ClientError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let line = serde_json::to_string(&Request::new(id, method, params)).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.framed.send(line).await.map_err(codec_err)?;
-        loop {
-            let line = self.framed.next().await.ok_or(ClientError::Closed)?.map_err(codec_err)?;
-            match Incoming::parse(&line).map_err(|e| ClientError::Protocol(format!("{e}: {line}")))? {
-                Incoming::Notification(_) => continue,
-                Incoming::Response(r) if r.id == Value::from(id) => {
-                    return match (r.result, r.error) {
-                        (_, Some(e)) => Err(ClientError::Rpc(e)),
-                        (Some(v), None) => Ok(v),
-                        (None, None) => Err(ClientError::Protocol("reply has neither result nor error".into())),
-                    };
-                }
-                // An error about an unreadable frame (id null) is about our last request.
-                Incoming::Response(r) if r.id.is_null() && r.error.is_some() => return Err(ClientError::Rpc(r.error.unwrap())),
-                Incoming::Response(r) => return Err(ClientError::Protocol(format!("reply for id {} while waiting for {id}", r.id))),
-            }
-        }
+        self.round_trip(method, params.as_ref()).await
     }
 
     /// [`Client::call`] with typed params and result.
     pub async fn call_typed<P: Serialize, R: DeserializeOwned>(&mut self, method: &str, params: &P) -> Result<R, ClientError> {
-        let p = serde_json::to_value(params).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let v = self.call(method, Some(p)).await?;
-        serde_json::from_value(v).map_err(|e| ClientError::Protocol(format!("{method} result: {e}")))
+        self.round_trip(method, Some(params)).await
+    }
+
+    /// One request out, its reply in. The params are encoded straight into the request line and
+    /// the result decoded straight from the reply line (no `serde_json::Value` in between): this
+    /// is the latency every `policy.get` at MLX start pays (issue 2).
+    async fn round_trip<P: Serialize, R: DeserializeOwned>(&mut self, method: &str, params: Option<&P>) -> Result<R, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = OutgoingRequest { jsonrpc: "2.0", id, method, params };
+        let line = serde_json::to_string(&req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.framed.send(line).await.map_err(codec_err)?;
+        loop {
+            let line = self.framed.next().await.ok_or(ClientError::Closed)?.map_err(codec_err)?;
+            if let Some(result) = decode_reply(&line, id, method)? {
+                return Ok(result);
+            }
+        }
     }
 
     /// The handshake: daemon name, version, protocol (a protocol mismatch is an `Rpc` error -32005).
@@ -183,11 +179,105 @@ impl Client {
     }
 }
 
+/// A request as the client writes it: the same fields, order and bytes as [`Request`], but the
+/// params are borrowed and encoded in place instead of going through a `Value`.
+#[derive(Serialize)]
+struct OutgoingRequest<'a, P: Serialize> {
+    jsonrpc: &'static str,
+    id: u64,
+    method: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    params: Option<&'a P>,
+}
+
+/// The common reply shape, decoded with the result already typed.
+#[derive(Deserialize)]
+struct TypedReply<R> {
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    method: Option<serde::de::IgnoredAny>,
+    #[serde(default = "none")]
+    result: Option<R>,
+    #[serde(default)]
+    error: Option<RpcError>,
+}
+
+fn none<R>() -> Option<R> {
+    None
+}
+
+/// Decodes one line received while waiting for the reply to request `id` of `method`:
+/// `Ok(Some(result))` for its result, `Ok(None)` for a line to skip (an event notification), an
+/// error otherwise (the daemon's error as [`ClientError::Rpc`]). Public so the IPC benchmark
+/// measures the client's real decode.
+///
+/// The common case (our reply, with a result of the expected type) is decoded in one pass straight
+/// into `R`. Anything else — a notification, another id, an error, a result of the wrong shape —
+/// is decoded again the general way, so every such case answers exactly as it always did.
+pub fn decode_reply<R: DeserializeOwned>(line: &str, id: u64, method: &str) -> Result<Option<R>, ClientError> {
+    if let Ok(TypedReply { id: Some(Value::Number(n)), method: None, result: Some(result), error: None }) =
+        serde_json::from_str::<TypedReply<R>>(line)
+    {
+        if n.as_u64() == Some(id) {
+            return Ok(Some(result));
+        }
+    }
+    match Incoming::parse(line).map_err(|e| ClientError::Protocol(format!("{e}: {line}")))? {
+        Incoming::Notification(_) => Ok(None),
+        Incoming::Response(r) if r.id == id => match (r.result, r.error) {
+            (_, Some(e)) => Err(ClientError::Rpc(e)),
+            (Some(v), None) => serde_json::from_value(v).map(Some).map_err(|e| ClientError::Protocol(format!("{method} result: {e}"))),
+            (None, None) => Err(ClientError::Protocol("reply has neither result nor error".into())),
+        },
+        // An error about an unreadable frame (id null) is about our last request.
+        Incoming::Response(r) if r.id.is_null() && r.error.is_some() => Err(ClientError::Rpc(r.error.unwrap())),
+        Incoming::Response(r) => Err(ClientError::Protocol(format!("reply for id {} while waiting for {id}", r.id))),
+    }
+}
+
 fn codec_err(e: tokio_util::codec::LinesCodecError) -> ClientError {
     match e {
         tokio_util::codec::LinesCodecError::MaxLineLengthExceeded => {
             ClientError::Protocol(format!("reply longer than {MAX_REPLY_LINE} bytes"))
         }
         tokio_util::codec::LinesCodecError::Io(e) => ClientError::Io(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_reply_types_our_result_and_answers_everything_else_as_before() {
+        let ok = r#"{"jsonrpc":"2.0","id":7,"result":{"daemon":"tilewised","version":"0.1.0","protocol":1,"pid":42}}"#;
+        let h: HelloResult = decode_reply(ok, 7, "hello").unwrap().unwrap();
+        assert_eq!((h.daemon.as_str(), h.pid), ("tilewised", 42));
+        // An event notification is skipped.
+        let ev = r#"{"jsonrpc":"2.0","method":"event","params":{"id":1}}"#;
+        assert!(decode_reply::<HelloResult>(ev, 7, "hello").unwrap().is_none());
+        // The daemon's error, for our id or about an unreadable frame (id null).
+        for line in [r#"{"jsonrpc":"2.0","id":7,"error":{"code":-32601,"message":"m"}}"#, r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"m"}}"#] {
+            assert!(matches!(decode_reply::<HelloResult>(line, 7, "hello"), Err(ClientError::Rpc(_))), "{line}");
+        }
+        // Another id, a result of the wrong shape, no result at all, not JSON: protocol errors.
+        let other = decode_reply::<HelloResult>(&ok.replace(":7,", ":8,"), 7, "hello").unwrap_err();
+        assert!(other.to_string().contains("reply for id 8 while waiting for 7"), "{other}");
+        let shape = decode_reply::<PolicyGetResult>(ok, 7, "policy.get").unwrap_err();
+        assert!(matches!(&shape, ClientError::Protocol(m) if m.starts_with("policy.get result:")), "{shape}");
+        let empty = decode_reply::<HelloResult>(r#"{"jsonrpc":"2.0","id":7}"#, 7, "hello").unwrap_err();
+        assert!(empty.to_string().contains("neither result nor error"), "{empty}");
+        assert!(matches!(decode_reply::<HelloResult>("{nope", 7, "hello"), Err(ClientError::Protocol(_))));
+    }
+
+    #[test]
+    fn requests_are_written_as_the_protocol_type_would_write_them() {
+        let p = PolicyGetParams { model: "m".into(), mlx: "0.32.4".into(), backend: Some("cpu".into()), device: None };
+        let line = serde_json::to_string(&OutgoingRequest { jsonrpc: "2.0", id: 3, method: methods::POLICY_GET, params: Some(&p) }).unwrap();
+        let as_request: Request = serde_json::from_str(&line).unwrap();
+        assert_eq!(as_request, Request::new(3, methods::POLICY_GET, Some(serde_json::to_value(&p).unwrap())));
+        let bare = serde_json::to_string(&OutgoingRequest::<Value> { jsonrpc: "2.0", id: 4, method: "status", params: None }).unwrap();
+        assert_eq!(bare, r#"{"jsonrpc":"2.0","id":4,"method":"status"}"#);
     }
 }

@@ -13,13 +13,13 @@ use crate::events::{kind, EventBus};
 use crate::paths::{Paths, PathsError};
 use crate::policy::Policy;
 use crate::probe::Device;
-use crate::store::{BestKey, Event, SharedStore, Store, StoreError};
+use crate::store::{BestKey, BestStamp, Event, SharedStore, Store, StoreError};
 use futures_util::{SinkExt, StreamExt};
 use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,8 +61,30 @@ pub struct DaemonState {
     native: PolicyGetResult,
     /// Hashes of stored best policies that passed validation (checked once, served many times).
     validated: Mutex<HashSet<String>>,
+    /// `policy.get` answers, already encoded, valid for one [`BestStamp`] of the store.
+    policy_cache: Mutex<PolicyCache>,
     lock: Mutex<Option<InstanceLock>>,
 }
+
+/// Encoded `policy.get` results per resolved key, valid for one [`BestStamp`] of the store.
+/// Why: the answer is a pure function of the key and the `best` table, and re-reading SQLite,
+/// re-parsing the stored policy JSON and re-serializing it cost ~20 µs per call on a 2-core
+/// machine, more than the socket round trip itself (issue 2's latency goal).
+///
+/// Never stale: a commit by any OTHER connection or process (tests, `seed_best`, a second store
+/// handle) or a promotion through this daemon's own connection moves the stamp and empties the
+/// cache. The daemon's own non-promotion writes do not, so the event a client's `hello` appends
+/// does not throw away the answer its next `policy.get` asks for.
+#[derive(Default)]
+struct PolicyCache {
+    stamp: Option<BestStamp>,
+    /// The JSON text of each `PolicyGetResult`, exactly as `to_line` would have encoded it.
+    entries: HashMap<BestKey, Arc<str>>,
+}
+
+/// Cap on cached keys: clients choose the keys, so memory must stay bounded; past it the cache
+/// starts over (real use asks for a handful of keys).
+const POLICY_CACHE_MAX: usize = 1024;
 
 impl DaemonState {
     /// Prepares a daemon: private dirs, the single-instance lock, the store (migrated), the probe.
@@ -94,6 +116,7 @@ impl DaemonState {
                 evidence: None,
             },
             validated: Mutex::new(HashSet::new()),
+            policy_cache: Mutex::new(PolicyCache::default()),
             lock: Mutex::new(Some(lock)),
         })
     }
@@ -134,15 +157,57 @@ impl DaemonState {
         })
     }
 
-    /// `policy.get`: the stored best for the key if it is (still) a valid policy, else native with why.
-    pub fn policy_get(&self, p: &PolicyGetParams) -> Result<PolicyGetResult, RpcError> {
-        let key = BestKey {
+    /// The key a `policy.get` asks about, with this machine's device and backend filled in.
+    fn best_key(&self, p: &PolicyGetParams) -> BestKey {
+        BestKey {
             device: p.device.clone().unwrap_or_else(|| self.device_fingerprint.clone()),
             model: p.model.clone(),
             mlx: p.mlx.clone(),
             backend: p.backend.clone().unwrap_or_else(|| self.device.backend.as_str().to_string()),
-        };
-        let best = self.store().best(&key).map_err(RpcError::internal)?;
+        }
+    }
+
+    /// `policy.get`: the stored best for the key if it is (still) a valid policy, else native with why.
+    /// Always reads the store (the socket path uses [`DaemonState::policy_get_encoded`]).
+    pub fn policy_get(&self, p: &PolicyGetParams) -> Result<PolicyGetResult, RpcError> {
+        let key = self.best_key(p);
+        let store = self.store();
+        self.policy_get_from(&store, key)
+    }
+
+    /// `policy.get`'s result as JSON text, served from the cache when the store has not changed
+    /// since it was encoded (see [`PolicyCache`]); byte for byte what encoding
+    /// [`DaemonState::policy_get`]'s result gives.
+    pub fn policy_get_encoded(&self, p: &PolicyGetParams) -> Result<Arc<str>, RpcError> {
+        let key = self.best_key(p);
+        // The store lock is held from the stamp to the insert, so the entry is tagged with a stamp
+        // taken before its read: a write racing us can only cause a later miss, never a stale hit.
+        let store = self.store();
+        let mut cache = self.policy_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let stamp = store.best_stamp(cache.stamp).map_err(RpcError::internal)?;
+        if !cache.stamp.is_some_and(|earlier| stamp.best_unchanged_since(&earlier)) {
+            cache.entries.clear();
+        }
+        cache.stamp = Some(stamp);
+        if let Some(hit) = cache.entries.get(&key) {
+            return Ok(hit.clone());
+        }
+        drop(cache);
+        let result = self.policy_get_from(&store, key.clone())?;
+        // Through a `Value` on purpose: the same key order, hence the same bytes, as `to_line`.
+        let encoded: Arc<str> = serde_json::to_string(&to_value(result)?).map_err(RpcError::internal)?.into();
+        let mut cache = self.policy_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.stamp == Some(stamp) {
+            if cache.entries.len() >= POLICY_CACHE_MAX {
+                cache.entries.clear();
+            }
+            cache.entries.insert(key, encoded.clone());
+        }
+        Ok(encoded)
+    }
+
+    fn policy_get_from(&self, store: &Store, key: BestKey) -> Result<PolicyGetResult, RpcError> {
+        let best = store.best(&key).map_err(RpcError::internal)?;
         let native = |reason: String| PolicyGetResult { reason, ..self.native.clone() };
         let Some(best) = best else {
             return Ok(native(format!(
@@ -296,6 +361,9 @@ async fn serve_connection(state: Arc<DaemonState>, stream: Stream) {
     let _guard = ClientGuard::new(&state.clients);
     let mut framed = Framed::new(stream, LinesCodec::new_with_max_length(MAX_REQUEST_LINE));
     let mut sub: Option<Subscription> = None;
+    // Made once, not per line: registering with the token costs a lock each time (hot path).
+    let shutdown = state.shutdown.cancelled();
+    tokio::pin!(shutdown);
     loop {
         let reply: Option<String> = tokio::select! {
             frame = framed.next() => match frame {
@@ -304,7 +372,7 @@ async fn serve_connection(state: Arc<DaemonState>, stream: Stream) {
                     if line.trim().is_empty() {
                         continue;
                     }
-                    handle_line(&state, &line, &mut sub).await.map(|r| to_line(&r))
+                    handle_line(&state, &line, &mut sub).await
                 }
                 Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
                     let err = RpcError::new(
@@ -324,7 +392,7 @@ async fn serve_connection(state: Arc<DaemonState>, stream: Stream) {
             },
             ev = next_event(&mut sub) => match ev {
                 Ok(ev) => {
-                    let wanted = sub.as_ref().and_then(|(_, k)| k.as_ref()).is_none_or(|k| k.iter().any(|k| *k == ev.kind));
+                    let wanted = sub.as_ref().and_then(|(_, k)| k.as_ref()).is_none_or(|k| k.contains(&ev.kind));
                     wanted.then(|| to_line(&Notification { jsonrpc: "2.0".into(), method: EVENT_NOTIFICATION.into(), params: serde_json::to_value(&ev).unwrap_or(Value::Null) }))
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -333,7 +401,7 @@ async fn serve_connection(state: Arc<DaemonState>, stream: Stream) {
                 }
                 Err(broadcast::error::RecvError::Closed) => { sub = None; None }
             },
-            _ = state.shutdown.cancelled() => break,
+            _ = &mut shutdown => break,
         };
         if let Some(line) = reply {
             if framed.send(line).await.is_err() {
@@ -350,36 +418,60 @@ fn to_line<T: serde::Serialize>(v: &T) -> String {
 }
 
 /// One request line through the daemon's own decode and dispatch, without a socket: the seam the
-/// protocol fuzz target (fuzz/fuzz_targets/protocol.rs) drives. Returns the reply line, if any.
-/// An `events.subscribe` here subscribes nothing (there is no connection to stream to).
+/// protocol fuzz target (fuzz/fuzz_targets/protocol.rs) and the IPC benchmark drive. Returns the
+/// reply line, if any. An `events.subscribe` here subscribes nothing (there is no connection to
+/// stream to).
 pub async fn handle_request_line(state: &Arc<DaemonState>, line: &str) -> Option<String> {
     let mut sub = None;
-    handle_line(state, line, &mut sub).await.map(|r| to_line(&r))
+    handle_line(state, line, &mut sub).await
 }
 
-/// One line in, at most one reply out (`None` for notifications).
-async fn handle_line(state: &Arc<DaemonState>, line: &str, sub: &mut Option<Subscription>) -> Option<Response> {
-    let value: Value = match serde_json::from_str(line) {
-        Ok(v) => v,
-        Err(e) => return Some(Response::err(Value::Null, RpcError::parse(e))),
-    };
-    let id = value.get("id").cloned();
-    if value.is_array() {
-        return Some(Response::err(Value::Null, RpcError::invalid_request("batches are not supported")));
-    }
-    let req: Request = match serde_json::from_value(value) {
+/// One line in, at most one reply line out (`None` for notifications).
+async fn handle_line(state: &Arc<DaemonState>, line: &str, sub: &mut Option<Subscription>) -> Option<String> {
+    // Fast path: straight into the typed request, no intermediate `Value` of the whole line. Any
+    // line it cannot take (not JSON, a batch, a missing field, a duplicate key, ...) goes through
+    // `decode_slow`, so every error reply is exactly what it always was.
+    let req = match serde_json::from_str::<Request>(line) {
         Ok(r) => r,
-        Err(e) => return Some(Response::err(id.unwrap_or(Value::Null), RpcError::invalid_request(e))),
+        Err(_) => match decode_slow(line) {
+            Ok(r) => r,
+            Err(reply) => return Some(to_line(&reply)),
+        },
     };
     if req.jsonrpc != "2.0" {
-        return Some(Response::err(id.unwrap_or(Value::Null), RpcError::invalid_request("jsonrpc must be \"2.0\"")));
+        return Some(to_line(&Response::err(req.id.unwrap_or(Value::Null), RpcError::invalid_request("jsonrpc must be \"2.0\""))));
+    }
+    if req.method == methods::POLICY_GET {
+        // The hot path of every MLX process start: the result comes encoded (usually from the
+        // cache) and is spliced into the reply, which is byte for byte what `to_line` would build.
+        let result = params(req.params).and_then(|p| state.policy_get_encoded(&p));
+        let id = req.id?;
+        return Some(match result {
+            Ok(encoded) => match serde_json::to_string(&id) {
+                Ok(id) => format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{encoded}}}"#),
+                Err(e) => to_line(&Response::err(Value::Null, RpcError::internal(e))),
+            },
+            Err(e) => to_line(&Response::err(id, e)),
+        });
     }
     let result = dispatch(state, &req.method, req.params, sub).await;
     let id = req.id?; // a notification gets no reply
-    Some(match result {
+    Some(to_line(&match result {
         Ok(v) => Response::ok(id, v),
         Err(e) => Response::err(id, e),
-    })
+    }))
+}
+
+/// The general decode (whole line to `Value`, then to `Request`), used only when the typed fast
+/// path refused the line: it tells a parse error from a batch from an invalid request, with the
+/// request's id when it has one.
+fn decode_slow(line: &str) -> Result<Request, Box<Response>> {
+    let value: Value = serde_json::from_str(line).map_err(|e| Box::new(Response::err(Value::Null, RpcError::parse(e))))?;
+    let id = value.get("id").cloned();
+    if value.is_array() {
+        return Err(Box::new(Response::err(Value::Null, RpcError::invalid_request("batches are not supported"))));
+    }
+    serde_json::from_value(value).map_err(|e| Box::new(Response::err(id.unwrap_or(Value::Null), RpcError::invalid_request(e))))
 }
 
 /// Params of a method; absent params read as `{}` so all-optional param structs work without them.
@@ -407,6 +499,7 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
             to_value(HelloResult { daemon: DAEMON_NAME.into(), version: VERSION.into(), protocol: PROTOCOL_VERSION, pid: std::process::id() })
         }
         methods::STATUS => to_value(state.status()?),
+        // Answered by `handle_line` before dispatch; kept here so `dispatch` stays complete.
         methods::POLICY_GET => to_value(state.policy_get(&params(p)?)?),
         methods::HISTORY => {
             let h: HistoryParams = params(p)?;

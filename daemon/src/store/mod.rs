@@ -250,3 +250,101 @@ fn json_col<T: serde::de::DeserializeOwned>(row: &rusqlite::Row<'_>, idx: &str) 
     serde_json::from_str(&text)
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
+
+/// What the `best` table looked like to one connection at one moment, cheaply: if
+/// [`BestStamp::best_unchanged_since`] holds for two stamps of the same [`Store`], `best` was not
+/// written in between, by this connection or any other.
+///
+/// Why these parts: SQLite's `PRAGMA data_version` changes when *another* connection (another
+/// process, or another handle in this one) commits anything, but by design not for this
+/// connection's own commits; those are caught by the newest promotion id (through this library,
+/// `best` is only ever written by [`Store::promote`], which appends a `best_history` row in the same
+/// transaction, and AUTOINCREMENT ids never repeat). This connection's other writes (events,
+/// measurements) move neither, so a cache keyed on the stamp survives them. The connection's
+/// change count (`sqlite3_total_changes`, free to read) and `data_version` say whether the
+/// promotion id must be read again at all: a promotion inserts a row, so it moves the count.
+///
+/// A caller that caches what it read must take the stamp BEFORE reading, so a commit racing the
+/// read can only make the cache look older than it is (a spurious miss), never newer (a stale hit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BestStamp {
+    /// `PRAGMA data_version`: moves when another connection commits.
+    pub data_version: i64,
+    /// Newest `best_history` id (0 when none): moves when this connection promotes.
+    pub last_promotion: i64,
+    /// `sqlite3_total_changes` when `last_promotion` was read or confirmed.
+    own_changes: u64,
+}
+
+impl BestStamp {
+    /// True when `best` cannot have changed between `earlier` (a stamp of the same store) and this.
+    pub fn best_unchanged_since(&self, earlier: &BestStamp) -> bool {
+        self.data_version == earlier.data_version && self.last_promotion == earlier.last_promotion
+    }
+}
+
+impl Store {
+    /// The current [`BestStamp`]. `previous` (a stamp of THIS store, or `None`) lets it skip
+    /// re-reading the promotion id when no connection committed since; then it costs one
+    /// cached `PRAGMA data_version` (~1 µs: a read transaction, which is when SQLite notices
+    /// another connection's WAL commit).
+    pub fn best_stamp(&self, previous: Option<BestStamp>) -> Result<BestStamp> {
+        let data_version: i64 = self.conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+        let own_changes = self.conn.total_changes();
+        let last_promotion = match previous {
+            // Nobody committed since `previous`: not another connection, not this one.
+            Some(p) if p.own_changes == own_changes && p.data_version == data_version => p.last_promotion,
+            _ => self.conn.prepare_cached("SELECT coalesce(max(id), 0) FROM best_history")?.query_row([], |r| r.get(0))?,
+        };
+        Ok(BestStamp { data_version, last_promotion, own_changes })
+    }
+}
+
+#[cfg(test)]
+mod best_stamp_tests {
+    use super::*;
+
+    fn promotion(model: &str, hash: &str) -> Promotion {
+        Promotion {
+            key: BestKey { device: "d".into(), model: model.into(), mlx: "0.32.4".into(), backend: "cpu".into() },
+            policy: serde_json::json!({"any": hash}),
+            hash: hash.into(),
+            ratio: 1.1,
+            lo: 1.0,
+            hi: 1.2,
+            session_id: None,
+            candidate_id: None,
+        }
+    }
+
+    #[test]
+    fn the_stamp_moves_on_own_promotions_and_other_connections_commits_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let a = Store::open(&path).unwrap();
+        let b = Store::open(&path).unwrap();
+        // Each stamp taken with the previous one, as the daemon's cache does.
+        let mut last = a.best_stamp(None).unwrap();
+        let mut check = |changed: bool, why: &str| {
+            let now = a.best_stamp(Some(last)).unwrap();
+            assert_eq!(!now.best_unchanged_since(&last), changed, "{why}");
+            let fresh = a.best_stamp(None).unwrap();
+            assert!(fresh.best_unchanged_since(&now) && now.best_unchanged_since(&fresh), "{why}: the shortcut must agree with a full read");
+            last = now;
+        };
+        a.best(&promotion("m", "h").key).unwrap();
+        check(false, "a read must not move the stamp");
+        a.append_event("client.hello", None, &serde_json::json!({})).unwrap();
+        check(false, "this connection's writes other than promotions must not move it");
+        a.promote(&promotion("m", "h1")).unwrap();
+        check(true, "this connection's own promotion must move the stamp");
+        check(false, "nothing happened");
+        b.append_event("client.hello", None, &serde_json::json!({})).unwrap();
+        check(true, "any commit by another connection must move the stamp");
+        b.promote(&promotion("m", "h2")).unwrap();
+        check(true, "another connection's promotion must move the stamp");
+        a.append_event("client.hello", None, &serde_json::json!({})).unwrap();
+        a.promote(&promotion("m", "h3")).unwrap();
+        check(true, "a promotion after an event, both through this connection");
+    }
+}
