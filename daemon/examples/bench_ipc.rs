@@ -13,8 +13,8 @@
 //!
 //! The daemon caches `policy.get` answers until the `best` table changes (see `PolicyCache` in
 //! ipc/server.rs), so repeated asks take the cached path, as every MLX start after the first does.
-//! A third block times `policy.get` right after a `hello` (what the Python plugin sends first),
-//! whose event append is a write the cache must see past. The in-process breakdown also shows the
+//! A third block times `policy.get` after `hello` + `status`, the Python plugin's sequence at
+//! every MLX start; hello's event append is a write the cache must see past. The in-process breakdown also shows the
 //! per-request store check and what a cache miss (after a promotion) costs.
 
 use futures_util::{SinkExt, StreamExt};
@@ -159,10 +159,12 @@ async fn orchestrate(iters: usize) {
                 t_rpc.push(dt.as_secs_f64() * 1e6);
             }
         }
-        // As the Python plugin does at every MLX start: `hello` (which appends an event to the
-        // store, a write by the daemon's own connection) right before `policy.get` (timed alone).
+        // As the Python plugin does at every MLX start (evaluator/tilewise/plugin.py): `hello`
+        // (which appends an event to the store: a write by the daemon's own connection), `status`,
+        // then `policy.get`, timed alone.
         for _ in 0..n {
             client.hello().await.unwrap();
+            client.status().await.unwrap();
             let t = Instant::now();
             let r = client.policy_get(&params).await.unwrap();
             let dt = t.elapsed();
@@ -188,6 +190,21 @@ async fn orchestrate(iters: usize) {
         reply_line = tilewise::ipc::server::handle_request_line(&state, &request_line).await.unwrap();
     }
     let server_us = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
+    // The same after the plugin's `hello` + `status` (hello's event append is a write by the
+    // daemon's own connection: the first reads after it cost more, and the stamp re-reads the
+    // newest promotion id).
+    let hello_line = r#"{"jsonrpc":"2.0","id":1,"method":"hello","params":{"client":"bench","protocol":1}}"#;
+    let status_line = r#"{"jsonrpc":"2.0","id":2,"method":"status"}"#;
+    let mut after_hello = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        tilewise::ipc::server::handle_request_line(&state, hello_line).await.unwrap();
+        tilewise::ipc::server::handle_request_line(&state, status_line).await.unwrap();
+        let t = Instant::now();
+        let line = tilewise::ipc::server::handle_request_line(&state, &request_line).await.unwrap();
+        after_hello.push(t.elapsed().as_secs_f64() * 1e6);
+        assert_eq!(line, reply_line);
+    }
+    let server_hello_us = after_hello.iter().sum::<f64>() / iters as f64;
     let t = Instant::now();
     for _ in 0..iters {
         // The client's real decode of its reply (what `Client::policy_get` runs per line).
@@ -224,17 +241,18 @@ async fn orchestrate(iters: usize) {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     println!("# tilewise bench_ipc — {}", tilewise::store::now());
     println!("# machine: {} ({} cpus), {} {}", cpu, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), std::env::consts::OS, std::env::consts::ARCH);
-    println!("# {} round trips each after {} warm-up, alternating blocks of {} (echo, policy.get, hello + timed policy.get); separate processes, tokio multi-thread runtimes", t_rpc.len(), warmup, block);
+    println!("# {} round trips each after {} warm-up, alternating blocks of {} (echo, policy.get, hello + status + timed policy.get); separate processes, tokio multi-thread runtimes", t_rpc.len(), warmup, block);
     println!("# request {} bytes, reply {} bytes (echo moves the same bytes)", request_line.len() + 1, reply_len + 1);
     println!("{:<28} {:>10} {:>10}", "round trip (µs)", "p50", "p99");
     println!("{:<28} {:>10.1} {:>10.1}", "raw local-socket echo", e50, e99);
     println!("{:<28} {:>10.1} {:>10.1}", "policy.get (best, typed)", r50, r99);
     println!("{:<28} {:>10.2} {:>10.2}", "ratio policy.get / echo", r50 / e50, r99 / e99);
-    println!("{:<28} {:>10.1} {:>10.1}", "policy.get right after hello", h50, h99);
+    println!("{:<28} {:>10.1} {:>10.1}", "after hello+status (plugin)", h50, h99);
     println!("{:<28} {:>10.2} {:>10.2}", "ratio that / echo", h50 / e50, h99 / e99);
     println!("{:<28} {:>10.1}", "  of which daemon handling", server_us);
     println!("{:<28} {:>10.1}", "    store change check", stamp_us);
+    println!("{:<28} {:>10.1}", "    (after hello + status)", server_hello_us);
     println!("{:<28} {:>10.1}", "  of which client decoding", client_us);
     println!("{:<28} {:>10.1}", "(a cache miss would add)", miss_us);
-    println!("goal: p50 ratio <= 1.50 -> {} (right after hello: {})", if r50 / e50 <= 1.5 { "met" } else { "NOT met" }, if h50 / e50 <= 1.5 { "met" } else { "NOT met" });
+    println!("goal: p50 ratio <= 1.50 -> {} (after hello+status, as the plugin: {})", if r50 / e50 <= 1.5 { "met" } else { "NOT met" }, if h50 / e50 <= 1.5 { "met" } else { "NOT met" });
 }
