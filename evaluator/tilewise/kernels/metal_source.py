@@ -1,15 +1,21 @@
 """Metal source for the same kernel families and parameters, as bodies for `mx.fast.metal_kernel`.
 
-NOT RUN ON APPLE HARDWARE: this project's machines are Linux (MLX CPU) and an NVIDIA H100 (MLX CUDA).
-These bodies are generated and checked for structure by the CPU tests only. They are safe to ship
-because a kernel plan is only ever served after the evaluator's correctness gate ran it on the user's
-machine: a body that fails to compile or computes a wrong result makes its candidate incorrect, and an
-incorrect candidate can never be promoted (docs/kernels.md).
+NOT COMPILED BY APPLE'S METAL COMPILER: this project's machines are Linux (MLX CPU) and an NVIDIA H100
+(MLX CUDA). The bodies do RUN here, through a CPU emulation of the MSL subset they use
+(kernels/metal_emu, tests/test_kernels_metal_emu.py): their logic (indexing, remainders, barriers,
+simd_sum, split-K, bias, rounding) is checked on a sample of the search space; MSL's own type rules,
+the real pipeline's limits and the speed are not. They are safe to ship because a kernel plan is only
+ever served after the evaluator's correctness gate ran it on the user's machine: a body that fails to
+compile or computes a wrong result makes its candidate incorrect, and an incorrect candidate can never
+be promoted (docs/kernels.md).
 
 MLX wraps a body into `[[kernel]] void custom_kernel_<name>(const device T* x [[buffer(0)]],
 const constant int* x_shape, const device T* w, const constant int* w_shape, device OutT* y, <the
-thread-position attributes the body names>)`; launch.py puts the parameter set at the top of the body as
-`constexpr int BM = 64;` / `using T = bfloat16_t;` lines (one kernel per parameter set, as on CUDA).
+thread-position attributes the body names>)`, except that an input with fewer than 8 elements is
+`const constant T*` instead: a body must therefore index its inputs directly and never copy one into a
+`const device T*` (Metal cannot convert constant to device; the emulation found the GEMV doing so).
+launch.py puts the parameter set at the top of the body as `constexpr int BM = 64;` /
+`using T = bfloat16_t;` lines (one kernel per parameter set, as on CUDA).
 `grid` counts threads (dispatchThreads), so every launch rounds it to whole threadgroups.
 
 A simdgroup (32 threads on Apple GPUs) plays the role of a CUDA warp. Both GEMM families use the SIMT
@@ -30,11 +36,13 @@ GEMV = r"""
   float acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = 0.0f;
   if (n < N) {
-    const device T* wr = w + size_t(n) * K;
+    // w is indexed directly, not through a `const device T*` row pointer: an input with fewer than
+    // 8 elements arrives as `const constant T*`, which Metal cannot convert to a device pointer.
+    const size_t row = size_t(n) * K;
     for (int c = (part * 32 + int(lane)) * V; c < K; c += 32 * S * V) {
       for (int j = 0; j < V; ++j) {
         if (c + j < K) {
-          const float wf = static_cast<float>(wr[c + j]);
+          const float wf = static_cast<float>(w[row + c + j]);
           for (int i = 0; i < MR; ++i) acc[i] += wf * static_cast<float>(x[size_t(i) * K + c + j]);
         }
       }
