@@ -465,6 +465,7 @@ impl SessionManager {
                 "seed": state.spec.seed, "model": state.spec.model, "generation": state.engine.generation,
                 "archive_cells": state.engine.archive.len(), "screened": state.screened, "shape_items": state.shape_items,
                 "elapsed_s": state.elapsed_s, "budget": state.spec.budget, "llm": state.llm,
+                "screen_bias": state.calibration.bias(), "screen_bias_samples": state.calibration.pairs.len(),
             })
         });
         Ok(json!({"session": s, "best": best, "candidates": candidates, "memo_size": memo_size, "memo": memo, "search": search}))
