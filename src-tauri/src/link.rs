@@ -50,6 +50,9 @@ pub struct DaemonLink {
     calls: Mutex<Option<Client>>,
     state: watch::Sender<LinkState>,
     events: broadcast::Sender<Value>,
+    /// Id of the last event forwarded: a reconnect asks the daemon to replay from there, so a
+    /// daemon restart or a dropped connection loses no event.
+    last_event_id: std::sync::atomic::AtomicI64,
 }
 
 impl DaemonLink {
@@ -58,7 +61,14 @@ impl DaemonLink {
         let socket = paths.client_socket().display().to_string();
         let (state, _) = watch::channel(LinkState { socket, ..LinkState::default() });
         let (events, _) = broadcast::channel(256);
-        Arc::new(DaemonLink { paths, client_name: client_name.into(), calls: Mutex::new(None), state, events })
+        Arc::new(DaemonLink {
+            paths,
+            client_name: client_name.into(),
+            calls: Mutex::new(None),
+            state,
+            events,
+            last_event_id: std::sync::atomic::AtomicI64::new(0),
+        })
     }
 
     pub fn paths(&self) -> &Paths {
@@ -169,8 +179,13 @@ impl DaemonLink {
     /// resets the retry delay).
     async fn pump_once(&self) -> Result<(), (String, bool)> {
         let client = self.connect().await.map_err(|e| (e.message, false))?;
-        let mut stream = client.subscribe_events(None).await.map_err(|e| (e.to_string(), true))?;
+        let last = self.last_event_id.load(std::sync::atomic::Ordering::Relaxed);
+        // The link talks to one socket, whose daemon keeps one database: ids go on across its
+        // restarts, so what happened while we were away is replayed.
+        let since = (last > 0).then_some(last);
+        let mut stream = client.subscribe_events_since(None, since).await.map_err(|e| (e.to_string(), true))?;
         while let Some(event) = stream.recv().await {
+            self.last_event_id.fetch_max(event.id, std::sync::atomic::Ordering::Relaxed);
             // No receivers (window closed, tray absent) is fine: the event is just dropped.
             if let Ok(v) = serde_json::to_value(&event) {
                 let _ = self.events.send(v);

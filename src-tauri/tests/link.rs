@@ -119,6 +119,16 @@ async fn the_link_follows_the_daemon_across_a_restart() {
     let status2 = until("the second tilewised", async || link.call("status", Value::Null).await.ok()).await;
     assert_ne!(status2["pid"], status["pid"]);
     assert_eq!(link.state().pid, status2["pid"].as_u64());
+    // The new daemon announced itself before the pump was back (it retries after a second or
+    // more); the pump resubscribes from the last id it saw, so that event still arrives.
+    until("the second daemon's daemon.started through the pump", async || loop {
+        match events.try_recv() {
+            Ok(ev) if ev["kind"] == "daemon.started" && ev["data"]["pid"] == status2["pid"] => return Some(()),
+            Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(_) => return None,
+        }
+    })
+    .await;
     link.call("daemon.shutdown", Value::Null).await.unwrap();
     let _ = second.wait();
 }

@@ -8,7 +8,7 @@
 const T = window.__TAURI__;
 const $ = (id) => document.getElementById(id);
 const MAX_EVENTS = 100;
-const state = { events: [], lastRefresh: 0, pending: null, connected: false, status: null };
+const state = { events: [], eventsLoaded: false, lastRefresh: 0, pending: null, connected: false, status: null };
 
 const call = (method, params) => T.core.invoke("daemon_call", { method, params: params ?? null });
 
@@ -221,7 +221,9 @@ function renderEvents() {
 }
 function addEvent(ev) {
   if (state.events.some((e) => e.id === ev.id && ev.id !== undefined)) return;
-  state.events.unshift(ev);
+  // Newest first by id: stored events (events.list) and live ones may arrive in either order.
+  state.events.push(ev);
+  state.events.sort((a, b) => (b.id ?? 0) - (a.id ?? 0));
   state.events.length = Math.min(state.events.length, MAX_EVENTS);
   renderEvents();
 }
@@ -260,6 +262,14 @@ async function refresh() {
   renderTuning(status.ok);
   $("footer").textContent = `daemon up ${fmt.duration(status.ok.uptime_s)} · home ${status.ok.home} · db ${status.ok.db ? status.ok.db.path : "—"}`;
 
+  if (!state.eventsLoaded) {
+    // What happened before this window opened (live ones arrive as daemon-event; addEvent dedupes).
+    const recent = await tryCall("events.list", { limit: MAX_EVENTS });
+    if (recent.ok) {
+      state.eventsLoaded = true;
+      for (const ev of recent.ok.events) addEvent(ev);
+    }
+  }
   const [history, list] = await Promise.all([tryCall("history", { limit: 200 }), tryCall("session.list")]);
   const current = list.ok ? pickSession(status.ok, list.ok) : null;
   let show = null, showErr = list.error;

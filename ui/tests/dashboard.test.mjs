@@ -67,6 +67,16 @@ test("a live event from another client appears without reloading", async () => {
   } finally { other.close(); }
 });
 
+test("events from before the page opened are listed, newest first", async () => {
+  // daemon.started happened before the browser existed: only events.list can have brought it.
+  const { events } = await daemon.client.call("events.list", { limit: 100, kinds: ["daemon.started"] });
+  assert.equal(events.length, 1);
+  await page.locator(`#events li[data-kind='daemon.started'][data-id='${events[0].id}']`).waitFor({ timeout: 10000 });
+  const ids = await page.locator("#events li").evaluateAll((lis) => lis.map((li) => Number(li.dataset.id)));
+  assert.deepEqual(ids, [...ids].sort((a, b) => b - a), "newest first, no duplicates");
+  assert.equal(new Set(ids).size, ids.length);
+});
+
 test("the page may not call methods outside the dashboard's list", async () => {
   const err = await page.evaluate(() => window.__TAURI__.core.invoke("daemon_call", { method: "daemon.shutdown" }).then(() => null, (e) => e));
   assert.equal(err.code, -32602);

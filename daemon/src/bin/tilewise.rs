@@ -41,6 +41,20 @@ enum Cmd {
     },
     /// Tune: start or attach to a session and follow it (generation, evaluations, best speedup).
     Tune(tilewise::session::tune::TuneArgs),
+    /// What the daemon did: the newest stored events (promotions, sessions, automatic starts...).
+    Events {
+        /// How many of the newest events to show.
+        #[arg(long, default_value_t = 30)]
+        limit: u32,
+        /// Only events of this session.
+        #[arg(long)]
+        session: Option<i64>,
+        /// Keep printing new events as they happen (Ctrl-C ends).
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Stop the running tuning session (the daemon does not start another by itself until you
     /// have been away again; `tilewise tune` starts one now).
     Stop {
@@ -187,6 +201,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Tune(args) => tilewise::session::tune::run(args, connect(&paths).await?, connect(&paths).await?).await,
+        Cmd::Events { limit, session, follow, json } => {
+            let mut c = connect(&paths).await?;
+            let listed = c.events_list(&tilewise::ipc::protocol::EventsListParams { limit: Some(limit), session_id: session, kinds: None }).await?;
+            let print = |e: &tilewise::store::Event| -> anyhow::Result<()> {
+                if json.json {
+                    println!("{}", serde_json::to_string(e)?);
+                } else {
+                    println!("{}", event_line(e));
+                }
+                Ok(())
+            };
+            for e in &listed.events {
+                print(e)?;
+            }
+            if !follow {
+                return Ok(());
+            }
+            // Continue from the last one shown: the daemon replays anything in between.
+            let since = listed.events.last().map(|e| e.id).unwrap_or(0);
+            let mut rx = connect(&paths).await?.subscribe_events_since(None, Some(since)).await?;
+            while let Some(e) = rx.recv().await {
+                if session.is_none_or(|s| e.session_id == Some(s)) {
+                    print(&e)?;
+                }
+            }
+            anyhow::bail!("the daemon closed the connection")
+        }
         Cmd::Stop { session, json } => {
             let mut c = connect(&paths).await?;
             let before = c.status().await?.tuning;
@@ -208,6 +249,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Daemon(DaemonCmd::Stop) => daemon_stop(&paths).await,
         Cmd::Service(c) => tilewise::service::run_cli(c, paths.logs_dir.clone()),
     }
+}
+
+/// One event for a person: time, kind, session, and the data in one line.
+fn event_line(e: &tilewise::store::Event) -> String {
+    let d = &e.data;
+    let summary = match (d["ratio"].as_f64(), d["lo"].as_f64(), d["hi"].as_f64()) {
+        (Some(r), Some(lo), Some(hi)) => format!("{r:.3}x [{lo:.3}, {hi:.3}]{}", d["hash"].as_str().map(|h| format!(" {}", &h[..h.len().min(19)])).unwrap_or_default()),
+        _ => {
+            let s = if d.as_object().is_some_and(|o| o.is_empty()) { String::new() } else { d.to_string() };
+            if s.chars().count() > 140 { format!("{}…", s.chars().take(140).collect::<String>()) } else { s }
+        }
+    };
+    let session = e.session_id.map(|s| format!("session {s}  ")).unwrap_or_default();
+    format!("{}  {:<24} {session}{summary}", e.at, e.kind)
 }
 
 async fn connect(paths: &Paths) -> Result<Client, ClientError> {

@@ -152,6 +152,11 @@ impl Client {
         self.call_typed(methods::CONFIG_GET, &serde_json::json!({})).await
     }
 
+    /// The newest stored events, oldest first (`events.list`).
+    pub async fn events_list(&mut self, p: &EventsListParams) -> Result<EventsListResult, ClientError> {
+        self.call_typed(methods::EVENTS_LIST, p).await
+    }
+
     /// Asks the daemon to stop (it replies first, then shuts down).
     pub async fn shutdown(&mut self) -> Result<ShutdownResult, ClientError> {
         self.call_typed(methods::DAEMON_SHUTDOWN, &serde_json::json!({})).await
@@ -160,8 +165,14 @@ impl Client {
     /// Subscribes to events (all kinds, or only `kinds`) and hands the connection to a task that
     /// forwards each event. The receiver ends (`recv()` → `None`) when the daemon goes away.
     /// Needs a tokio runtime.
-    pub async fn subscribe_events(mut self, kinds: Option<Vec<String>>) -> Result<mpsc::Receiver<Event>, ClientError> {
-        let _: SubscribeResult = self.call_typed(methods::EVENTS_SUBSCRIBE, &SubscribeParams { kinds }).await?;
+    pub async fn subscribe_events(self, kinds: Option<Vec<String>>) -> Result<mpsc::Receiver<Event>, ClientError> {
+        self.subscribe_events_since(kinds, None).await
+    }
+
+    /// Like [`Client::subscribe_events`], but first receives the stored events with an id above
+    /// `since` (a reconnecting client passes the last id it saw: nothing is missed or repeated).
+    pub async fn subscribe_events_since(mut self, kinds: Option<Vec<String>>, since: Option<i64>) -> Result<mpsc::Receiver<Event>, ClientError> {
+        let _: SubscribeResult = self.call_typed(methods::EVENTS_SUBSCRIBE, &SubscribeParams { kinds, since }).await?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             while let Some(Ok(line)) = self.framed.next().await {

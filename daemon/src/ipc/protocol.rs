@@ -29,6 +29,7 @@ pub mod methods {
     pub const POLICY_GET: &str = "policy.get";
     pub const HISTORY: &str = "history";
     pub const EVENTS_SUBSCRIBE: &str = "events.subscribe";
+    pub const EVENTS_LIST: &str = "events.list";
     pub const CONFIG_GET: &str = "config.get";
     pub const CONFIG_SET: &str = "config.set";
     pub const TUNING_START: &str = "tuning.start";
@@ -272,6 +273,33 @@ pub struct SubscribeParams {
     /// Only these event kinds; all when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kinds: Option<Vec<String>>,
+    /// First send the stored events with an id above this (at most [`MAX_EVENT_REPLAY`], oldest
+    /// first), then the live ones, with none missing or repeated in between: a client that
+    /// reconnects passes the last id it saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
+}
+
+/// Most stored events one `events.subscribe` replays or one `events.list` returns.
+pub const MAX_EVENT_REPLAY: u32 = 1000;
+
+/// `events.list`: the newest stored events.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsListParams {
+    /// How many (default 50, at most [`MAX_EVENT_REPLAY`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventsListResult {
+    /// Oldest first.
+    pub events: Vec<Event>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

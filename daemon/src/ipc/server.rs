@@ -338,13 +338,26 @@ impl Drop for ClientGuard<'_> {
     }
 }
 
-/// A connection's event subscription: the receiver and the kinds it wants (all when `None`).
-type Subscription = (broadcast::Receiver<Event>, Option<Vec<String>>);
+/// A connection's event subscription: the live receiver, the kinds it wants (all when `None`),
+/// stored events still to replay, and the newest id replayed (live events up to it were in the
+/// replay already: the receiver is created before the store is read, so nothing falls between).
+struct Subscription {
+    rx: broadcast::Receiver<Event>,
+    kinds: Option<Vec<String>>,
+    backlog: std::collections::VecDeque<Event>,
+    replayed_up_to: i64,
+}
 
 async fn next_event(sub: &mut Option<Subscription>) -> Result<Event, broadcast::error::RecvError> {
-    match sub {
-        Some((rx, _)) => rx.recv().await,
-        None => std::future::pending().await,
+    let Some(s) = sub else { return std::future::pending().await };
+    if let Some(ev) = s.backlog.pop_front() {
+        return Ok(ev);
+    }
+    loop {
+        let ev = s.rx.recv().await?;
+        if ev.id > s.replayed_up_to {
+            return Ok(ev);
+        }
     }
 }
 
@@ -392,7 +405,7 @@ async fn serve_connection(state: Arc<DaemonState>, stream: Stream) {
             },
             ev = next_event(&mut sub) => match ev {
                 Ok(ev) => {
-                    let wanted = sub.as_ref().and_then(|(_, k)| k.as_ref()).is_none_or(|k| k.contains(&ev.kind));
+                    let wanted = sub.as_ref().and_then(|s| s.kinds.as_ref()).is_none_or(|k| k.contains(&ev.kind));
                     wanted.then(|| to_line(&Notification { jsonrpc: "2.0".into(), method: EVENT_NOTIFICATION.into(), params: serde_json::to_value(&ev).unwrap_or(Value::Null) }))
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -509,8 +522,23 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
         }
         methods::EVENTS_SUBSCRIBE => {
             let s: SubscribeParams = params(p)?;
-            *sub = Some((state.events.subscribe(), s.kinds));
+            let rx = state.events.subscribe();
+            let (backlog, replayed_up_to) = match s.since {
+                Some(after) => {
+                    let stored = state.store().events_since(after, None, MAX_EVENT_REPLAY).map_err(RpcError::internal)?;
+                    let last = stored.last().map_or(after, |e| e.id);
+                    (stored.into(), last)
+                }
+                None => (Default::default(), 0),
+            };
+            *sub = Some(Subscription { rx, kinds: s.kinds, backlog, replayed_up_to });
             to_value(SubscribeResult { subscribed: true })
+        }
+        methods::EVENTS_LIST => {
+            let l: EventsListParams = params(p)?;
+            let limit = l.limit.unwrap_or(50).min(MAX_EVENT_REPLAY);
+            let events = state.store().recent_events(limit, l.session_id, l.kinds.as_deref()).map_err(RpcError::internal)?;
+            to_value(EventsListResult { events })
         }
         methods::CONFIG_GET => to_value(&*state.config.read().unwrap_or_else(|p| p.into_inner())),
         methods::DAEMON_SHUTDOWN => {
@@ -553,5 +581,30 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
                 _ => Err(RpcError::method_not_found(other)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(id: i64) -> Event {
+        Event { id, at: String::new(), kind: "k".into(), session_id: None, data: json!({}) }
+    }
+
+    /// The seam between replay and live: events published after the receiver was created but
+    /// before the store was read are in both, and must come out once, in order.
+    #[tokio::test]
+    async fn replay_then_live_skips_what_the_replay_already_sent() {
+        let (tx, rx) = broadcast::channel(16);
+        for id in [2, 3, 4, 5] {
+            tx.send(ev(id)).unwrap();
+        }
+        let mut sub = Some(Subscription { rx, kinds: None, backlog: [1, 2, 3].map(ev).into(), replayed_up_to: 3 });
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            out.push(next_event(&mut sub).await.unwrap().id);
+        }
+        assert_eq!(out, [1, 2, 3, 4, 5]);
     }
 }
