@@ -668,13 +668,19 @@ impl Runner {
         let mut predicted = None;
         if existing.is_none() && self.state.spec.screen {
             match self.screen(&child.policy).await? {
-                Screen::Predicted(raw) if !self.state.calibration.apply(raw).earns_evaluation(self.state.spec.screen_threshold) => {
+                Screen::Predicted(raw) => {
+                    let threshold = self.state.spec.screen_threshold;
                     let p = self.state.calibration.apply(raw);
-                    self.state.screened += 1;
-                    self.state.engine.resolve(index, Outcome::Screened { predicted: p.combined });
-                    return Ok(true);
+                    // Held back by the learned correction alone: now and then measured anyway
+                    // (see `Calibration::EXPLORE_EVERY`).
+                    let explore = !p.earns_evaluation(threshold) && raw.earns_evaluation(threshold) && self.state.calibration.explore();
+                    if !p.earns_evaluation(threshold) && !explore {
+                        self.state.screened += 1;
+                        self.state.engine.resolve(index, Outcome::Screened { predicted: p.combined });
+                        return Ok(true);
+                    }
+                    predicted = Some(raw.combined);
                 }
-                Screen::Predicted(raw) => predicted = Some(raw.combined),
                 Screen::Failed(reason) => {
                     // A plan that kills the worker in a microbenchmark is recorded as a failed candidate.
                     let id = self.add_candidate(&child.policy, child.island, child.generation, &child.origin, &child.parents)?;

@@ -87,11 +87,30 @@ impl Prediction {
 pub struct Calibration {
     /// (predicted combined, measured combined ratio), newest last, at most `WINDOW`.
     pub pairs: Vec<(f64, f64)>,
+    /// Candidates the raw prediction would have sent on but the correction held back.
+    #[serde(default)]
+    pub held_back: u64,
 }
 
 impl Calibration {
     pub const MIN_SAMPLES: usize = 5;
     pub const WINDOW: usize = 50;
+    /// Every this many candidates held back by the correction alone, one is measured anyway.
+    ///
+    /// Why: the correction is learned only from candidates that pass the screen, which are the
+    /// ones the cost model rates highest — the search selects for its own prediction errors, so
+    /// their overstatement is the largest (winner's curse), the correction grows on itself, and a
+    /// modest real win would end up held back for good. Measuring some candidates from just below
+    /// the corrected bar keeps the estimate honest and gives such a win a way through.
+    pub const EXPLORE_EVERY: u64 = 5;
+
+    /// Call for a candidate the raw prediction passes but the corrected one does not: true when
+    /// this one should be measured anyway (every `EXPLORE_EVERY`-th; deterministic, so a resumed
+    /// session decides the same way).
+    pub fn explore(&mut self) -> bool {
+        self.held_back += 1;
+        self.held_back % Self::EXPLORE_EVERY == 0
+    }
 
     pub fn record(&mut self, predicted: f64, measured: f64) {
         if !(predicted.is_finite() && measured.is_finite()) {
@@ -294,6 +313,20 @@ mod tests {
         let pred = memo.predict(&s, &p).unwrap();
         assert_eq!(pred.lo, pred.combined);
         assert!(!pred.earns_evaluation(1.02));
+    }
+
+    #[test]
+    fn calibration_measures_every_fifth_held_back_candidate_and_remembers_across_a_resume() {
+        let mut c = Calibration::default();
+        let picks: Vec<bool> = (0..10).map(|_| c.explore()).collect();
+        assert_eq!(picks.iter().filter(|&&x| x).count(), 2);
+        assert!(picks[4] && picks[9]);
+        // Saved with the session: a resumed session continues the count (and an old saved
+        // state without the field reads as zero).
+        let saved: Calibration = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(saved.held_back, 10);
+        let old: Calibration = serde_json::from_value(serde_json::json!({"pairs": []})).unwrap();
+        assert_eq!(old.held_back, 0);
     }
 
     #[test]
