@@ -184,6 +184,10 @@ struct Running {
 struct Now {
     paused: Option<String>,
     progress: Value,
+    /// How the last session ended, for `status` while idle ("session 4 failed: ..."): the
+    /// store may not have been able to take it (disk full, read-only), and a person asking why
+    /// nothing is tuning should not need the log.
+    last_end: Option<String>,
 }
 
 /// Owns the running session (at most one per daemon: the measurements must not share the machine).
@@ -562,7 +566,11 @@ impl Runner {
             End::Stopped => (SessionState::Stopped, "stopped".to_string()),
             End::Failed(r) => (SessionState::Failed, r.clone()),
         };
-        let _ = self.store().set_session_state(self.session_id, state, Some(&reason));
+        let stored = self.store().set_session_state(self.session_id, state, Some(&reason));
+        self.now.lock().unwrap().last_end = Some(match &stored {
+            Ok(()) => format!("session {} {}: {reason}", self.session_id, state.as_str()),
+            Err(e) => format!("session {} {}: {reason} (the database could not record it: {e}; it resumes when the daemon restarts)", self.session_id, state.as_str()),
+        });
         let summary = self.store().session(self.session_id).ok().flatten();
         let best = self.store().best(&self.key).ok().flatten();
         self.publish(
@@ -1157,7 +1165,7 @@ impl TuningService for SessionManager {
                 session_id: Some(id),
                 detail: Some(now.progress),
             },
-            None => TuningStatus { state: "idle".into(), reason: None, session_id: None, detail: None },
+            None => TuningStatus { state: "idle".into(), reason: now.last_end, session_id: None, detail: None },
         }
     }
 

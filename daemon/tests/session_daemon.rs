@@ -39,6 +39,11 @@ async fn a_short_session_ends_with_the_best_that_policy_get_serves() {
     for cand in shown["candidates"].as_array().unwrap() {
         assert!(cand["generation"].as_u64().unwrap() <= generation, "{cand} is ahead of generation {generation}");
     }
+    // Idle again, and status says how the last session ended (no need to read the log).
+    let status = call(&mut c, "status", json!({})).await;
+    assert_eq!(status["tuning"]["state"], "idle", "{status}");
+    let why = status["tuning"]["reason"].as_str().unwrap_or_default();
+    assert!(why.starts_with(&format!("session {sid} finished: ")), "{status}");
     let listed = call(&mut c, "session.list", json!({})).await;
     assert!(listed["sessions"].as_array().unwrap().iter().any(|x| x["id"] == json!(sid)));
 
