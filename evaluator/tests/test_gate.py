@@ -67,14 +67,29 @@ PAIRS = 24
 
 def test_a_a_interval_contains_one(model):
     """Candidate = the native policy: stock and candidate do the same work, so the interval of the
-    ratio must contain 1.0 (and promotion, which needs lo > 1, cannot happen). Like any 95 %
-    interval this can fail by chance, more often on a machine loaded by other work."""
-    stages = []
+    ratio must contain 1.0 (and promotion, which needs lo > 1, cannot happen).
+
+    Three 95 % intervals (inference, training, combined) all contain 1.0 by chance in only about
+    90 % of runs even when nothing is wrong (CI saw training 1.054 [1.001, 1.170] once). So a run
+    whose intervals miss 1.0 is repeated once with another seed, and the test fails only if that
+    one misses too: about 1 % by chance, while a real bias of the patch shows in both."""
     # Longer samples than SMALL: they are less at the mercy of other processes on a shared machine.
     # Every layer patched (reachable_only=False): the candidate really runs through the patch.
-    r = E.evaluate(model, P.native(), dtype="float32", pairs=PAIRS, warmup=2, seed=11,
-                   inference={"prompt_tokens": 64, "gen_tokens": 32}, training={"batch": 4, "seq": 64},
-                   progress=lambda *a: stages.append(a), reachable_only=False)
+    def run(seed):
+        stages = []
+        r = E.evaluate(model, P.native(), dtype="float32", pairs=PAIRS, warmup=2, seed=seed,
+                       inference={"prompt_tokens": 64, "gen_tokens": 32}, training={"batch": 4, "seq": 64},
+                       progress=lambda *a: stages.append(a), reachable_only=False)
+        return r, stages
+
+    def misses(r):
+        return [(w, r[w]["ratio"], r[w]["lo"], r[w]["hi"]) for w in ("inference", "training", "combined")
+                if not r[w]["lo"] <= 1.0 <= r[w]["hi"]]
+
+    r, stages = run(11)
+    if r["correct"] and misses(r):
+        print("first run missed 1.0 (chance, or a bias: the second run decides):", misses(r))
+        r, stages = run(12)
     assert r["correct"]
     for work in ("inference", "training"):
         w = r[work]
