@@ -116,6 +116,22 @@ fn sessions_track_state_and_counters() {
 }
 
 #[test]
+fn the_newest_session_of_a_model_is_found_by_its_saved_spec() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let (a, b, c) = (session(&store), session(&store), session(&store));
+    store.save_search_state(a, &serde_json::json!({"spec": {"model": "synthetic:tiny"}, "engine": {"big": [1, 2, 3]}})).unwrap();
+    store.save_search_state(b, &serde_json::json!({"spec": {"model": "synthetic:tiny"}})).unwrap();
+    store.save_search_state(c, &serde_json::json!({"spec": {"model": "/models/other"}})).unwrap();
+    store.set_session_state(b, SessionState::Finished, Some("budget spent")).unwrap();
+    let found = store.newest_session_of_model("dev", "synthetic:tiny").unwrap().unwrap();
+    assert_eq!((found.id, found.state), (b, SessionState::Finished));
+    assert_eq!(store.newest_session_of_model("dev", "/models/other").unwrap().unwrap().id, c);
+    assert!(store.newest_session_of_model("dev", "nothing").unwrap().is_none());
+    assert!(store.newest_session_of_model("another-device", "synthetic:tiny").unwrap().is_none());
+}
+
+#[test]
 fn candidates_keep_lineage_and_status() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path());

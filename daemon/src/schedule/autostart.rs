@@ -134,11 +134,7 @@ pub fn idle_model(idle: &IdleConfig, backend: &str) -> String {
 
 /// How long ago the newest session of `model` on `device` finished, if the newest one did.
 fn last_finished_ago(store: &SharedStore, device: &str, model: &str) -> Option<Duration> {
-    let st = store.lock().unwrap_or_else(|p| p.into_inner());
-    let sessions = st.list_sessions(200).ok()?;
-    let newest = sessions.into_iter().filter(|s| s.device == device).find(|s| {
-        st.search_state(s.id).ok().flatten().and_then(|v| v["spec"]["model"].as_str().map(|m| m == model)).unwrap_or(false)
-    })?;
+    let newest = store.lock().unwrap_or_else(|p| p.into_inner()).newest_session_of_model(device, model).ok()??;
     if newest.state != SessionState::Finished {
         return None;
     }

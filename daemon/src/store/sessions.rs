@@ -232,6 +232,23 @@ impl Store {
             .optional()?)
     }
 
+    /// The newest session of `device` whose saved search tuned `model` (the `spec.model` of its
+    /// search state). SQLite reads the one field: the auto-starter asks on every gate change, and
+    /// parsing whole saved states (the engine, every key seen) under the store lock would hold up
+    /// `policy.get`.
+    pub fn newest_session_of_model(&self, device: &str, model: &str) -> Result<Option<Session>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT s.* FROM sessions s JOIN search_state st ON st.session_id = s.id
+                 WHERE s.device = ?1 AND json_extract(st.state_json, '$.spec.model') = ?2
+                 ORDER BY s.id DESC LIMIT 1",
+                params![device, model],
+                session_from_row,
+            )
+            .optional()?)
+    }
+
     /// Moves a session to `state`, recording why (pass `None` to clear the reason).
     pub fn set_session_state(&self, id: SessionId, state: SessionState, reason: Option<&str>) -> Result<()> {
         let n = self.conn.execute(
