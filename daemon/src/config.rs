@@ -33,7 +33,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// All settings. `Config::default()` is what a machine without a config file runs with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Python interpreter that runs the evaluator worker (`python -m tilewise.worker`).
@@ -113,11 +113,6 @@ pub struct LlmConfig {
     pub api_key_env: Option<String>,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config { python: None, venv: None, worker: WorkerConfig::default(), idle: IdleConfig::default(), llm: None }
-    }
-}
 
 /// One problem in the config file, located by its dotted key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -700,15 +700,13 @@ impl Runner {
             }
         }
         let parents = child.parents.clone();
-        match self.measure_candidate(&child.policy, child.island, child.generation, &child.origin, parents).await? {
-            Some(outcome) => {
-                // Teach the screen how far its raw prediction was from what was measured.
-                if let (Some(pred), Outcome::Measured { correct: true, ratio: Some(r), .. }) = (predicted, &outcome) {
-                    self.state.calibration.record(pred, *r);
-                }
-                self.state.engine.resolve(index, outcome)
+        // None: stopped mid-measurement, the child stays pending.
+        if let Some(outcome) = self.measure_candidate(&child.policy, child.island, child.generation, &child.origin, parents).await? {
+            // Teach the screen how far its raw prediction was from what was measured.
+            if let (Some(pred), Outcome::Measured { correct: true, ratio: Some(r), .. }) = (predicted, &outcome) {
+                self.state.calibration.record(pred, *r);
             }
-            None => {} // stopped mid-measurement: the child stays pending
+            self.state.engine.resolve(index, outcome)
         }
         Ok(true)
     }
@@ -1043,7 +1041,7 @@ impl Runner {
             return;
         }
         let gen = self.state.engine.generation;
-        if self.state.llm.asked_at_generation == Some(gen) || gen % crate::llm::ASK_EVERY_GENERATIONS != 0 {
+        if self.state.llm.asked_at_generation == Some(gen) || !gen.is_multiple_of(crate::llm::ASK_EVERY_GENERATIONS) {
             return;
         }
         self.state.llm.asked_at_generation = Some(gen);

@@ -181,16 +181,17 @@ async fn activity_pauses_the_measurement_within_a_second_and_idle_resumes_it() {
     ActivityFile { user_idle_s: 600.0, ..Default::default() }.write_to(&r.activity).unwrap();
     next_event(&mut r.events, "session.resumed", Duration::from_secs(10)).await;
     tokio::time::timeout(Duration::from_secs(600), r.manager.wait()).await.expect("session finished");
-    let st = r.store.lock().unwrap();
-    let s = st.session(sid).unwrap().unwrap();
-    assert_eq!(s.state, SessionState::Finished, "{:?}", s.reason);
-    let all = st.candidates(sid, None).unwrap();
-    assert_eq!(all.len(), 3);
-    for c in &all {
-        assert_eq!(c.status, CandidateStatus::Measured, "{c:?}");
-        assert_eq!(st.measurements(c.id).unwrap().len(), 1, "candidate {} measured once", c.id);
+    {
+        let st = r.store.lock().unwrap();
+        let s = st.session(sid).unwrap().unwrap();
+        assert_eq!(s.state, SessionState::Finished, "{:?}", s.reason);
+        let all = st.candidates(sid, None).unwrap();
+        assert_eq!(all.len(), 3);
+        for c in &all {
+            assert_eq!(c.status, CandidateStatus::Measured, "{c:?}");
+            assert_eq!(st.measurements(c.id).unwrap().len(), 1, "candidate {} measured once", c.id);
+        }
     }
-    drop(st);
     r.scheduler.stop().await;
 }
 

@@ -111,8 +111,10 @@ fn snapshot(db: &Path) -> Result<Snapshot> {
     Ok(s)
 }
 
-/// (state, reason, evaluations, failures) of a session.
-fn session_row(db: &Path, sid: i64) -> Result<Option<(String, Option<String>, i64, i64)>> {
+/// A session as the checks read it straight from the database: (state, reason, evaluations, failures).
+type SessionRow = (String, Option<String>, i64, i64);
+
+fn session_row(db: &Path, sid: i64) -> Result<Option<SessionRow>> {
     let c = open_ro(db)?;
     Ok(c.query_row("SELECT state, reason, evaluations, failures FROM sessions WHERE id = ?1", [sid], |r| {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))

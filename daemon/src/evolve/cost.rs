@@ -109,7 +109,7 @@ impl Calibration {
     /// session decides the same way).
     pub fn explore(&mut self) -> bool {
         self.held_back += 1;
-        self.held_back % Self::EXPLORE_EVERY == 0
+        self.held_back.is_multiple_of(Self::EXPLORE_EVERY)
     }
 
     pub fn record(&mut self, predicted: f64, measured: f64) {

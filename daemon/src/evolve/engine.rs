@@ -216,7 +216,7 @@ impl Engine {
             island.truncate(self.config.island_size.max(1));
         }
         self.generation += 1;
-        if self.config.migration_interval > 0 && self.generation % self.config.migration_interval == 0 && self.islands.len() > 1 {
+        if self.config.migration_interval > 0 && self.generation.is_multiple_of(self.config.migration_interval) && self.islands.len() > 1 {
             let bests: Vec<Member> = self.islands.iter().map(|i| i[0].clone()).collect();
             let n = self.islands.len();
             for (i, b) in bests.into_iter().enumerate() {

@@ -85,7 +85,7 @@ impl NewMeasurement {
                     pair: pair as u32,
                     arm,
                     seconds,
-                    extra: (!obj.is_empty()).then(|| Value::Object(obj)),
+                    extra: (!obj.is_empty()).then_some(Value::Object(obj)),
                 });
             }
         }
