@@ -17,18 +17,6 @@ use tilewise::schedule::activity::ActivityFile;
 use tilewise::store::Event;
 use tokio::sync::mpsc;
 
-async fn next(rx: &mut mpsc::Receiver<Event>, kind: &str, within: Duration) -> Event {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(e)) if e.kind == kind => return e,
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("event stream ended before {kind}"),
-            Err(_) => panic!("no {kind} within {within:?}"),
-        }
-    }
-}
-
 /// Asserts that no `kind` event arrives for `quiet`.
 async fn none_of(rx: &mut mpsc::Receiver<Event>, kind: &str, quiet: Duration) {
     let deadline = tokio::time::Instant::now() + quiet;

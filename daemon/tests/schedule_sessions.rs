@@ -5,6 +5,8 @@
 //!   and stores nothing from it; idle again resumes and re-measures the interrupted candidate;
 //! - on battery nothing runs.
 
+mod session_support;
+
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -87,18 +89,7 @@ fn count(store: &SharedStore, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0)).unwrap()
 }
 
-/// The pause budget is 1 s. A machine loaded beyond its CPU count (several test suites at once on
-/// a 2-core CI box) cannot promise any latency, so there the bound is 5 s and the test says why.
-fn pause_budget() -> Duration {
-    let load = tilewise::schedule::activity::load_1m();
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
-    if load > cpus {
-        eprintln!("NOTE: load {load:.1} on {cpus} CPUs: pause bound relaxed from 1 s to 5 s");
-        Duration::from_secs(5)
-    } else {
-        Duration::from_secs(1)
-    }
-}
+use session_support::pause_budget;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activity_pauses_the_measurement_within_a_second_and_idle_resumes_it() {
