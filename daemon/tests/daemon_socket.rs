@@ -57,7 +57,7 @@ async fn unknown_model_gets_native_with_a_reason() {
         .unwrap();
     assert_eq!(r.source, PolicySource::Native);
     assert_eq!(r.hash, Policy::native().content_hash());
-    assert_eq!(r.policy, Policy::native().to_value());
+    assert_eq!(r.policy.to_value(), Policy::native().to_value());
     assert!(r.reason.contains("no policy has been proven") && r.reason.contains("no-such-model"), "{}", r.reason);
     assert!(r.evidence.is_none());
 }
@@ -93,7 +93,7 @@ async fn a_stored_best_is_served_only_for_its_exact_key() {
     let get = |mlx: &str| PolicyGetParams { model: "model-a".into(), mlx: mlx.into(), backend: Some("cpu".into()), device: None };
     let r = c.policy_get(&get("0.32.4")).await.unwrap();
     assert_eq!(r.source, PolicySource::Best, "{}", r.reason);
-    assert_eq!((r.hash.as_str(), &r.policy), (hash.as_str(), &doc));
+    assert_eq!((r.hash.as_str(), &r.policy.to_value()), (hash.as_str(), &doc));
     let ev = r.evidence.unwrap();
     assert_eq!((ev.ratio, ev.lo, ev.hi), (1.12, 1.05, 1.2));
     assert!(r.reason.contains("1.120x"), "{}", r.reason);

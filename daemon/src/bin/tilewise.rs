@@ -173,7 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             println!("{source} policy {}", r.hash);
             println!("why: {}", r.reason);
-            println!("{}", serde_json::to_string_pretty(&r.policy)?);
+            println!("{}", serde_json::to_string_pretty(&r.policy.to_value())?);
             Ok(())
         }
         Cmd::History { model, limit, json } => {

@@ -244,9 +244,46 @@ pub struct Evidence {
     pub promoted_at: String,
 }
 
+/// A policy document inside a reply, kept as the JSON text the daemon sent. Why: clients mostly
+/// pass it on (the plugin caches it, the CLI prints it), and building a `Value` tree of it was over
+/// half of a client's `policy.get` decode time (issue 2's latency goal). [`PolicyJson::to_value`]
+/// gives the tree when one is wanted; equality compares documents, not spellings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PolicyJson(Box<serde_json::value::RawValue>);
+
+impl PolicyJson {
+    pub fn from_value(v: &Value) -> PolicyJson {
+        // Serializing a `Value` to text cannot fail (its map keys are strings).
+        PolicyJson(serde_json::value::to_raw_value(v).expect("a Value always serializes"))
+    }
+
+    /// The document as a tree. The text was valid JSON when decoded, so this cannot fail.
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    }
+
+    /// The JSON text as received.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for PolicyJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str() || self.to_value() == other.to_value()
+    }
+}
+
+impl From<Value> for PolicyJson {
+    fn from(v: Value) -> PolicyJson {
+        PolicyJson::from_value(&v)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicyGetResult {
-    pub policy: Value,
+    pub policy: PolicyJson,
     pub hash: String,
     pub source: PolicySource,
     /// Why this policy: the evidence in words, or why native is served.

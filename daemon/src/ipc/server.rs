@@ -109,7 +109,7 @@ impl DaemonState {
             started: Instant::now(),
             clients: AtomicUsize::new(0),
             native: PolicyGetResult {
-                policy: native_policy.to_value(),
+                policy: native_policy.to_value().into(),
                 hash: native_policy.content_hash(),
                 source: PolicySource::Native,
                 reason: String::new(),
@@ -184,7 +184,7 @@ impl DaemonState {
         // taken before its read: a write racing us can only cause a later miss, never a stale hit.
         let store = self.store();
         let mut cache = self.policy_cache.lock().unwrap_or_else(|p| p.into_inner());
-        let stamp = store.best_stamp(cache.stamp).map_err(RpcError::internal)?;
+        let stamp = store.best_stamp().map_err(RpcError::internal)?;
         if !cache.stamp.is_some_and(|earlier| stamp.best_unchanged_since(&earlier)) {
             cache.entries.clear();
         }
@@ -236,7 +236,7 @@ impl DaemonState {
             best.promoted_at
         );
         Ok(PolicyGetResult {
-            policy: best.policy,
+            policy: best.policy.into(),
             hash: best.hash,
             source: PolicySource::Best,
             reason,
