@@ -21,10 +21,10 @@ impl Store {
     /// Appends an event and returns it with its id and time.
     pub fn append_event(&self, kind: &str, session_id: Option<SessionId>, data: &Value) -> Result<Event> {
         let at = now();
-        self.conn.execute(
-            "INSERT INTO events (at, kind, session_id, data_json) VALUES (?1, ?2, ?3, ?4)",
-            params![at, kind, session_id, to_json(data)?],
-        )?;
+        // Cached: every client's `hello` appends one, on the plugin's path at each MLX start.
+        self.conn
+            .prepare_cached("INSERT INTO events (at, kind, session_id, data_json) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![at, kind, session_id, to_json(data)?])?;
         Ok(Event { id: self.conn.last_insert_rowid(), at, kind: kind.to_string(), session_id, data: data.clone() })
     }
 

@@ -185,7 +185,8 @@ impl Store {
 
     /// The schema version recorded in the file.
     pub fn schema_version(&self) -> Result<u32> {
-        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+        // Cached: `status` asks on every call (the plugin's path at each MLX start).
+        Ok(self.conn.prepare_cached("PRAGMA user_version")?.query_row([], |r| r.get(0))?)
     }
 
     /// The journal mode in effect (`"wal"` for a file database).
