@@ -14,8 +14,10 @@
 //! The daemon caches `policy.get` answers until the `best` table changes (see `PolicyCache` in
 //! ipc/server.rs), so repeated asks take the cached path, as every MLX start after the first does.
 //! A third block times `policy.get` after `hello` + `status`, the Python plugin's sequence at
-//! every MLX start; hello's event append is a write the cache must see past. The in-process breakdown also shows the
-//! per-request store check and what a cache miss (after a promotion) costs.
+//! every MLX start; hello's event append is a write the cache must see past. Another block sends
+//! the request line and only reads the reply line, as the echo client does: the daemon's share.
+//! The in-process breakdown also shows the per-request store check and what a cache miss (after a
+//! promotion) costs.
 
 use futures_util::{SinkExt, StreamExt};
 use interprocess::local_socket::tokio::{prelude::*, Stream};
@@ -134,7 +136,12 @@ async fn orchestrate(iters: usize) {
     let stream = Stream::connect(echo_socket.as_path().to_fs_name::<GenericFilePath>().unwrap()).await.unwrap();
     let mut raw = Framed::new(stream, LinesCodec::new_with_max_length(1 << 20));
 
+    // A second connection to the daemon that sends the same request line and only reads the reply
+    // line, as the echo client does: the daemon's share of the difference, without the client's.
+    let daemon_stream = Stream::connect(paths.socket.as_path().to_fs_name::<GenericFilePath>().unwrap()).await.unwrap();
+    let mut daemon_raw = Framed::new(daemon_stream, LinesCodec::new_with_max_length(1 << 20));
     let (mut t_echo, mut t_rpc, mut t_rpc_hello) = (Vec::with_capacity(iters), Vec::with_capacity(iters), Vec::with_capacity(iters));
+    let mut t_rpc_line = Vec::with_capacity(iters);
     let warmup = iters / 10;
     let block = 500;
     let mut done = 0;
@@ -157,6 +164,16 @@ async fn orchestrate(iters: usize) {
             assert_eq!(r.source, PolicySource::Best);
             if done >= warmup {
                 t_rpc.push(dt.as_secs_f64() * 1e6);
+            }
+        }
+        for _ in 0..n {
+            let t = Instant::now();
+            daemon_raw.send(request_line.as_str()).await.unwrap();
+            let line = daemon_raw.next().await.unwrap().unwrap();
+            let dt = t.elapsed();
+            assert_eq!(line.len(), reply_len);
+            if done >= warmup {
+                t_rpc_line.push(dt.as_secs_f64() * 1e6);
             }
         }
         // As the Python plugin does at every MLX start (evaluator/tilewise/plugin.py): `hello`
@@ -231,21 +248,25 @@ async fn orchestrate(iters: usize) {
     t_echo.sort_by(f64::total_cmp);
     t_rpc.sort_by(f64::total_cmp);
     t_rpc_hello.sort_by(f64::total_cmp);
+    t_rpc_line.sort_by(f64::total_cmp);
     let (e50, e99) = (percentile(&t_echo, 0.5), percentile(&t_echo, 0.99));
     let (r50, r99) = (percentile(&t_rpc, 0.5), percentile(&t_rpc, 0.99));
     let (h50, h99) = (percentile(&t_rpc_hello, 0.5), percentile(&t_rpc_hello, 0.99));
+    let (l50, l99) = (percentile(&t_rpc_line, 0.5), percentile(&t_rpc_line, 0.99));
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     println!("# tilewise bench_ipc — {}", tilewise::store::now());
     println!("# machine: {} ({} cpus), {} {}", cpu, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), std::env::consts::OS, std::env::consts::ARCH);
-    println!("# {} round trips each after {} warm-up, alternating blocks of {} (echo, policy.get, hello + status + timed policy.get); separate processes, tokio multi-thread runtimes", t_rpc.len(), warmup, block);
+    println!("# {} round trips each after {} warm-up, alternating blocks of {} (echo, policy.get, policy.get line only, hello + status + timed policy.get); separate processes, tokio multi-thread runtimes", t_rpc.len(), warmup, block);
     println!("# request {} bytes, reply {} bytes (echo moves the same bytes)", request_line.len() + 1, reply_len + 1);
     println!("{:<28} {:>10} {:>10}", "round trip (µs)", "p50", "p99");
     println!("{:<28} {:>10.1} {:>10.1}", "raw local-socket echo", e50, e99);
     println!("{:<28} {:>10.1} {:>10.1}", "policy.get (best, typed)", r50, r99);
     println!("{:<28} {:>10.2} {:>10.2}", "ratio policy.get / echo", r50 / e50, r99 / e99);
+    println!("{:<28} {:>10.1} {:>10.1}", "  reply line only (no decode)", l50, l99);
+    println!("{:<28} {:>10.2} {:>10.2}", "  ratio that / echo", l50 / e50, l99 / e99);
     println!("{:<28} {:>10.1} {:>10.1}", "after hello+status (plugin)", h50, h99);
     println!("{:<28} {:>10.2} {:>10.2}", "ratio that / echo", h50 / e50, h99 / e99);
     println!("{:<28} {:>10.1}", "  of which daemon handling", server_us);

@@ -122,10 +122,13 @@ fn session_row(db: &Path, sid: i64) -> Result<Option<SessionRow>> {
     .optional()?)
 }
 
+/// Policies stored twice in one session: work a restart repeated. The incumbent's re-measurement
+/// row (origin `incumbent`) shares the promoted candidate's hash on purpose, so it is counted apart.
 fn duplicate_candidates(db: &Path, sid: i64) -> Result<i64> {
     let c = open_ro(db)?;
     Ok(c.query_row(
-        "SELECT count(*) FROM (SELECT hash FROM candidates WHERE session_id = ?1 GROUP BY hash HAVING count(*) > 1)",
+        "SELECT count(*) FROM (SELECT hash FROM candidates WHERE session_id = ?1
+                               GROUP BY hash, origin = 'incumbent' HAVING count(*) > 1)",
         [sid],
         |r| r.get(0),
     )?)
@@ -477,7 +480,9 @@ fn storage_fault(
     // During the fault: reads keep being served.
     let h0 = Instant::now();
     let (mut asked, mut answered) = (0, 0);
-    while h0.elapsed() < hold {
+    // At least `hold`, and longer (up to 4×) until the daemon has run into the fault and said so.
+    let warned = |d: &Daemon| d.log_text().get(log_mark..).is_some_and(|t| t.contains("WARN") || t.contains("ERROR"));
+    while h0.elapsed() < hold || (!warned(&d) && h0.elapsed() < hold * 4) {
         asked += 1;
         if d.answers() {
             answered += 1;
@@ -571,17 +576,39 @@ fn disk_full(bins: &Binaries, root: &Path) -> Result<Row> {
     let _m = Mount(home.clone());
     let filler = home.join("filler");
     let f2 = filler.clone();
+    let db = tilewise::paths::Paths::under_home(&home).db_file;
     let mut apply = move || {
-        // Fill until ENOSPC (a write error is the point).
+        // The WAL is reused in place after a checkpoint, so a full disk alone may never reach the
+        // daemon's commits: empty the WAL first, and its next commit must allocate.
+        truncate_wal(&db)?;
+        // Fill until ENOSPC (a write error is the point), to the last byte: a 1 MiB write that
+        // fails can leave most of a MiB free, enough for many small commits.
         let mut f = std::fs::File::create(&filler)?;
-        let chunk = vec![0u8; 1 << 20];
         use std::io::Write;
-        while f.write_all(&chunk).is_ok() {}
+        for size in [1 << 20, 4096, 1] {
+            let chunk = vec![0u8; size];
+            while f.write_all(&chunk).is_ok() {}
+        }
         let _ = f.sync_all();
         Ok(())
     };
     let mut undo = move || Ok(std::fs::remove_file(&f2)?);
     storage_fault(bins, &home, "faults: disk full (256 MiB tmpfs filled mid-session)", 2, Duration::from_secs(8), &mut apply, &mut undo)
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)` from a connection of our own, retried while the daemon's
+/// transactions keep it busy.
+fn truncate_wal(db: &Path) -> Result<()> {
+    let c = Connection::open(db)?;
+    c.busy_timeout(Duration::from_secs(5))?;
+    for _ in 0..100 {
+        let busy: i64 = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        if busy == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("the WAL of {} stayed busy; cannot truncate it", db.display())
 }
 
 /// Corrupts pages of a stopped daemon's database (keeping the 100-byte header, so SQLite opens it

@@ -47,7 +47,9 @@ impl Daemon {
             bins: bins.clone(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             child: None,
-            log: home.join("daemon-output.log"),
+            // Beside the home, not in it: a check may fill or freeze the home's filesystem, and the
+            // daemon's account of that fault must still reach the file the check reads.
+            log: home.with_file_name(format!("{}-daemon-output.log", home.file_name().and_then(|n| n.to_str()).unwrap_or("home"))),
             starts: 0,
         };
         d.restart()?;
