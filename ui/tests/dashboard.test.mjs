@@ -3,6 +3,7 @@
 // independent client on its socket.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
+import fs from "node:fs";
 import { startDaemon, stopDaemon, startBridge, launchBrowser, RawClient, until, BIN } from "./harness.mjs";
 import fmt from "../src/format.js";
 
@@ -24,6 +25,11 @@ after(async () => {
   await browser?.close();
   bridge?.proc.kill();
   if (daemon?.client) await stopDaemon(daemon);
+  // The temp home (database, daemon log) goes with the run, unless asked to keep it for a look.
+  if (daemon?.home && !process.env.TILEWISE_UI_KEEP_HOME) {
+    try { fs.rmSync(daemon.home, { recursive: true, force: true, maxRetries: 5 }); }
+    catch (e) { console.log(`could not remove ${daemon.home}: ${e.message}`); }
+  } else if (daemon?.home) console.log(`kept the daemon's home: ${daemon.home}`);
 });
 
 const text = (sel) => page.locator(sel).first().innerText();
