@@ -764,14 +764,21 @@ impl Runner {
         }
     }
 
-    /// One end-to-end evaluation of candidate `id`, committed as a measurement with all its samples.
-    async fn evaluate(&mut self, id: CandidateId, policy: &Policy, origin: &str, generation: u64) -> Result<Evaluated, SessionError> {
-        self.store().set_candidate_status(id, CandidateStatus::Measuring)?;
+    /// The worker's `evaluate` request for `policy`: this session's workload, pairs and warm-up.
+    fn evaluate_request(&self, policy: &Policy) -> Value {
         let spec = &self.state.spec;
         let mut req = spec.workload.request_fields();
         req["policy"] = policy.to_value();
         req["pairs"] = json!(spec.pairs);
         req["warmup"] = json!(spec.warmup);
+        req
+    }
+
+    /// One end-to-end evaluation of candidate `id`, committed as a measurement with all its samples.
+    async fn evaluate(&mut self, id: CandidateId, policy: &Policy, origin: &str, generation: u64) -> Result<Evaluated, SessionError> {
+        self.store().set_candidate_status(id, CandidateStatus::Measuring)?;
+        let mut req = self.evaluate_request(policy);
+        let spec = &self.state.spec;
         let attempt = self.store().measurements(id)?.len() as u64;
         req["seed"] = json!((spec.seed.wrapping_add(id as u64 * 7919 + attempt)) % (1 << 31));
         // Only a candidate's first measurement races: a confirmation (attempt ≥ 1) is what a
@@ -937,11 +944,8 @@ impl Runner {
             None => self.add_candidate(&policy, 0, self.state.engine.generation, "incumbent", &[])?,
         };
         self.store().set_candidate_status(id, CandidateStatus::Measuring)?;
+        let req = self.evaluate_request(&policy);
         let spec = &self.state.spec;
-        let mut req = spec.workload.request_fields();
-        req["policy"] = policy.to_value();
-        req["pairs"] = json!(spec.pairs);
-        req["warmup"] = json!(spec.warmup);
         let pause = crate::schedule::PauseToken::new(&self.stop, self.gate());
         let stop = pause.token();
         match self.sup.request("evaluate", req, Duration::from_secs(spec.evaluate_timeout_s), Some(&stop), |_| {}).await {

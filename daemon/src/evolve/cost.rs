@@ -244,13 +244,7 @@ mod tests {
         assert_eq!(memo.predict(&s, &native).unwrap().combined, 1.0);
 
         // A policy that splits only the output head at prefill: needs that one entry.
-        let head = crate::policy::Rule {
-            m: Some(crate::policy::Range(2, Some(95))),
-            n: Some(crate::policy::Range(1024, Some(1024))),
-            k: None,
-            plan: Plan::Split { tile_m: None, tile_n: Some(256), tile_k: None },
-        };
-        let p = s.policy("head", vec![head], Plan::Native);
+        let p = head_split_policy(&s);
         let needed = memo.needed(&s, &p);
         assert_eq!(needed.len(), 1);
         assert_eq!((needed[0].m, needed[0].n), (63, 1024));
@@ -263,6 +257,17 @@ mod tests {
         assert!(memo.predict(&s, &p).unwrap().combined < 1.0);
     }
 
+    /// The policy that splits only the output head at prefill (N = 1024, M 2..=95) into 256 columns.
+    fn head_split_policy(s: &SearchSpace) -> Policy {
+        let head = crate::policy::Rule {
+            m: Some(crate::policy::Range(2, Some(95))),
+            n: Some(crate::policy::Range(1024, Some(1024))),
+            k: None,
+            plan: Plan::Split { tile_m: None, tile_n: Some(256), tile_k: None },
+        };
+        s.policy("head", vec![head], Plan::Native)
+    }
+
     /// A memo where every native shape is timed and the output head at prefill has one split plan
     /// with the given (ratio, lo); returns the policy that uses that plan.
     fn head_memo(ratio: f64, lo: Option<f64>) -> (SearchSpace, Memo, Policy) {
@@ -271,13 +276,7 @@ mod tests {
         for n in memo.needed(&s, &s.native()) {
             memo.insert(n.m, n.n, n.k, n.plan_hash(), ShapeTiming { stock_median_s: (n.m * n.n * n.k) as f64 * 1e-9, ratio: 1.0, lo: Some(0.9) });
         }
-        let head = crate::policy::Rule {
-            m: Some(crate::policy::Range(2, Some(95))),
-            n: Some(crate::policy::Range(1024, Some(1024))),
-            k: None,
-            plan: Plan::Split { tile_m: None, tile_n: Some(256), tile_k: None },
-        };
-        let p = s.policy("head", vec![head], Plan::Native);
+        let p = head_split_policy(&s);
         let needed = memo.needed(&s, &p);
         assert_eq!(needed.len(), 1);
         memo.insert(63, 1024, 64, needed[0].plan_hash(), ShapeTiming { stock_median_s: 63.0 * 1024.0 * 64.0 * 1e-9, ratio, lo });
