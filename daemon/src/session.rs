@@ -774,13 +774,19 @@ impl Runner {
         req
     }
 
+    /// The worker's seed for measurement `attempt` of candidate row `id`: fixed by the session's
+    /// seed (a resumed session repeats it), different for every row and attempt.
+    fn measurement_seed(&self, id: CandidateId, attempt: u64) -> u64 {
+        (self.state.spec.seed.wrapping_add(id as u64 * 7919 + attempt)) % (1 << 31)
+    }
+
     /// One end-to-end evaluation of candidate `id`, committed as a measurement with all its samples.
     async fn evaluate(&mut self, id: CandidateId, policy: &Policy, origin: &str, generation: u64) -> Result<Evaluated, SessionError> {
         self.store().set_candidate_status(id, CandidateStatus::Measuring)?;
         let mut req = self.evaluate_request(policy);
         let spec = &self.state.spec;
         let attempt = self.store().measurements(id)?.len() as u64;
-        req["seed"] = json!((spec.seed.wrapping_add(id as u64 * 7919 + attempt)) % (1 << 31));
+        req["seed"] = json!(self.measurement_seed(id, attempt));
         // Only a candidate's first measurement races: a confirmation (attempt ≥ 1) is what a
         // promotion rests on and always runs every pair.
         if spec.race && attempt == 0 && origin != "confirmation" {
@@ -944,7 +950,9 @@ impl Runner {
             None => self.add_candidate(&policy, 0, self.state.engine.generation, "incumbent", &[])?,
         };
         self.store().set_candidate_status(id, CandidateStatus::Measuring)?;
-        let req = self.evaluate_request(&policy);
+        let mut req = self.evaluate_request(&policy);
+        // Each re-measurement orders its pairs differently, as a candidate's attempts do.
+        req["seed"] = json!(self.measurement_seed(id, self.store().measurements(id)?.len() as u64));
         let spec = &self.state.spec;
         let pause = crate::schedule::PauseToken::new(&self.stop, self.gate());
         let stop = pause.token();
