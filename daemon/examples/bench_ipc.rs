@@ -94,6 +94,20 @@ async fn wait_for(socket: &Path) {
     }
 }
 
+/// `n` round trips of `line` on `framed`, each reply checked for its length; kept in µs when `keep`.
+async fn line_round_trips(framed: &mut Framed<Stream, LinesCodec>, line: &str, reply_len: usize, n: usize, keep: bool, out: &mut Vec<f64>) {
+    for _ in 0..n {
+        let t = Instant::now();
+        framed.send(line).await.unwrap();
+        let reply = framed.next().await.unwrap().unwrap();
+        let dt = t.elapsed();
+        assert_eq!(reply.len(), reply_len);
+        if keep {
+            out.push(dt.as_secs_f64() * 1e6);
+        }
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -147,16 +161,7 @@ async fn orchestrate(iters: usize) {
     let mut done = 0;
     while done < iters + warmup {
         let n = block.min(iters + warmup - done);
-        for _ in 0..n {
-            let t = Instant::now();
-            raw.send(request_line.as_str()).await.unwrap();
-            let line = raw.next().await.unwrap().unwrap();
-            let dt = t.elapsed();
-            assert_eq!(line.len(), reply_len);
-            if done >= warmup {
-                t_echo.push(dt.as_secs_f64() * 1e6);
-            }
-        }
+        line_round_trips(&mut raw, &request_line, reply_len, n, done >= warmup, &mut t_echo).await;
         for _ in 0..n {
             let t = Instant::now();
             let r = client.policy_get(&params).await.unwrap();
@@ -166,16 +171,7 @@ async fn orchestrate(iters: usize) {
                 t_rpc.push(dt.as_secs_f64() * 1e6);
             }
         }
-        for _ in 0..n {
-            let t = Instant::now();
-            daemon_raw.send(request_line.as_str()).await.unwrap();
-            let line = daemon_raw.next().await.unwrap().unwrap();
-            let dt = t.elapsed();
-            assert_eq!(line.len(), reply_len);
-            if done >= warmup {
-                t_rpc_line.push(dt.as_secs_f64() * 1e6);
-            }
-        }
+        line_round_trips(&mut daemon_raw, &request_line, reply_len, n, done >= warmup, &mut t_rpc_line).await;
         // As the Python plugin does at every MLX start (evaluator/tilewise/plugin.py): `hello`
         // (which appends an event to the store: a write by the daemon's own connection), `status`,
         // then `policy.get`, timed alone.

@@ -481,8 +481,7 @@ fn storage_fault(
     let h0 = Instant::now();
     let (mut asked, mut answered) = (0, 0);
     // At least `hold`, and longer (up to 4×) until the daemon has run into the fault and said so.
-    let warned = |d: &Daemon| d.log_text().get(log_mark..).is_some_and(|t| t.contains("WARN") || t.contains("ERROR"));
-    while h0.elapsed() < hold || (!warned(&d) && h0.elapsed() < hold * 4) {
+    while h0.elapsed() < hold || (first_warning(&d.log_text(), log_mark).is_none() && h0.elapsed() < hold * 4) {
         asked += 1;
         if d.answers() {
             answered += 1;
@@ -510,14 +509,7 @@ fn storage_fault(
     let progressed = after.trials() > before.trials();
     // The daemon's own account of the fault (the database may not have been writable to hold it).
     let log = d.log_text();
-    let logged = log
-        .get(log_mark..)
-        .unwrap_or("")
-        .lines()
-        .map(strip_ansi)
-        .find(|l| l.contains("WARN") || l.contains("ERROR"))
-        .map(|l| l.split_once(" tilewise").map(|(_, rest)| format!("tilewise{rest}")).unwrap_or(l))
-        .unwrap_or_default();
+    let logged = first_warning(&log, log_mark).unwrap_or_default();
     let _ = d.client().and_then(|mut c| c.call("tuning.stop", json!({})));
     let integrity = open_ro(&d.db)?.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))?;
     let unexplained = after.failed.values().filter(|r| r.as_deref().unwrap_or("").trim().is_empty()).count();
@@ -594,6 +586,15 @@ fn disk_full(bins: &Binaries, root: &Path) -> Result<Row> {
     };
     let mut undo = move || Ok(std::fs::remove_file(&f2)?);
     storage_fault(bins, &home, "faults: disk full (256 MiB tmpfs filled mid-session)", 2, Duration::from_secs(8), &mut apply, &mut undo)
+}
+
+/// The daemon's first WARN or ERROR line in `log` after byte `mark`, from its module path on.
+fn first_warning(log: &str, mark: usize) -> Option<String> {
+    log.get(mark..)?
+        .lines()
+        .map(strip_ansi)
+        .find(|l| l.contains("WARN") || l.contains("ERROR"))
+        .map(|l| l.split_once(" tilewise").map(|(_, rest)| format!("tilewise{rest}")).unwrap_or(l))
 }
 
 /// `PRAGMA wal_checkpoint(TRUNCATE)` from a connection of our own, retried while the daemon's
