@@ -39,6 +39,7 @@ mod memo;
 mod schema;
 mod search;
 mod sessions;
+mod wal_watch;
 
 pub use best::{Best, BestKey, HistoryEntry, Promotion};
 pub use catalog::{DeviceRecord, ModelRecord, NewWorkerFailure, WorkerFailure};
@@ -51,8 +52,10 @@ pub use sessions::{
 };
 
 use rusqlite::{Connection, OpenFlags};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use wal_watch::{WalIndexHeader, WalIndexWatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -88,8 +91,26 @@ pub struct Store {
     /// Where a corrupted database found at `path` was moved by `open` (this handle is a fresh one).
     moved_aside: Option<PathBuf>,
     /// [`Store::promote`] calls through this handle, for [`BestStamp`].
-    own_promotions: std::cell::Cell<u64>,
+    own_promotions: Cell<u64>,
+    /// The shared WAL index's header, for [`Store::best_stamp`]'s syscall-free check.
+    wal_watch: Option<WalIndexWatch>,
+    /// The last `PRAGMA data_version` asked, with the WAL index header read just before it.
+    last_data_version: Cell<Option<DataVersionSeen>>,
+    /// How many [`Store::best_stamp`] calls had to ask SQLite (the rest trusted the header).
+    data_version_queries: Cell<u64>,
 }
+
+/// One `PRAGMA data_version` answer and what the WAL index looked like just before it was asked.
+#[derive(Clone, Copy)]
+struct DataVersionSeen {
+    header: WalIndexHeader,
+    data_version: i64,
+    at: Instant,
+}
+
+/// How long an unchanged WAL index header is trusted before SQLite is asked anyway: the bound on
+/// how late a commit by a writer that bypasses the shared index (see `wal_watch`) is noticed.
+const TRUST_WAL_HEADER_FOR: Duration = Duration::from_millis(250);
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -135,7 +156,18 @@ impl Store {
         schema::migrations()
             .to_latest(&mut conn)
             .map_err(|source| StoreError::Migrate { path: path.to_path_buf(), source })?;
-        Ok(Store { conn, path: path.to_path_buf(), moved_aside, own_promotions: Default::default() })
+        // Mapped once the schema work has run, so the index exists; only in WAL mode (a file
+        // system without shared memory leaves SQLite in rollback mode: then there is no index).
+        let wal = Self::journal_mode_of(&conn).map_err(open_err)? == "wal";
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            moved_aside,
+            own_promotions: Default::default(),
+            wal_watch: if wal { WalIndexWatch::open(path) } else { None },
+            last_data_version: Cell::new(None),
+            data_version_queries: Cell::new(0),
+        })
     }
 
     /// Reads an existing file's schema version and checks its integrity on a read-only
@@ -191,7 +223,11 @@ impl Store {
 
     /// The journal mode in effect (`"wal"` for a file database).
     pub fn journal_mode(&self) -> Result<String> {
-        Ok(self.conn.pragma_query_value(None, "journal_mode", |r| r.get(0))?)
+        Ok(Self::journal_mode_of(&self.conn)?)
+    }
+
+    fn journal_mode_of(conn: &Connection) -> rusqlite::Result<String> {
+        conn.pragma_query_value(None, "journal_mode", |r| r.get(0))
     }
 
     /// Copies the WAL into the main file (the daemon does this at shutdown).
@@ -284,11 +320,41 @@ impl BestStamp {
 }
 
 impl Store {
-    /// The current [`BestStamp`]: one cached `PRAGMA data_version` (~1 µs: a read transaction,
-    /// which is when SQLite notices another connection's WAL commit) and a counter.
+    /// The current [`BestStamp`]: `PRAGMA data_version` and a counter.
+    ///
+    /// The pragma opens a read transaction (that is when SQLite notices another connection's WAL
+    /// commit): a lock and an unlock on the `-shm` file, two syscalls on every `policy.get`. So it
+    /// is asked only when the WAL index header has changed since it was last asked (any commit,
+    /// ours included, changes it; see `wal_watch`) or when its answer is older than
+    /// [`TRUST_WAL_HEADER_FOR`]; otherwise that answer still holds and no syscall is made.
     pub fn best_stamp(&self) -> Result<BestStamp> {
-        let data_version: i64 = self.conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
-        Ok(BestStamp { data_version, own_promotions: self.own_promotions.get() })
+        let own_promotions = self.own_promotions.get();
+        let Some(watch) = &self.wal_watch else {
+            return Ok(BestStamp { data_version: self.query_data_version()?, own_promotions });
+        };
+        // The header is read BEFORE the pragma: a commit landing between the two then shows as a
+        // changed header next time (one query too many), never as an unchanged one (a stale answer).
+        let header = watch.header();
+        let now = Instant::now();
+        if let Some(seen) = self.last_data_version.get() {
+            if seen.header == header && now.duration_since(seen.at) < TRUST_WAL_HEADER_FOR {
+                return Ok(BestStamp { data_version: seen.data_version, own_promotions });
+            }
+        }
+        let data_version = self.query_data_version()?;
+        self.last_data_version.set(Some(DataVersionSeen { header, data_version, at: now }));
+        Ok(BestStamp { data_version, own_promotions })
+    }
+
+    fn query_data_version(&self) -> Result<i64> {
+        self.data_version_queries.set(self.data_version_queries.get() + 1);
+        Ok(self.conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?)
+    }
+
+    /// How many [`Store::best_stamp`] calls asked SQLite; the others were answered from the WAL
+    /// index header alone (tests and the IPC benchmark show the split).
+    pub fn data_version_queries(&self) -> u64 {
+        self.data_version_queries.get()
     }
 }
 
@@ -335,5 +401,33 @@ mod best_stamp_tests {
         a.append_event("client.hello", None, &serde_json::json!({})).unwrap();
         a.promote(&promotion("m", "h3")).unwrap();
         check(true, "a promotion after an event, both through this connection");
+    }
+
+    #[test]
+    fn an_unchanged_wal_index_answers_without_asking_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let a = Store::open(&path).unwrap();
+        let b = Store::open(&path).unwrap();
+        let first = a.best_stamp().unwrap();
+        let asked = a.data_version_queries();
+        for _ in 0..200 {
+            assert_eq!(a.best_stamp().unwrap(), first);
+        }
+        // At most one more: the trust window may run out once if this thread is descheduled.
+        assert!(a.data_version_queries() <= asked + 1, "200 checks with no commit asked SQLite {} times", a.data_version_queries() - asked);
+
+        b.append_event("client.hello", None, &serde_json::json!({})).unwrap();
+        let asked = a.data_version_queries();
+        let after = a.best_stamp().unwrap();
+        assert_eq!(a.data_version_queries(), asked + 1, "another connection's commit must make it ask");
+        assert!(!after.best_unchanged_since(&first));
+
+        // A writer that bypassed the shared index would be caught by the time limit: once it has
+        // passed, SQLite is asked even though the header did not move.
+        std::thread::sleep(TRUST_WAL_HEADER_FOR + Duration::from_millis(50));
+        let asked = a.data_version_queries();
+        assert_eq!(a.best_stamp().unwrap(), after);
+        assert_eq!(a.data_version_queries(), asked + 1, "an answer older than the trust window must be refreshed");
     }
 }
