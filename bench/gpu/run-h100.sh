@@ -7,9 +7,10 @@
 #   gputime          bench/gpu/gpu_time.py under Nsight Compute (GPU time per op, native vs best plan)
 #   chain            bench/gpu/chain_check.py (is kernel_bench's mx.depends chain a real dependency?)
 #   e2e [ARGS]       bench/gpu/e2e_bench.py ARGS (tuned policy vs stock through the evaluator)
+#   batched [ARGS]   bench/gpu/batched_decode.py ARGS (tuned policy vs stock, batched decode, B = 1/4/8/16)
 #   evaluator [ARGS] bench/evaluator_bench.py on Qwen2.5-0.5B bf16 (issue 3's H100 benchmark)
 #   plugin           bench/plugin_bench.py on Qwen2.5-0.5B bf16, no daemon (issue 6's H100 overhead figure)
-# Kernel results for gputime/e2e: $KR_SET, else /root/kb/kernel_bench.json (this machine's last kernels
+# Kernel results for gputime/e2e/batched: $KR_SET, else /root/kb/kernel_bench.json (this machine's last kernels
 # step), else results/h100/kernel_bench.json (committed).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -61,6 +62,7 @@ for step in ${steps//,/ }; do
     plugin) python3 bench/plugin_bench.py --model synthetic:qwen2.5-0.5b --dtype bfloat16 --prompt-tokens 512 \
               --gen-tokens 64 --pairs 40 --no-daemon --out "$OUT/plugin-bench.txt" 2>&1 | tail -n 40 || rc=1 ;;
     e2e) python3 bench/gpu/e2e_bench.py --out "$OUT" --kernel-results "$KR" "$@" 2>&1 | tee "$OUT/e2e.log" || rc=1 ;;
+    batched) python3 bench/gpu/batched_decode.py --out "$OUT" --kernel-results "$KR" "$@" 2>&1 | tee "$OUT/batched.log" || rc=1 ;;
     evaluator) python3 bench/evaluator_bench.py --model synthetic:qwen2.5-0.5b --dtype bfloat16 --out "$OUT" "$@" 2>&1 \
                  | tee "$OUT/evaluator_bench.log" || rc=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
