@@ -92,7 +92,8 @@ pub struct Store {
     moved_aside: Option<PathBuf>,
     /// [`Store::promote`] calls through this handle, for [`BestStamp`].
     own_promotions: Cell<u64>,
-    /// The shared WAL index's header, for [`Store::best_stamp`]'s syscall-free check.
+    /// The header of `conn`'s WAL index, for [`Store::best_stamp`]'s syscall-free check. Points
+    /// into `conn`'s own mapping: never read after `conn` closes (nothing reads it in drop).
     wal_watch: Option<WalIndexWatch>,
     /// The last `PRAGMA data_version` asked, with the WAL index header read just before it.
     last_data_version: Cell<Option<DataVersionSeen>>,
@@ -156,15 +157,15 @@ impl Store {
         schema::migrations()
             .to_latest(&mut conn)
             .map_err(|source| StoreError::Migrate { path: path.to_path_buf(), source })?;
-        // Mapped once the schema work has run, so the index exists; only in WAL mode (a file
-        // system without shared memory leaves SQLite in rollback mode: then there is no index).
-        let wal = Self::journal_mode_of(&conn).map_err(open_err)? == "wal";
+        // SAFETY: the watch lives in the same Store as `conn` and the Store never takes the
+        // connection out of WAL mode (`configure` puts it there; nothing changes it after).
+        let wal_watch = unsafe { WalIndexWatch::open(&conn) };
         Ok(Store {
             conn,
             path: path.to_path_buf(),
             moved_aside,
             own_promotions: Default::default(),
-            wal_watch: if wal { WalIndexWatch::open(path) } else { None },
+            wal_watch,
             last_data_version: Cell::new(None),
             data_version_queries: Cell::new(0),
         })
@@ -223,11 +224,7 @@ impl Store {
 
     /// The journal mode in effect (`"wal"` for a file database).
     pub fn journal_mode(&self) -> Result<String> {
-        Ok(Self::journal_mode_of(&self.conn)?)
-    }
-
-    fn journal_mode_of(conn: &Connection) -> rusqlite::Result<String> {
-        conn.pragma_query_value(None, "journal_mode", |r| r.get(0))
+        Ok(self.conn.pragma_query_value(None, "journal_mode", |r| r.get(0))?)
     }
 
     /// Copies the WAL into the main file (the daemon does this at shutdown).

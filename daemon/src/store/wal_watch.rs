@@ -4,7 +4,7 @@
 //! Why: `PRAGMA data_version` is the documented way to notice another connection's commit, but it
 //! opens a read transaction, and in WAL mode that is a lock and an unlock (two `fcntl`s) on the
 //! `-shm` file. On `policy.get`'s path that was ~0.2 of issue 2's latency ratio against a bare
-//! echo. The WAL index is a file that every connection maps shared, and its header (the first
+//! echo. The WAL index is memory that every connection maps shared, and its header (the first
 //! 96 bytes: two copies of one 48-byte header) is rewritten on every commit, with a counter
 //! (`iChange`) that each commit increments (sqlite3.c, `sqlite3WalFrames`; layout in SQLite's
 //! "WAL-mode file format" document, section 2.2). So: if the header reads exactly as it did just
@@ -14,69 +14,93 @@
 //! (a connection in `locking_mode=EXCLUSIVE` keeps its index in private memory) are caught by
 //! [`Store::best_stamp`](super::Store::best_stamp)'s time limit on trusting the header.
 //!
-//! Safety of the mapping: SQLite itself maps this file and reads this header at every transaction,
-//! and it only truncates the file when no connection has it open; ours stays open as long as the
-//! [`Store`](super::Store) that owns this watch. Anything that would make our read fault (someone
-//! truncating the file under a live database) would fault SQLite's own read first.
+//! Why SQLite's own mapping and not our own `mmap` of the `-shm` file: SQLite locks that file with
+//! POSIX record locks, and closing ANY descriptor of a file drops every such lock the process
+//! holds on it — including the connections' "I have the index open" lock, after which another
+//! process may re-initialise (truncate) the index under them. An earlier version of this module
+//! opened, mapped and closed the file, and the reliability suite's fault checks caught exactly
+//! that (a daemon killed by SIGBUS, sessions that stopped progressing). Asking the connection's
+//! own VFS for the region it already has mapped (`xShmMap`, the call SQLite's WAL code makes)
+//! opens nothing and closes nothing.
 
-use memmap2::{Mmap, MmapOptions};
-use std::ffi::OsString;
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use rusqlite::{ffi, Connection};
+use std::ffi::c_void;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Both copies of the wal-index header, in 32-bit words.
 const HEADER_WORDS: usize = 24;
-const HEADER_BYTES: usize = HEADER_WORDS * 4;
+/// The size of a wal-index region; SQLite asks for every region with this size (WALINDEX_PGSZ).
+const WAL_INDEX_REGION_BYTES: i32 = 32768;
 
 /// The wal-index header as read at one moment. Equal headers mean no commit in between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct WalIndexHeader([u32; HEADER_WORDS]);
 
-/// A read-only view of `<database>-shm`'s header.
+/// The first region of one connection's wal-index mapping.
 pub(super) struct WalIndexWatch {
-    map: Mmap,
+    header: NonNull<u32>,
 }
 
+// SAFETY: the pointer is to memory shared between processes, valid as long as the connection it
+// came from (see `open`); it is only ever read, with atomic loads, so any thread may hold it.
+unsafe impl Send for WalIndexWatch {}
+
 impl WalIndexWatch {
-    /// Maps the WAL index of the database at `db`; `None` when there is none to map (not in WAL
-    /// mode, or an index smaller than its header), in which case every check asks SQLite.
-    pub(super) fn open(db: &Path) -> Option<WalIndexWatch> {
-        let file = File::open(shm_path(db)).ok()?;
-        if file.metadata().ok()?.len() < HEADER_BYTES as u64 {
+    /// The wal-index region `conn` has mapped; `None` when the database is not in WAL mode (then
+    /// every check asks SQLite).
+    ///
+    /// # Safety
+    /// The watch must not outlive `conn`, and `conn` must stay in WAL mode while the watch lives:
+    /// SQLite unmaps the region only when the connection leaves WAL mode or closes.
+    pub(super) unsafe fn open(conn: &Connection) -> Option<WalIndexWatch> {
+        let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).ok()?;
+        if mode != "wal" {
             return None;
         }
-        // SAFETY: a read-only shared mapping of a file other processes write; it is only ever read
-        // through the atomic loads in `header`, never through a Rust reference to its bytes.
-        let map = unsafe { MmapOptions::new().len(HEADER_BYTES).map(&file) }.ok()?;
-        Some(WalIndexWatch { map })
+        // A read opens the connection's WAL and wal-index if nothing has yet, so the region below
+        // is SQLite's existing mapping and the call has no side effect of its own.
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).ok()?;
+        let db = unsafe { conn.handle() };
+        let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+        let rc = unsafe {
+            ffi::sqlite3_file_control(db, c"main".as_ptr(), ffi::SQLITE_FCNTL_FILE_POINTER, (&raw mut file).cast::<c_void>())
+        };
+        if rc != ffi::SQLITE_OK || file.is_null() {
+            return None;
+        }
+        let methods = unsafe { (*file).pMethods };
+        if methods.is_null() || unsafe { (*methods).iVersion } < 2 {
+            return None;
+        }
+        let shm_map = unsafe { (*methods).xShmMap }?;
+        let mut region: *mut c_void = std::ptr::null_mut();
+        // Region 0, not extending the file: the mapping the connection already has.
+        let rc = unsafe { shm_map(file, 0, WAL_INDEX_REGION_BYTES, 0, &raw mut region) };
+        if rc != ffi::SQLITE_OK {
+            return None;
+        }
+        Some(WalIndexWatch { header: NonNull::new(region.cast::<u32>())? })
     }
 
     /// The header now. Word by word with atomic loads: other processes write it while we read,
     /// and a read that catches a write half-done differs from any earlier header, which is safe
     /// (it only makes the caller ask SQLite).
     pub(super) fn header(&self) -> WalIndexHeader {
-        let base = self.map.as_ptr() as *mut u32; // page-aligned, so every word is aligned
         let mut words = [0u32; HEADER_WORDS];
         for (i, w) in words.iter_mut().enumerate() {
-            // SAFETY: `i < HEADER_WORDS` keeps the read inside the mapping's HEADER_BYTES; an
-            // aligned 32-bit atomic load is a plain load, valid on read-only memory.
-            *w = unsafe { AtomicU32::from_ptr(base.add(i)) }.load(Ordering::Acquire);
+            // SAFETY: the region is WAL_INDEX_REGION_BYTES long and page-aligned, so word `i`
+            // (< HEADER_WORDS) is in bounds and aligned; it stays mapped while the watch lives.
+            *w = unsafe { AtomicU32::from_ptr(self.header.as_ptr().add(i)) }.load(Ordering::Acquire);
         }
         WalIndexHeader(words)
     }
 }
 
-fn shm_path(db: &Path) -> PathBuf {
-    let mut name = OsString::from(db.as_os_str());
-    name.push("-shm");
-    PathBuf::from(name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rusqlite::Connection;
+    use std::path::Path;
 
     fn wal_db(path: &Path) -> Connection {
         let c = Connection::open(path).unwrap();
@@ -91,7 +115,7 @@ mod tests {
         let path = dir.path().join("t.db");
         let a = wal_db(&path);
         let b = wal_db(&path);
-        let watch = WalIndexWatch::open(&path).expect("a WAL database has an index to map");
+        let watch = unsafe { WalIndexWatch::open(&a) }.expect("a WAL database has an index");
         let mut last = watch.header();
         for i in 0..50 {
             let writer = if i % 2 == 0 { &a } else { &b };
@@ -118,7 +142,44 @@ mod tests {
         let path = dir.path().join("rollback.db");
         let c = Connection::open(&path).unwrap();
         c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1)").unwrap();
-        assert!(WalIndexWatch::open(&path).is_none());
-        assert!(WalIndexWatch::open(&dir.path().join("missing.db")).is_none());
+        assert!(unsafe { WalIndexWatch::open(&c) }.is_none());
+        assert!(!dir.path().join("rollback.db-shm").exists(), "looking must not create an index");
+        let memory = Connection::open_in_memory().unwrap();
+        assert!(unsafe { WalIndexWatch::open(&memory) }.is_none());
+    }
+
+    /// The bug an earlier version had: opening and closing our own descriptor of `-shm` dropped
+    /// the POSIX locks SQLite's connections hold on it. The kernel's lock table must show this
+    /// process's locks on the index still there after a watch was set up and another handle came
+    /// and went.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn setting_up_a_watch_leaves_sqlites_locks_on_the_index_alone() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let a = wal_db(&path);
+        let inode = std::fs::metadata(dir.path().join("t.db-shm")).unwrap().ino();
+        let locks = || {
+            let me = std::process::id().to_string();
+            std::fs::read_to_string("/proc/locks")
+                .unwrap()
+                .lines()
+                .filter(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    // "1: POSIX ADVISORY READ 1234 fd:01:5678 128 128"
+                    f.get(1) == Some(&"POSIX") && f.get(4) == Some(&me.as_str()) && f.get(5).and_then(|d| d.rsplit(':').next()) == Some(inode.to_string().as_str())
+                })
+                .count()
+        };
+        let held = locks();
+        assert!(held >= 1, "SQLite holds its shared lock on the index while a connection has it open");
+        let watch = unsafe { WalIndexWatch::open(&a) }.unwrap();
+        {
+            let b = wal_db(&path);
+            let w2 = unsafe { WalIndexWatch::open(&b) }.unwrap();
+            assert_eq!(w2.header(), watch.header());
+        }
+        assert!(locks() >= held, "the process's locks on the index were dropped");
     }
 }
