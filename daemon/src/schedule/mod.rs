@@ -155,7 +155,9 @@ async fn sample(source: &Arc<dyn ActivitySource>) -> Result<Activity, String> {
     let s = source.clone();
     match tokio::task::spawn_blocking(move || s.sample()).await {
         Ok(r) => r.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("activity sampling panicked: {e}")),
+        Err(e) if e.is_panic() => Err(format!("activity sampling panicked: {e}")),
+        // The runtime is shutting down: not a fault of the source.
+        Err(e) => Err(format!("activity sampling was cancelled: {e}")),
     }
 }
 
