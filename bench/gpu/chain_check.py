@@ -41,7 +41,7 @@ def run(mode, fn, xs, ws):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel-results", type=Path, default=Path(__file__).resolve().parents[2] / "results/h100/kernel_bench.json")
+    ap.add_argument("--kernel-results", type=Path, default=Path(__file__).resolve().parents[2] / "results/h100/run8-kernels-full/kernel_bench.json")
     ap.add_argument("--pairs", type=int, default=9)
     args = ap.parse_args()
     kres = json.loads(args.kernel_results.read_text())

@@ -64,7 +64,7 @@ def main():
     from tilewise import workloads as W
 
     candidates = [args.kernel_results] if args.kernel_results else []
-    candidates += [Path("/root/kb/kernel_bench.json"), Path(__file__).resolve().parents[2] / "results/h100/kernel_bench.json"]
+    candidates += [Path("/root/kb/kernel_bench.json"), Path(__file__).resolve().parents[2] / "results/h100/run8-kernels-full/kernel_bench.json"]
     src = next((p for p in candidates if p and p.is_file()), None)
     if src is None:
         sys.exit("no kernel_bench.json found: run bench/gpu/kernel_bench.py first")

@@ -11,7 +11,7 @@
 #   evaluator [ARGS] bench/evaluator_bench.py on Qwen2.5-0.5B bf16 (issue 3's H100 benchmark)
 #   plugin           bench/plugin_bench.py on Qwen2.5-0.5B bf16, no daemon (issue 6's H100 overhead figure)
 # Kernel results for gputime/e2e/batched: $KR_SET, else /root/kb/kernel_bench.json (this machine's last kernels
-# step), else results/h100/kernel_bench.json (committed).
+# step), else results/h100/run8-kernels-full/kernel_bench.json (committed: the data-chain sweep of all 30 rows).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/root/mlxw
@@ -40,7 +40,7 @@ python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_devic
 steps=${1:-kernels}; shift || true
 rc=0
 for step in ${steps//,/ }; do
-  KR=${KR_SET:-/root/kb/kernel_bench.json}; [ -f "$KR" ] || KR=results/h100/kernel_bench.json
+  KR=${KR_SET:-/root/kb/kernel_bench.json}; [ -f "$KR" ] || KR=results/h100/run8-kernels-full/kernel_bench.json
   case "$step" in
     tests)
       python3 bench/gpu/smoke.py 2>&1 | tee "$OUT/smoke.log" || exit 1
