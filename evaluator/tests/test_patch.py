@@ -226,3 +226,33 @@ def test_may_leave_native():
     assert not P.may_leave_native(doc, 64, 64) and P.may_leave_native(doc, 128, 64)
     doc = P.make_policy(rules=[{"m": [5, 9], "k": [64, 64], "plan": split}])
     assert P.may_leave_native(doc, 10, 64) and not P.may_leave_native(doc, 10, 65)
+
+
+def test_dispatch_is_per_n_and_k_and_per_input_size():
+    """Plans are memoised per (N, K) and keyed by x.size (M = x.size // K). Two layers with the same
+    N but different K can see the same x.size at different M: each must get its own M's plan, and
+    inputs of one M in any layout (batch and sequence dims) share one."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 8, bias=False)  # N = 8, K = 16
+            self.b = nn.Linear(32, 8, bias=False)  # N = 8, K = 32
+
+    model = Two()
+    mx.eval(model.parameters())
+    # M = 2 is split; every other M native.
+    doc = P.make_policy(rules=[{"m": [2, 2], "plan": P.split_plan(None, 4, None)}], default={"kind": "native"})
+    patch.apply(model, doc)
+    try:
+        patch.reset_call_counts()
+        model.b(mx.ones((2, 32)))  # M = 2, x.size 64: split
+        assert patch.call_counts() == {"native": 0, "split": 1, "kernel": 0}
+        model.a(mx.ones((4, 16)))  # M = 4, x.size 64 too: must be native, not b's split
+        assert patch.call_counts() == {"native": 1, "split": 1, "kernel": 0}
+        for shape in [(1, 2, 32), (2, 1, 32)]:  # M = 2 in other layouts: split again
+            model.b(mx.ones(shape))
+        model.a(mx.ones((1, 4, 16)))
+        assert patch.call_counts() == {"native": 2, "split": 3, "kernel": 0}
+    finally:
+        patch.remove(model)
