@@ -64,6 +64,34 @@ impl EventBus {
     }
 }
 
+/// How long `client.hello` events are kept: one is appended at every MLX process start, the only
+/// event whose count grows with use rather than with tuning, so without a limit the store grows
+/// for ever. Sessions, candidates and promotions are history and are kept.
+pub const KEEP_CLIENT_HELLO_FOR: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Prunes `client.hello` events older than [`KEEP_CLIENT_HELLO_FOR`] now and then once a day, for
+/// as long as the runtime runs. A failure is logged and tried again the next day.
+pub fn spawn_hello_retention(store: SharedStore) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every_day = tokio::time::interval(std::time::Duration::from_secs(24 * 3600));
+        loop {
+            every_day.tick().await;
+            let store = store.clone();
+            let pruned = tokio::task::spawn_blocking(move || {
+                let cutoff = humantime::format_rfc3339_millis(std::time::SystemTime::now() - KEEP_CLIENT_HELLO_FOR).to_string();
+                store.lock().unwrap_or_else(|p| p.into_inner()).prune_events(kind::CLIENT_HELLO, &cutoff)
+            })
+            .await;
+            match pruned {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(pruned = n, "removed client.hello events older than 30 days"),
+                Ok(Err(e)) => tracing::warn!("could not prune old client.hello events: {e}"),
+                Err(e) => tracing::warn!("pruning old client.hello events stopped: {e}"),
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

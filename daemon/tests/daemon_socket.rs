@@ -513,3 +513,34 @@ async fn config_set_persists_valid_changes_and_refuses_bad_ones() {
     let got = raw.call(r#"{"jsonrpc":"2.0","id":4,"method":"config.get"}"#);
     assert_eq!(got["result"]["idle"]["enabled"], json!(false));
 }
+
+/// The store's one use-driven growth is bounded: `client.hello` events older than 30 days are
+/// removed by the running daemon (at start, then daily); recent ones and other kinds stay.
+#[tokio::test]
+async fn the_daemon_prunes_client_hello_events_older_than_30_days() {
+    let home = tempfile::tempdir().unwrap();
+    let paths = paths_for(home.path());
+    paths.ensure_dirs().unwrap();
+    let (old_hello, old_other, recent_hello) = {
+        let store = Store::open(&paths.db_file).unwrap();
+        let e = |kind: &str| store.append_event(kind, None, &json!({})).unwrap().id;
+        let ids = (e("client.hello"), e("session.started"), e("client.hello"));
+        let raw = rusqlite::Connection::open(&paths.db_file).unwrap();
+        let forty_days_ago = humantime::format_rfc3339_millis(std::time::SystemTime::now() - Duration::from_secs(40 * 24 * 3600)).to_string();
+        for id in [ids.0, ids.1] {
+            raw.execute("UPDATE events SET at = ?1 WHERE id = ?2", rusqlite::params![forty_days_ago, id]).unwrap();
+        }
+        ids
+    };
+    let d = TestDaemon::start_in(home);
+    let ids = || -> Vec<i64> {
+        Store::open(&d.paths.db_file).unwrap().events_since(0, None, 1000).unwrap().iter().map(|e| e.id).collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while ids().contains(&old_hello) {
+        assert!(std::time::Instant::now() < deadline, "the 40-day-old hello was not pruned: {:?}", ids());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = ids();
+    assert!(left.contains(&old_other) && left.contains(&recent_hello), "pruned too much: {left:?}");
+}

@@ -76,6 +76,8 @@ fn main() -> ExitCode {
                 backend: state.device.backend.as_str().to_string(),
             });
         }
+        // The store's only use-driven growth: one event per MLX start (events.rs).
+        tilewise::events::spawn_hello_retention(state.store.clone());
         let server = match Server::bind(state) {
             Ok(s) => s,
             Err(e) => return fail(&e),

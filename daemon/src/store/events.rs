@@ -28,6 +28,15 @@ impl Store {
         Ok(Event { id: self.conn.last_insert_rowid(), at, kind: kind.to_string(), session_id, data: data.clone() })
     }
 
+    /// Deletes events of `kind` recorded before `cutoff` (an RFC 3339 UTC time, as [`now`] writes),
+    /// never the newest event of all (replay cursors and new ids stay monotonic). Returns how many.
+    pub fn prune_events(&self, kind: &str, cutoff: &str) -> Result<usize> {
+        Ok(self.conn.execute(
+            "DELETE FROM events WHERE kind = ?1 AND at < ?2 AND id < (SELECT max(id) FROM events)",
+            params![kind, cutoff],
+        )?)
+    }
+
     /// Events with id > `after_id`, oldest first, at most `limit`; optionally one session's only.
     pub fn events_since(&self, after_id: i64, session_id: Option<SessionId>, limit: u32) -> Result<Vec<Event>> {
         let mut st = self.conn.prepare_cached(
@@ -55,5 +64,30 @@ impl Store {
         let mut out: Vec<Event> = rows.collect::<rusqlite::Result<_>>()?;
         out.reverse();
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_removes_only_old_events_of_the_kind_and_never_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.db")).unwrap();
+        let hello = |s: &Store| s.append_event("client.hello", None, &serde_json::json!({"client": "x"})).unwrap().id;
+        let old_hellos = [hello(&store), hello(&store)];
+        let old_session = store.append_event("session.started", None, &serde_json::json!({})).unwrap().id;
+        let recent_hello = hello(&store);
+        let newest_old_hello = hello(&store);
+        for id in [old_hellos[0], old_hellos[1], old_session, newest_old_hello] {
+            store.conn.execute("UPDATE events SET at = '2020-01-01T00:00:00.000Z' WHERE id = ?1", [id]).unwrap();
+        }
+        let pruned = store.prune_events("client.hello", "2025-01-01T00:00:00.000Z").unwrap();
+        assert_eq!(pruned, 2, "the two old hellos, not the newest event even though it is an old hello");
+        let left: Vec<i64> = store.events_since(0, None, 100).unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(left, vec![old_session, recent_hello, newest_old_hello]);
+        // A new event after pruning still gets a higher id than every event ever handed out.
+        assert!(hello(&store) > newest_old_hello);
     }
 }
