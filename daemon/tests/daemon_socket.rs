@@ -544,3 +544,29 @@ async fn the_daemon_prunes_client_hello_events_older_than_30_days() {
     let left = ids();
     assert!(left.contains(&old_other) && left.contains(&recent_hello), "pruned too much: {left:?}");
 }
+
+/// The daemon's log rotates daily (a resident process must not grow one file for ever): it writes
+/// `tilewised.<YYYY-MM-DD>.log` under the logs dir.
+#[tokio::test]
+async fn the_daemon_logs_to_a_dated_file() {
+    let d = TestDaemon::start();
+    let dated = |name: &str| {
+        name.strip_prefix("tilewised.").and_then(|r| r.strip_suffix(".log")).is_some_and(|date| {
+            date.len() == 10 && date.chars().enumerate().all(|(i, c)| if i == 4 || i == 7 { c == '-' } else { c.is_ascii_digit() })
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let files: Vec<std::path::PathBuf> =
+            std::fs::read_dir(&d.paths.logs_dir).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        let serving = files.iter().any(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(dated)
+                && std::fs::read_to_string(p).is_ok_and(|t| t.contains("tilewised serving"))
+        });
+        if serving {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no tilewised.<date>.log with the serving line; logs dir has {files:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,6 +1,6 @@
 //! `tilewised`: the resident daemon. Serves the local socket until SIGTERM/SIGINT or a
 //! `daemon.shutdown` request, then removes the socket, closes the database and releases the lock.
-//! Logs go to `<logs dir>/tilewised.log` and to stderr.
+//! Logs go to `<logs dir>/tilewised.<date>.log` (one file a day, the last 14 kept) and to stderr.
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -99,9 +99,19 @@ fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Daily log files kept.
+const LOG_DAYS: usize = 14;
+
 fn init_logging(paths: &Paths, level: &str) -> Result<tracing_appender::non_blocking::WorkerGuard, String> {
     let filter = EnvFilter::try_new(level).map_err(|e| format!("--log-level {level:?}: {e}"))?;
-    let file = tracing_appender::rolling::never(&paths.logs_dir, "tilewised.log");
+    // A resident daemon's log must not grow for ever: one file a day, the last LOG_DAYS kept.
+    let file = tracing_appender::rolling::RollingFileAppender::builder()
+        .rotation(tracing_appender::rolling::Rotation::DAILY)
+        .filename_prefix("tilewised")
+        .filename_suffix("log")
+        .max_log_files(LOG_DAYS)
+        .build(&paths.logs_dir)
+        .map_err(|e| format!("log file in {}: {e}", paths.logs_dir.display()))?;
     let (file, guard) = tracing_appender::non_blocking(file);
     tracing_subscriber::registry()
         .with(filter)
