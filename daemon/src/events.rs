@@ -78,13 +78,16 @@ pub fn spawn_hello_retention(store: SharedStore) -> tokio::task::JoinHandle<()> 
             every_day.tick().await;
             let store = store.clone();
             let pruned = tokio::task::spawn_blocking(move || {
-                let cutoff = humantime::format_rfc3339_millis(std::time::SystemTime::now() - KEEP_CLIENT_HELLO_FOR).to_string();
-                store.lock().unwrap_or_else(|p| p.into_inner()).prune_events(kind::CLIENT_HELLO, &cutoff)
+                store.lock().unwrap_or_else(|p| p.into_inner()).prune_events(kind::CLIENT_HELLO, KEEP_CLIENT_HELLO_FOR)
             })
             .await;
             match pruned {
                 Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::info!(pruned = n, "removed client.hello events older than 30 days"),
+                Ok(Ok(n)) => tracing::info!(
+                    pruned = n,
+                    "removed client.hello events older than {}",
+                    humantime::format_duration(KEEP_CLIENT_HELLO_FOR)
+                ),
                 Ok(Err(e)) => tracing::warn!("could not prune old client.hello events: {e}"),
                 Err(e) => tracing::warn!("pruning old client.hello events stopped: {e}"),
             }

@@ -1,7 +1,7 @@
 //! The persisted event log. `crate::events::EventBus` appends here and then broadcasts; the same
 //! [`Event`] struct is what `events.subscribe` sends on the wire.
 
-use super::{json_col, now, to_json, Result, SessionId, Store};
+use super::{json_col, now, time_text, to_json, Result, SessionId, Store};
 use rusqlite::params;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,9 +28,10 @@ impl Store {
         Ok(Event { id: self.conn.last_insert_rowid(), at, kind: kind.to_string(), session_id, data: data.clone() })
     }
 
-    /// Deletes events of `kind` recorded before `cutoff` (an RFC 3339 UTC time, as [`now`] writes),
-    /// never the newest event of all (replay cursors and new ids stay monotonic). Returns how many.
-    pub fn prune_events(&self, kind: &str, cutoff: &str) -> Result<usize> {
+    /// Deletes events of `kind` recorded more than `older_than` ago, never the newest event of all
+    /// (replay cursors and new ids stay monotonic). Returns how many.
+    pub fn prune_events(&self, kind: &str, older_than: std::time::Duration) -> Result<usize> {
+        let cutoff = time_text(std::time::SystemTime::now() - older_than);
         Ok(self.conn.execute(
             "DELETE FROM events WHERE kind = ?1 AND at < ?2 AND id < (SELECT max(id) FROM events)",
             params![kind, cutoff],
@@ -83,7 +84,7 @@ mod tests {
         for id in [old_hellos[0], old_hellos[1], old_session, newest_old_hello] {
             store.conn.execute("UPDATE events SET at = '2020-01-01T00:00:00.000Z' WHERE id = ?1", [id]).unwrap();
         }
-        let pruned = store.prune_events("client.hello", "2025-01-01T00:00:00.000Z").unwrap();
+        let pruned = store.prune_events("client.hello", std::time::Duration::from_secs(365 * 24 * 3600)).unwrap();
         assert_eq!(pruned, 2, "the two old hellos, not the newest event even though it is an old hello");
         let left: Vec<i64> = store.events_since(0, None, 100).unwrap().iter().map(|e| e.id).collect();
         assert_eq!(left, vec![old_session, recent_hello, newest_old_hello]);

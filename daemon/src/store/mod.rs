@@ -271,7 +271,12 @@ fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
 
 /// Current UTC time as RFC 3339 with milliseconds (`2026-11-27T01:02:03.456Z`); sorts as text.
 pub fn now() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    time_text(std::time::SystemTime::now())
+}
+
+/// A time as the store writes it (`at` columns): RFC 3339 UTC with milliseconds.
+fn time_text(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// Serializes a value for a `*_json` column.
