@@ -27,6 +27,10 @@ pub struct Policy {
     pub name: Option<String>,
     pub target: Target,
     pub matmul: Matmul,
+    /// Which sibling linear layers run as one matmul. Absent from every policy that fuses nothing,
+    /// so those keep their content hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<Fusion>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<Generation>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -140,6 +144,37 @@ impl KernelBackend {
 pub enum KernelFamily {
     Gemv,
     Gemm,
+}
+
+/// Sibling fusion: each group's members (direct child layers of every module whose path matches
+/// `scope`, `*` standing for one numeric segment) run as one matmul over their concatenated weights.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fusion {
+    pub groups: Vec<FusionGroup>,
+    /// `Some(false)`: fused for inference only. Absent: fused for training too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FusionGroup {
+    pub scope: String,
+    pub members: Vec<String>,
+}
+
+impl Fusion {
+    /// Whether the fused layers also run fused while training.
+    pub fn fuses_training(&self) -> bool {
+        self.training.unwrap_or(true)
+    }
+}
+
+/// Whether two fusion scopes can match the same module path (`*` = one numeric segment).
+pub fn scopes_overlap(a: &str, b: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+    let (sa, sb): (Vec<&str>, Vec<&str>) = (a.split('.').collect(), b.split('.').collect());
+    sa.len() == sb.len()
+        && sa.iter().zip(&sb).all(|(x, y)| x == y || (*x == "*" && digits(y)) || (*y == "*" && digits(x)))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,6 +334,21 @@ impl Policy {
             check_plan(&format!("matmul.rules[{i}].plan"), &rule.plan, m_hi, &mut push);
         }
         check_plan("matmul.default", &self.matmul.default, None, &mut push);
+        // A layer joins one fusion group only.
+        let groups = self.fusion.as_ref().map_or(&[][..], |f| &f.groups[..]);
+        for (j, g) in groups.iter().enumerate() {
+            for (i, h) in groups[..j].iter().enumerate() {
+                if !scopes_overlap(&h.scope, &g.scope) {
+                    continue;
+                }
+                if let Some(m) = g.members.iter().find(|m| h.members.contains(m)) {
+                    push(
+                        format!("fusion.groups[{j}].members"),
+                        format!("{m} is already in fusion.groups[{i}] (a layer joins one group)"),
+                    );
+                }
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -311,9 +361,19 @@ impl Policy {
         self.matmul.rules.iter().find(|r| r.matches(m, n, k)).map(|r| &r.plan).unwrap_or(&self.matmul.default)
     }
 
-    /// True when every matmul runs native (the policy cannot change anything).
+    /// True when every matmul runs native (no plan changes anything; fusion aside).
     pub fn is_all_native(&self) -> bool {
         self.matmul.default == Plan::Native && self.matmul.rules.iter().all(|r| r.plan == Plan::Native)
+    }
+
+    /// The fusion groups (empty when the policy fuses nothing).
+    pub fn fusion_groups(&self) -> &[FusionGroup] {
+        self.fusion.as_ref().map_or(&[], |f| &f.groups)
+    }
+
+    /// True when the policy changes nothing: every plan native and nothing fused.
+    pub fn is_stock(&self) -> bool {
+        self.is_all_native() && self.fusion_groups().is_empty()
     }
 
     pub fn to_value(&self) -> Value {
@@ -399,6 +459,31 @@ mod tests {
         let gemm_missing = json!({"kind": "kernel", "backend": "cuda", "family": "gemm", "vector_width": 4, "split_k": 1});
         let err = Policy::from_value(&base(json!([]), gemm_missing)).unwrap_err();
         assert_eq!(err.errors.len(), 4, "{err}");
+    }
+
+    #[test]
+    fn fusion_groups_validate_and_a_layer_joins_one_group() {
+        let mut v = base(json!([]), json!({"kind": "native"}));
+        v["fusion"] = json!({"groups": [{"scope": "model.layers.*.self_attn", "members": ["q_proj", "k_proj", "v_proj"]},
+                                        {"scope": "model.layers.*.mlp", "members": ["gate_proj", "up_proj"]}]});
+        let p = Policy::from_value(&v).unwrap();
+        assert_eq!(p.fusion_groups().len(), 2);
+        assert!(!p.is_stock() && p.is_all_native());
+        // The same layer in two groups (overlapping scopes): refused, same message as Python.
+        v["fusion"]["groups"][1] = json!({"scope": "model.layers.3.self_attn", "members": ["v_proj", "o_proj"]});
+        let err = Policy::from_value(&v).unwrap_err();
+        assert_eq!(err.errors[0].path, "fusion.groups[1].members");
+        assert_eq!(err.errors[0].message, "v_proj is already in fusion.groups[0] (a layer joins one group)");
+        // Structure: one member, a bad scope or member name.
+        v["fusion"] = json!({"groups": [{"scope": "model.layers.*.mlp", "members": ["gate_proj"]}]});
+        assert!(Policy::from_value(&v).is_err());
+        v["fusion"] = json!({"groups": [{"scope": "model..mlp", "members": ["a", "b"]}]});
+        assert!(Policy::from_value(&v).is_err());
+        v["fusion"] = json!({"groups": [{"scope": "m", "members": ["a b", "c"]}]});
+        assert!(Policy::from_value(&v).is_err());
+        assert!(scopes_overlap("model.layers.*.mlp", "model.layers.7.mlp"));
+        assert!(!scopes_overlap("model.layers.*.mlp", "model.layers.x.mlp"));
+        assert!(!scopes_overlap("model.layers.*.mlp", "model.layers.*.self_attn"));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::events::{kind, EventBus};
 use crate::evolve::cost::{Memo, ShapeTiming};
 use crate::evolve::engine::{Engine, EngineConfig, Outcome};
 use crate::evolve::promotion::{self, Evidence, Incumbent};
-use crate::evolve::space::{SearchSpace, Shape, Workload};
+use crate::evolve::space::{FusionCandidate, SearchSpace, Shape, Workload};
 use crate::policy::{Policy, Target};
 use crate::store::{
     BestKey, Budget, CandidateId, CandidateStatus, MemoEntry, NewCandidate, NewMeasurement, NewSession, NewWorkerFailure,
@@ -266,6 +266,15 @@ fn shapes_of(loaded: &Value) -> Result<Vec<Shape>, SessionError> {
         .map_err(|e| SessionError::BadParams(format!("worker load reply has no usable shapes: {e}")))
 }
 
+/// The sibling groups of a worker `load` reply (none from a worker that does not report them).
+fn fusion_of(loaded: &Value) -> Result<Vec<FusionCandidate>, SessionError> {
+    match loaded.get("fusion_groups") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| SessionError::BadParams(format!("worker load reply has unusable fusion_groups: {e}"))),
+    }
+}
+
 fn str_field(v: &Value, k: &str) -> String {
     v.get(k).and_then(Value::as_str).unwrap_or("").to_string()
 }
@@ -383,6 +392,7 @@ impl SessionManager {
             workload: spec.workload.clone(),
             chip: self.opts.device.chip.clone(),
             dtype: str_field(loaded, "dtype"),
+            fusion: fusion_of(loaded)?,
         };
         if let Some(list) = &spec.fixed {
             for (i, doc) in list.iter().enumerate() {

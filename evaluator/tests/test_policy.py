@@ -166,3 +166,31 @@ def test_native_returns_a_fresh_copy():
     p["name"] = "changed"
     assert P.native()["name"] == "native"
     assert json.loads(P.canonical_json(P.native()))["name"] == "native"
+
+
+def test_fusion_groups_validate_with_the_rust_messages():
+    """Same paths and texts as policy.rs `fusion_groups_validate_and_a_layer_joins_one_group`."""
+    doc = P.make_policy(fusion={"groups": [
+        {"scope": "model.layers.*.self_attn", "members": ["q_proj", "k_proj", "v_proj"]},
+        {"scope": "model.layers.*.mlp", "members": ["gate_proj", "up_proj"]}]})
+    assert len(P.fusion_groups(doc)) == 2 and P.is_all_native(doc) and not P.is_stock(doc)
+    doc["fusion"]["groups"][1] = {"scope": "model.layers.3.self_attn", "members": ["v_proj", "o_proj"]}
+    with pytest.raises(P.PolicyError) as e:
+        P.validate(doc)
+    assert e.value.errors == [("fusion.groups[1].members",
+                               "v_proj is already in fusion.groups[0] (a layer joins one group)")]
+    for bad in ({"scope": "model.layers.*.mlp", "members": ["gate_proj"]},
+                {"scope": "model..mlp", "members": ["a", "b"]},
+                {"scope": "m", "members": ["a b", "c"]},
+                {"scope": "m", "members": ["a", "a"]}):
+        doc["fusion"] = {"groups": [bad]}
+        with pytest.raises(P.PolicyError):
+            P.validate(doc)
+    assert P.scopes_overlap("model.layers.*.mlp", "model.layers.7.mlp")
+    assert not P.scopes_overlap("model.layers.*.mlp", "model.layers.x.mlp")
+
+
+def test_a_policy_without_fusion_keeps_its_hash():
+    """Adding `fusion` to the schema changed no existing policy: the field is absent, not empty."""
+    doc = P.native()
+    assert "fusion" not in doc and P.content_hash(doc) == NATIVE_HASH

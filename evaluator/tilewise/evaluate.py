@@ -10,6 +10,7 @@ layers' calls. `reachable_only=False` patches every layer (the bench uses it to 
 the patch mechanism itself with the native policy).
 """
 
+from . import fusion
 from . import gate as G
 from . import measure
 from . import patch
@@ -19,10 +20,15 @@ from . import workloads as W
 
 def evaluate(model, doc, *, dtype, inference=None, training=None, pairs=10, warmup=2, seed=0,
              progress=None, should_stop=None, skip_inference=False, skip_training=False,
-             reachable_only=True):
+             reachable_only=True, traced=None):
     """Gate first, then timing. `inference` = {prompt_tokens, gen_tokens}, `training` = {batch, seq};
     None picks the backend's defaults, skip_* leaves a workload out. `progress(stage, done, total)`
-    reports; `should_stop()` is polled between samples (measure.Cancelled is raised)."""
+    reports; `should_stop()` is polled between samples (measure.Cancelled is raised). `traced` is the
+    model's sibling trace (fusion.trace), taken once at load; None traces here when needed.
+
+    A policy's fusion is built once per evaluation (the concatenated weights sit beside the stock
+    ones) and switched on and off around each candidate sample with a few dict writes, so no sample
+    pays for concatenation; the training arm runs fused only when the policy fuses for training."""
     P.validate_for_backend(doc, W.backend())
     progress = progress or (lambda *a: None)
     inf = None if skip_inference else {**W.defaults("inference"), **(inference or {})}
@@ -32,11 +38,24 @@ def evaluate(model, doc, *, dtype, inference=None, training=None, pairs=10, warm
     batch = W.make_batch(model, trn["batch"], trn["seq"], seed + 1) if trn else None
 
     result = {"policy_hash": P.content_hash(doc), "correct": False, "gate": None,
-              "inference": None, "training": None, "combined": None, "calls": None}
+              "inference": None, "training": None, "combined": None, "calls": None, "fusion": None}
     progress("gate", 0, 1)
+    fused = fusion.prepare(model, doc, traced)
+    if fusion.policy_groups(doc)[0]:
+        result["fusion"] = fused.report()
+    try:
+        return _gate_and_time(model, doc, fused, result, dtype=dtype, inf=inf, trn=trn, prompt=prompt,
+                              batch=batch, pairs=pairs, warmup=warmup, seed=seed, progress=progress,
+                              should_stop=should_stop, reachable_only=reachable_only)
+    finally:
+        fused.off()
+
+
+def _gate_and_time(model, doc, fused, result, *, dtype, inf, trn, prompt, batch, pairs, warmup, seed,
+                   progress, should_stop, reachable_only):
     patch.reset_call_counts()
     correct, gate = G.check(model, doc, dtype=dtype, prompt=prompt, batch=batch,
-                            reachable_only=reachable_only)
+                            reachable_only=reachable_only, fused=fused)
     # Counts of the gate's candidate run: proof that the plans were reached.
     result["calls"] = patch.call_counts()
     result["gate"] = gate
@@ -48,20 +67,27 @@ def evaluate(model, doc, *, dtype, inference=None, training=None, pairs=10, warm
     prefill_step = (doc.get("generation") or {}).get("prefill_step_size", 2048)
 
     prepared = patch.prepare(doc)
+    _, fuse_training = fusion.policy_groups(doc)
 
-    def with_policy(fn):
+    def with_policy(fn, training=False):
+        use_fusion = not training or fuse_training
+
         def run():
+            if use_fusion:
+                fused.on()
             patch.apply(model, prepared, reachable_only=reachable_only)
             try:
                 return fn()
             finally:
                 patch.remove(model)
+                fused.off()
         return run
 
     def without_policy(fn):
-        # The stock arm does the same (untimed) bookkeeping walk, so both arms start alike.
+        # The stock arm does the same (untimed) bookkeeping walks, so both arms start alike.
         def run():
             patch.remove(model)
+            fused.off()
             return fn()
         return run
 
@@ -78,7 +104,7 @@ def evaluate(model, doc, *, dtype, inference=None, training=None, pairs=10, warm
         result["inference"] = r
     if trn is not None:
         run_stock = without_policy(lambda: W.run_training_step(model, batch))
-        run_cand = with_policy(lambda: W.run_training_step(model, batch))
+        run_cand = with_policy(lambda: W.run_training_step(model, batch), training=True)
         r = measure.interleaved({"stock": run_stock, "candidate": run_cand}, pairs, warmup, seed=seed,
                                 should_stop=should_stop,
                                 on_sample=lambda d, t: progress("training", d, t))

@@ -22,7 +22,7 @@ that flips an argmax is rejected whatever its relative error.
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import patch
+from . import fusion, patch
 from . import workloads as W
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
@@ -42,32 +42,48 @@ def rel_err(candidate, reference):
 
 
 def grads_rel_err(candidate, reference):
-    """Global relative error over every gradient tensor (as if concatenated)."""
+    """Global relative error over every gradient tensor (as if concatenated). Either argument may be
+    a gradient tree or a flat {name: array} dict; the names must agree."""
     num = mx.array(0.0)
     den = mx.array(0.0)
-    ref = dict(tree_flatten(reference))
-    for name, g in tree_flatten(candidate):
+    ref = reference if _is_flat(reference) else dict(tree_flatten(reference))
+    cand = candidate if _is_flat(candidate) else dict(tree_flatten(candidate))
+    if set(cand) != set(ref):
+        missing = sorted(set(ref) ^ set(cand))[:3]
+        raise ValueError(f"gradients of different parameters (e.g. {', '.join(missing)})")
+    for name, g in cand.items():
         d = g.astype(mx.float32) - ref[name].astype(mx.float32)
         num = num + mx.sum(mx.square(d))
         den = den + mx.sum(mx.square(ref[name].astype(mx.float32)))
     return float((mx.sqrt(num) / mx.maximum(mx.sqrt(den), 1e-30)).item())
 
 
-def _outputs(model, prompt, batch, greedy_tokens):
+def _outputs(model, prompt, batch, greedy_tokens, for_training=None):
+    """Logits, greedy tokens, and (with a batch) loss and gradients. `for_training(on)` is called
+    around the training part (the candidate's fusion may be inference-only)."""
     logits = model(prompt[None])
     mx.eval(logits)
     tokens = W.run_inference(model, prompt, greedy_tokens)["tokens"]
     loss = grads = None
     if batch is not None:
-        loss, grads = W.loss_and_grads(model, batch)
+        if for_training is not None:
+            for_training(True)
+        try:
+            loss, grads = W.loss_and_grads(model, batch)
+        finally:
+            if for_training is not None:
+                for_training(False)
     return logits, tokens, loss, grads
 
 
 def check(model, doc, *, dtype, prompt, batch=None, greedy_tokens=GREEDY_TOKENS, stock=None,
-          reachable_only=False):
+          reachable_only=False, fused=None):
     """Runs the gate for policy `doc` on `model`; returns the `gate` dict of docs/worker-protocol.md
     plus "correct". `stock` may pass precomputed stock outputs (from `stock_outputs`).
-    `reachable_only` is passed to patch.apply. The model is left unpatched."""
+    `reachable_only` is passed to patch.apply. `fused` (fusion.prepare of the same policy, or None
+    to prepare it here) is switched on for the candidate; its gradients are compared in the stock
+    layout (each fused gradient cut into its members' rows). The model is left unpatched and
+    unfused."""
     tol = tolerance(dtype)
     gate = {"logits_rel_err": None, "tolerance": tol, "greedy_tokens_equal": 0,
             "greedy_tokens_checked": greedy_tokens, "loss_rel_err": None, "grad_rel_err": None,
@@ -81,13 +97,33 @@ def check(model, doc, *, dtype, prompt, batch=None, greedy_tokens=GREEDY_TOKENS,
         stock = stock_outputs(model, prompt, batch, greedy_tokens)
     s_logits, s_tokens, s_loss, s_grads = stock
     try:
+        if fused is None:
+            fused = fusion.prepare(model, doc)
+        _, fuse_training = fusion.policy_groups(doc)
+
+        def for_training(starting):
+            # An inference-only fusion is off for the training part (as in the timed arm).
+            if fuse_training or not fused.instances:
+                return
+            patch.remove(model)
+            if starting:
+                fused.off()
+            else:
+                fused.on()
+            patch.apply(model, doc, reachable_only=reachable_only)
+
+        fused.on()
         patch.apply(model, doc, reachable_only=reachable_only)
-        c_logits, c_tokens, c_loss, c_grads = _outputs(model, prompt, batch, greedy_tokens)
+        c_logits, c_tokens, c_loss, c_grads = _outputs(model, prompt, batch, greedy_tokens, for_training)
+        if c_grads is not None and fused.instances and fuse_training:
+            c_grads = fused.to_stock(dict(tree_flatten(c_grads)))
     except Exception as e:  # any failure of the candidate makes it incorrect, never a crash
         gate["reason"] = f"candidate raised {type(e).__name__}: {e}"
         return False, gate
     finally:
         patch.remove(model)
+        if fused is not None:
+            fused.off()
 
     gate["logits_rel_err"] = rel_err(c_logits, s_logits)
     equal = 0
@@ -112,6 +148,10 @@ def check(model, doc, *, dtype, prompt, batch=None, greedy_tokens=GREEDY_TOKENS,
             reasons.append(f"gradient relative error {gate['grad_rel_err']:.3g} > {tol:g}")
     gate["reason"] = "; ".join(reasons) or None
     return not reasons, gate
+
+
+def _is_flat(tree):
+    return isinstance(tree, dict) and all(isinstance(v, mx.array) for v in tree.values())
 
 
 def _unsupported_kernel_plan(doc):

@@ -144,6 +144,39 @@ def _semantic_errors(doc, machine_backend=None):
         m_hi = rule["m"][1] if rule.get("m") is not None else None
         check_plan(f"matmul.rules[{i}].plan", rule["plan"], m_hi)
     check_plan("matmul.default", doc["matmul"]["default"], None)
+    errors.extend(_fusion_errors(doc))
+    return errors
+
+
+def scopes_overlap(a, b):
+    """Whether two fusion scopes can match the same module path (`*` = one numeric segment)."""
+    sa, sb = a.split("."), b.split(".")
+
+    def seg_ok(x, y):
+        if x == y:
+            return True
+        if x == "*":
+            return y.isdigit()
+        if y == "*":
+            return x.isdigit()
+        return False
+
+    return len(sa) == len(sb) and all(seg_ok(x, y) for x, y in zip(sa, sb))
+
+
+def _fusion_errors(doc):
+    """A layer may belong to one fusion group only (same paths and messages as policy.rs)."""
+    errors = []
+    groups = (doc.get("fusion") or {}).get("groups") or []
+    for j, g in enumerate(groups):
+        for i in range(j):
+            h = groups[i]
+            if not scopes_overlap(h["scope"], g["scope"]):
+                continue
+            shared = [m for m in g["members"] if m in h["members"]]
+            if shared:
+                errors.append((f"fusion.groups[{j}].members",
+                               f"{shared[0]} is already in fusion.groups[{i}] (a layer joins one group)"))
     return errors
 
 
@@ -233,13 +266,23 @@ def may_leave_native(doc, n, k):
 
 
 def is_all_native(doc):
-    """True when every matmul runs native (the policy cannot change anything)."""
+    """True when every matmul runs native (no plan changes anything; fusion aside)."""
     return doc["matmul"]["default"]["kind"] == "native" and all(
         r["plan"]["kind"] == "native" for r in doc["matmul"]["rules"]
     )
 
 
-def make_policy(rules=(), default=None, *, name=None, target=None, generation=None):
+def fusion_groups(doc):
+    """The policy's fusion groups ([] when it fuses nothing)."""
+    return list((doc.get("fusion") or {}).get("groups") or [])
+
+
+def is_stock(doc):
+    """True when the policy changes nothing: every plan native and no fusion."""
+    return is_all_native(doc) and not fusion_groups(doc)
+
+
+def make_policy(rules=(), default=None, *, name=None, target=None, generation=None, fusion=None):
     """Builds (and validates) a policy document; for tests, benchmarks and `tabulate`."""
     doc = {
         "schema": SCHEMA_ID,
@@ -250,6 +293,8 @@ def make_policy(rules=(), default=None, *, name=None, target=None, generation=No
         doc["name"] = name
     if generation is not None:
         doc["generation"] = generation
+    if fusion is not None:
+        doc["fusion"] = fusion
     return validate(doc)
 
 

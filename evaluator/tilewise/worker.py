@@ -95,6 +95,7 @@ class Worker:
         self.model = None
         self.tokenizer = None
         self.info = None
+        self.traced = None  # the loaded model's sibling trace (fusion.trace), taken at load
         self.current = None  # id of the request being executed
         self.cancelled = set()
         self.lock = threading.Lock()
@@ -245,7 +246,7 @@ def op_shutdown(w, req):
 
 
 def op_load(w, req):
-    from . import models, workloads
+    from . import fusion, models, workloads
     import mlx.core as mx
 
     spec = req.get("model")
@@ -259,6 +260,11 @@ def op_load(w, req):
     except models.ModelNotFound as e:
         raise RequestError("model_not_found", str(e)) from None
     w.model, w.tokenizer, w.info = model, tokenizer, info
+    try:
+        w.traced = fusion.trace(model)
+        groups, trace_error = fusion.groups_of(model, w.traced), None
+    except Exception as e:  # a model the trace cannot run leaves fusion out of the search
+        w.traced, groups, trace_error = {}, [], f"{type(e).__name__}: {e}"
     return {
         "model_fingerprint": info["model_fingerprint"],
         "model_path": info["model_path"],
@@ -268,6 +274,8 @@ def op_load(w, req):
         "mlx": mx.__version__,
         "device_name": workloads.device_name(),
         "shapes": models.model_shapes(model),
+        "fusion_groups": groups,
+        "fusion_trace_error": trace_error,
     }
 
 
@@ -320,7 +328,7 @@ def op_evaluate(w, req):
         result = evaluate.evaluate(
             w.model, doc, dtype=w.info["dtype"], inference=inference, training=training,
             pairs=pairs, warmup=warmup, seed=seed,
-            skip_inference=inference is None, skip_training=training is None,
+            skip_inference=inference is None, skip_training=training is None, traced=w.traced,
             progress=lambda stage, done, total: w.progress(rid, stage, done, total),
             should_stop=w.should_stop)
     if race is not None:
@@ -409,10 +417,12 @@ def main():
 
     import mlx.core as mx
 
-    from . import patch, workloads
+    from . import fusion, patch, workloads
 
-    planted = os.environ.get("TILEWISE_PLANT_BUG")  # tests only: see patch.plant_bug
-    if planted:
+    planted = os.environ.get("TILEWISE_PLANT_BUG")  # tests only: see patch/fusion.plant_bug
+    if planted in fusion.PLANTED_BUGS:
+        fusion.plant_bug(planted)
+    elif planted:
         patch.plant_bug(planted)
     worker = Worker(out, env_fault=_env_fault())
     out.send({"id": 0, "type": "ready", "protocol": PROTOCOL, "mlx": mx.__version__,

@@ -150,6 +150,19 @@ fn combine(i: Option<f64>, t: Option<f64>) -> f64 {
     }
 }
 
+/// The matmuls the candidate arm runs under `p`: its fused shapes, except in the training workload
+/// when the fusion is for inference only (then that workload keeps the stock shapes).
+fn candidate_matmuls(space: &SearchSpace, p: &Policy) -> Vec<(super::space::WorkM, super::space::Shape)> {
+    let inference_only = p.fusion.as_ref().is_some_and(|f| !f.fuses_training());
+    if !inference_only {
+        return space.matmuls_for(p);
+    }
+    let mut unfused = p.clone();
+    unfused.fusion = None;
+    let inference = space.matmuls_for(p).into_iter().filter(|(w, _)| !w.training);
+    inference.chain(space.matmuls_for(&unfused).into_iter().filter(|(w, _)| w.training)).collect()
+}
+
 impl Memo {
     pub fn insert(&mut self, m: u64, n: u64, k: u64, plan_hash: String, t: ShapeTiming) {
         self.entries.insert((m, n, k, plan_hash), t);
@@ -180,19 +193,24 @@ impl Memo {
     pub fn needed(&self, space: &SearchSpace, p: &Policy) -> Vec<Needed> {
         let mut out = Vec::new();
         let mut seen = BTreeSet::new();
-        for (w, s) in space.matmuls() {
-            let plan = effective_plan(p.plan_for(w.m, s.n, s.k), w.m, s.n, s.k);
-            let mut want = |plan: Plan| {
-                let key = (w.m, s.n, s.k, plan_hash(&plan));
-                if !self.entries.contains_key(&key) && seen.insert(key) {
-                    out.push(Needed { m: w.m, n: s.n, k: s.k, plan });
-                }
-            };
-            if self.stock_s(w.m, s.n, s.k).is_none() {
-                want(Plan::Native);
+        let mut want = |m: u64, n: u64, k: u64, plan: Plan| {
+            let key = (m, n, k, plan_hash(&plan));
+            if !self.entries.contains_key(&key) && seen.insert(key) {
+                out.push(Needed { m, n, k, plan });
             }
+        };
+        // The stock model's shapes (stock time) and `p`'s shapes (fused ones included).
+        for (w, s) in space.matmuls_for(&space.native()) {
+            if self.stock_s(w.m, s.n, s.k).is_none() {
+                want(w.m, s.n, s.k, Plan::Native);
+            }
+        }
+        for (w, s) in candidate_matmuls(space, p) {
+            let plan = effective_plan(p.plan_for(w.m, s.n, s.k), w.m, s.n, s.k);
             if plan != Plan::Native {
-                want(plan);
+                want(w.m, s.n, s.k, plan);
+            } else if self.stock_s(w.m, s.n, s.k).is_none() {
+                want(w.m, s.n, s.k, Plan::Native);
             }
         }
         out
@@ -202,7 +220,11 @@ impl Memo {
     pub fn predict(&self, space: &SearchSpace, p: &Policy) -> Option<Prediction> {
         // (stock, candidate, candidate at the slow end of each shape's interval) seconds
         let (mut inf, mut trn) = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0));
-        for (w, s) in space.matmuls() {
+        for (w, s) in space.matmuls_for(&space.native()) {
+            let acc = if w.training { &mut trn } else { &mut inf };
+            acc.0 += w.weight * s.count as f64 * self.stock_s(w.m, s.n, s.k)?;
+        }
+        for (w, s) in candidate_matmuls(space, p) {
             let stock = self.stock_s(w.m, s.n, s.k)?;
             let plan = effective_plan(p.plan_for(w.m, s.n, s.k), w.m, s.n, s.k);
             let (cand, slow) = if plan == Plan::Native {
@@ -213,7 +235,6 @@ impl Memo {
             };
             let scale = w.weight * s.count as f64;
             let acc = if w.training { &mut trn } else { &mut inf };
-            acc.0 += scale * stock;
             acc.1 += scale * cand;
             acc.2 += scale * slow;
         }
@@ -255,6 +276,37 @@ mod tests {
         // The same split, but twice as slow: predicted to lose.
         memo.insert(63, 1024, 64, needed[0].plan_hash(), ShapeTiming { stock_median_s: 63.0 * 1024.0 * 64.0 * 1e-9, ratio: 0.5, lo: None });
         assert!(memo.predict(&s, &p).unwrap().combined < 1.0);
+    }
+
+    #[test]
+    fn fusion_is_predicted_from_the_fused_shapes() {
+        // Per-call cost dominates: every matmul takes 10 µs plus a little per output row.
+        let time = |n: u64| 10e-6 + n as f64 * 1e-9;
+        let s = tiny_space("cpu");
+        let fused = s.fusion_seeds().remove(0);
+        let mut memo = Memo::default();
+        for n in memo.needed(&s, &s.native()) {
+            memo.insert(n.m, n.n, n.k, n.plan_hash(), ShapeTiming { stock_median_s: time(n.n), ratio: 1.0, lo: Some(0.98) });
+        }
+        assert!(memo.predict(&s, &fused).is_none(), "the fused shapes are not timed yet");
+        let needed = memo.needed(&s, &fused);
+        let mut ns: Vec<u64> = needed.iter().map(|n| n.n).collect();
+        ns.sort_unstable();
+        ns.dedup();
+        // gate|up (128+128); q|k|v (64+32+32 = 128) has the shape gate and up have, timed already.
+        assert_eq!(ns, vec![256]);
+        assert!(needed.iter().all(|n| n.plan == Plan::Native));
+        for n in needed {
+            memo.insert(n.m, n.n, n.k, n.plan_hash(), ShapeTiming { stock_median_s: time(n.n), ratio: 1.0, lo: Some(0.98) });
+        }
+        let pred = memo.predict(&s, &fused).unwrap();
+        assert!(pred.combined > 1.2 && pred.lo == pred.combined, "{pred:?}");
+        // Inference-only: the training workload keeps its stock shapes.
+        let mut inf_only = fused.clone();
+        inf_only.fusion.as_mut().unwrap().training = Some(false);
+        let p2 = memo.predict(&s, &inf_only).unwrap();
+        assert_eq!(p2.training, Some(1.0));
+        assert_eq!(p2.inference, pred.inference);
     }
 
     /// The policy that splits only the output head at prefill (N = 1024, M 2..=95) into 256 columns.

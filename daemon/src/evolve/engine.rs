@@ -247,7 +247,7 @@ impl Engine {
 
     fn candidate_child(&self, space: &SearchSpace, policy: Policy, island: usize, origin: String, parents: Vec<String>) -> Option<Child> {
         let policy = space.validated(space.prune(policy))?;
-        if space.is_effectively_native(&policy) {
+        if space.is_effectively_stock(&policy) {
             return None;
         }
         let key = space.behaviour_key(&policy);
@@ -262,10 +262,17 @@ impl Engine {
         let mut out: Vec<Child> = Vec::new();
         let taken = |c: &Child, out: &Vec<Child>| out.iter().any(|o| o.key == c.key);
         if self.generation == 0 {
-            let h = space.seed_heuristic();
-            let name = h.name.clone().unwrap_or_default();
-            if let Some(c) = self.candidate_child(space, h, 0, format!("seed:{name}"), vec![]) {
-                out.push(c);
+            // Fusion first (the level where the time is), then the seed document's tile heuristic.
+            let mut seeds = space.fusion_seeds();
+            seeds.push(space.seed_heuristic());
+            for (i, seed) in seeds.into_iter().enumerate() {
+                let name = seed.name.clone().unwrap_or_default();
+                let island = i % self.islands.len().max(1);
+                if let Some(c) = self.candidate_child(space, seed, island, format!("seed:{name}"), vec![]) {
+                    if !taken(&c, &out) {
+                        out.push(c);
+                    }
+                }
             }
         }
         for (policy, origin) in std::mem::take(&mut self.injected) {

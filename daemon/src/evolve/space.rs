@@ -6,8 +6,14 @@
 //! Rules address one shape exactly (`n = [N, N]`, `k = [K, K]`) and an M *band* (midpoints between
 //! the workload's distinct M values), so a rule still fires when the evaluator's exact M differs by a
 //! token from the estimate here (mlx_lm prefills `P - 1` tokens, then decodes one at a time).
+//!
+//! Fusion is the first level of the space: which sibling groups the worker's trace found (`fusion`,
+//! from the `load` reply) run as one matmul. A policy's matmuls are the model's shapes with each
+//! fused group's members replaced by one shape of the summed N ([`SearchSpace::shapes_for`]); rules,
+//! the cost model and the behaviour key all work on those, so the plans of fused shapes are searched
+//! like any other.
 
-use crate::policy::{KernelFamily, KernelPlan, Plan, Policy, Range, Rule, Target, SCHEMA_ID};
+use crate::policy::{Fusion, FusionGroup, KernelFamily, KernelPlan, Plan, Policy, Range, Rule, Target, SCHEMA_ID};
 use rand::seq::IndexedRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -25,6 +31,28 @@ pub struct Shape {
     pub n: u64,
     pub k: u64,
     pub count: u64,
+}
+
+/// A sibling group the worker's trace found (`fusion_groups` of the `load` reply): the members of
+/// every module matching `scope` read the same input; `n` is each member's N, `count` how many
+/// modules match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FusionCandidate {
+    pub scope: String,
+    pub members: Vec<String>,
+    pub n: Vec<u64>,
+    pub k: u64,
+    pub count: u64,
+}
+
+impl FusionCandidate {
+    pub fn group(&self) -> FusionGroup {
+        FusionGroup { scope: self.scope.clone(), members: self.members.clone() }
+    }
+
+    fn is(&self, g: &FusionGroup) -> bool {
+        self.scope == g.scope && self.members == g.members
+    }
 }
 
 /// The workload a session measures on (the `inference`/`training` fields of the worker's `evaluate`).
@@ -108,6 +136,9 @@ pub struct SearchSpace {
     /// are valid or not per element size.
     #[serde(default)]
     pub dtype: String,
+    /// Sibling groups that may be fused (empty for sessions saved before fusion existed).
+    #[serde(default)]
+    pub fusion: Vec<FusionCandidate>,
 }
 
 /// Whether a kernel plan obeys the validity rules of docs/kernels.md ("mirror these in Rust") that
@@ -212,6 +243,7 @@ impl SearchSpace {
             name: Some(name.to_string()),
             target: self.target.clone(),
             matmul: crate::policy::Matmul { rules, default },
+            fusion: None,
             generation: None,
             training: None,
         }
@@ -252,51 +284,125 @@ impl SearchSpace {
         self.policy("seed-choose_tile_size", rules, Plan::Native)
     }
 
-    /// Every (M, shape) the workload runs, with its weight (forward passes × layers using the shape).
-    pub fn matmuls(&self) -> Vec<(WorkM, &Shape)> {
+    /// The groups of `p` that this model has (a group the trace did not find is ignored here, as
+    /// the plugin ignores it), in the space's order.
+    pub fn fused_groups(&self, p: &Policy) -> Vec<&FusionCandidate> {
+        let groups = p.fusion_groups();
+        self.fusion.iter().filter(|c| groups.iter().any(|g| c.is(g))).collect()
+    }
+
+    /// The model's linear shapes under `p`: each fused group's members leave their shapes and one
+    /// shape of the summed N takes their place (`count` = modules the group applies to).
+    pub fn shapes_for(&self, p: &Policy) -> Vec<Shape> {
+        let mut shapes = self.shapes.clone();
+        for g in self.fused_groups(p) {
+            for &n in &g.n {
+                if let Some(s) = shapes.iter_mut().find(|s| s.n == n && s.k == g.k) {
+                    s.count = s.count.saturating_sub(g.count);
+                }
+            }
+            let n: u64 = g.n.iter().sum();
+            let name = g.members.join("+");
+            match shapes.iter_mut().find(|s| s.n == n && s.k == g.k) {
+                Some(s) => {
+                    s.count += g.count;
+                    s.name = format!("{}+[{name}]", s.name);
+                }
+                None => shapes.push(Shape { name: format!("[{name}]"), n, k: g.k, count: g.count }),
+            }
+        }
+        shapes.retain(|s| s.count > 0);
+        shapes
+    }
+
+    /// Linear calls one decode step (one token) runs: stock, and under `p`.
+    pub fn calls_per_token(&self, p: &Policy) -> (u64, u64) {
+        let count = |shapes: &[Shape]| shapes.iter().map(|s| s.count).sum();
+        (count(&self.shapes), count(&self.shapes_for(p)))
+    }
+
+    /// The fusion seeds: every group this model has fused together, and (when there are several)
+    /// each group alone, all plans native. Data from the trace, nothing named per architecture.
+    pub fn fusion_seeds(&self) -> Vec<Policy> {
+        if self.fusion.is_empty() {
+            return Vec::new();
+        }
+        let with = |groups: Vec<FusionGroup>, name: String| {
+            let mut p = self.policy(&name, vec![], Plan::Native);
+            p.fusion = Some(Fusion { groups, training: None });
+            p
+        };
+        let all: Vec<FusionGroup> = self.fusion.iter().map(|g| g.group()).collect();
+        let mut out = vec![with(all, "fuse-siblings".into())];
+        if self.fusion.len() > 1 {
+            for g in &self.fusion {
+                out.push(with(vec![g.group()], format!("fuse-{}", g.members.join("+"))));
+            }
+        }
+        out
+    }
+
+    /// Every (M, shape) the workload runs under `p`, with its weight (forward passes × layers using
+    /// the shape). The stock model's matmuls are `matmuls_for(&space.native())`.
+    pub fn matmuls_for(&self, p: &Policy) -> Vec<(WorkM, Shape)> {
+        let shapes = self.shapes_for(p);
         let mut out = Vec::new();
         for w in self.workload.m_values() {
-            for s in &self.shapes {
-                out.push((w, s));
+            for s in &shapes {
+                out.push((w, s.clone()));
             }
         }
         out
     }
 
     /// The plan each of the workload's matmuls runs under `p`, after dropping non-splits. Two
-    /// policies with the same table do the same work: the search measures only one of them.
+    /// policies with the same table (and the same fusion) do the same work: the search measures only
+    /// one of them.
     pub fn effective_table(&self, p: &Policy) -> BTreeMap<(u64, u64, u64), Plan> {
         let mut t = BTreeMap::new();
-        for (w, s) in self.matmuls() {
+        for (w, s) in self.matmuls_for(p) {
             t.insert((w.m, s.n, s.k), effective_plan(p.plan_for(w.m, s.n, s.k), w.m, s.n, s.k));
         }
         t
     }
 
-    /// Hash of the effective table (the search's identity of a candidate's behaviour).
+    /// Hash of the fused groups and the effective table (the search's identity of a candidate's
+    /// behaviour).
     pub fn behaviour_key(&self, p: &Policy) -> String {
         let table: Vec<Value> = self
             .effective_table(p)
             .into_iter()
             .map(|((m, n, k), plan)| json!([m, n, k, plan]))
             .collect();
-        let text = serde_json::to_string(&table).expect("json");
+        let fused: Vec<FusionGroup> = self.fused_groups(p).into_iter().map(|g| g.group()).collect();
+        let training = !fused.is_empty() && p.fusion.as_ref().is_some_and(|f| !f.fuses_training());
+        let text = if fused.is_empty() {
+            serde_json::to_string(&table).expect("json")
+        } else {
+            serde_json::to_string(&json!({"fusion": fused, "inference_only": training, "table": table})).expect("json")
+        };
         hex::encode(&Sha256::digest(text.as_bytes())[..12])
     }
 
-    /// True when every matmul of the workload runs native under `p` (an A/A candidate).
-    pub fn is_effectively_native(&self, p: &Policy) -> bool {
-        self.effective_table(p).values().all(|pl| *pl == Plan::Native)
+    /// True when `p` computes exactly what stock computes: nothing fused and every matmul of the
+    /// workload native (an A/A candidate).
+    pub fn is_effectively_stock(&self, p: &Policy) -> bool {
+        self.fused_groups(p).is_empty() && self.effective_table(p).values().all(|pl| *pl == Plan::Native)
     }
 
     /// Behaviour features for the MAP-Elites grid: (fraction of the workload's matmul FLOPs that run
-    /// non-native, FLOP-weighted mean log2 of the split tiles used; 0 when nothing is split).
+    /// changed — fused or non-native —, FLOP-weighted mean log2 of the split tiles used; 0 when
+    /// nothing is split).
     pub fn features(&self, p: &Policy) -> (f64, f64) {
         let (mut total, mut non_native, mut tile_log_sum) = (0.0, 0.0, 0.0);
-        for (w, s) in self.matmuls() {
+        let fused_shapes: Vec<(u64, u64)> = self.fused_groups(p).iter().map(|g| (g.n.iter().sum(), g.k)).collect();
+        for (w, s) in self.matmuls_for(p) {
             let flops = w.weight * s.count as f64 * (w.m * s.n * s.k) as f64;
             total += flops;
             let plan = effective_plan(p.plan_for(w.m, s.n, s.k), w.m, s.n, s.k);
+            if plan == Plan::Native && fused_shapes.contains(&(s.n, s.k)) {
+                non_native += flops;
+            }
             if plan != Plan::Native {
                 non_native += flops;
                 let tiles: Vec<f64> = match plan {
@@ -368,8 +474,13 @@ impl SearchSpace {
         if matches!(&p.matmul.default, Plan::Kernel(k) if !kernel_plan_ok(k, itemsize)) {
             p.matmul.default = Plan::Native;
         }
+        // Fusion: only groups this model has, in the space's order (one set, one hash); a flag
+        // that says the default is left out.
+        let groups: Vec<FusionGroup> = self.fused_groups(&p).into_iter().map(|g| g.group()).collect();
+        let inference_only = p.fusion.as_ref().is_some_and(|f| !f.fuses_training());
+        p.fusion = (!groups.is_empty()).then(|| Fusion { groups, training: inference_only.then_some(false) });
         let mut used = vec![false; p.matmul.rules.len()];
-        for (w, s) in self.matmuls() {
+        for (w, s) in self.matmuls_for(&p) {
             if let Some(i) = p.matmul.rules.iter().position(|r| r.matches(w.m, s.n, s.k)) {
                 used[i] = true;
             }
@@ -502,9 +613,9 @@ impl SearchSpace {
         }
     }
 
-    /// A rule for one of the workload's matmuls, drawn at random.
-    fn random_rule<R: Rng>(&self, rng: &mut R) -> Option<Rule> {
-        let matmuls = self.matmuls();
+    /// A rule for one of the workload's matmuls under `p` (fused shapes included), drawn at random.
+    fn random_rule<R: Rng>(&self, rng: &mut R, p: &Policy) -> Option<Rule> {
+        let matmuls = self.matmuls_for(p);
         let (w, s) = matmuls.choose(rng)?;
         let band = self.band_of(w.m);
         let plan = self.random_plan(rng, w.m, s.n, s.k);
@@ -514,12 +625,16 @@ impl SearchSpace {
     /// One random variation of `p` (before validation). Returns the operator's name for the record.
     pub fn mutate<R: Rng>(&self, rng: &mut R, p: &Policy) -> (Policy, &'static str) {
         let mut c = p.clone();
+        // Fusion is the first level: with groups to fuse, a third of the mutations change the fusion.
+        if !self.fusion.is_empty() && (c.matmul.rules.is_empty() && rng.random_bool(0.5) || rng.random_bool(0.33)) {
+            return (self.toggle_fusion(rng, c), "toggle_fusion");
+        }
         let rules = &mut c.matmul.rules;
         let op = if rules.is_empty() { 0 } else { rng.random_range(0..7) };
         let name = match op {
             // Add a rule for a real (M band, shape).
             0 => {
-                if let Some(r) = self.random_rule(rng) {
+                if let Some(r) = self.random_rule(rng, p) {
                     let at = rng.random_range(0..=rules.len());
                     rules.insert(at, r);
                 }
@@ -535,7 +650,7 @@ impl SearchSpace {
             2 | 3 => {
                 let i = rng.random_range(0..rules.len());
                 let r = &mut rules[i];
-                let (m_dim, n_dim, k_dim) = self.rule_dims(r);
+                let (m_dim, n_dim, k_dim) = self.rule_dims(r, p);
                 match &mut r.plan {
                     Plan::Split { tile_m, tile_n, tile_k } => {
                         let up = rng.random_bool(0.5);
@@ -565,11 +680,11 @@ impl SearchSpace {
                     a.m = Some(lo_part);
                     let mut b = r.clone();
                     b.m = Some(hi_part);
-                    let (md, nd, kd) = self.rule_dims(&b);
+                    let (md, nd, kd) = self.rule_dims(&b, p);
                     b.plan = self.random_plan(rng, md, nd, kd);
                     rules[i] = a;
                     rules.insert(i + 1, b);
-                } else if let Some(extra) = self.random_rule(rng) {
+                } else if let Some(extra) = self.random_rule(rng, p) {
                     rules.insert(i, extra);
                 }
                 "split_rule"
@@ -599,7 +714,7 @@ impl SearchSpace {
             // Switch the plan kind (native / split / kernel where available).
             _ => {
                 let i = rng.random_range(0..rules.len());
-                let (md, nd, kd) = self.rule_dims(&rules[i]);
+                let (md, nd, kd) = self.rule_dims(&rules[i], p);
                 rules[i].plan = match rules[i].plan {
                     Plan::Native => self.random_plan(rng, md, nd, kd),
                     _ if rng.random_bool(0.5) => Plan::Native,
@@ -611,10 +726,27 @@ impl SearchSpace {
         (c, name)
     }
 
-    /// The (M, N, K) a rule is mainly about: the largest workload M and shape it matches.
-    fn rule_dims(&self, r: &Rule) -> (u64, u64, u64) {
+    /// Fuses a group `p` does not fuse, or unfuses one it does; now and then flips whether the
+    /// fusion also applies to training.
+    fn toggle_fusion<R: Rng>(&self, rng: &mut R, mut p: Policy) -> Policy {
+        let Some(g) = self.fusion.choose(rng) else { return p };
+        let mut groups: Vec<FusionGroup> = self.fused_groups(&p).into_iter().map(|c| c.group()).collect();
+        let mut training = p.fusion.as_ref().and_then(|f| f.training);
+        if !groups.is_empty() && rng.random_bool(0.15) {
+            training = if training == Some(false) { None } else { Some(false) };
+        } else if let Some(i) = groups.iter().position(|x| g.is(x)) {
+            groups.remove(i);
+        } else {
+            groups.push(g.group());
+        }
+        p.fusion = (!groups.is_empty()).then_some(Fusion { groups, training });
+        p
+    }
+
+    /// The (M, N, K) a rule is mainly about: the largest workload M and shape (under `p`) it matches.
+    fn rule_dims(&self, r: &Rule, p: &Policy) -> (u64, u64, u64) {
         let mut best = (1, 1, 1);
-        for (w, s) in self.matmuls() {
+        for (w, s) in self.matmuls_for(p) {
             if r.matches(w.m, s.n, s.k) && w.m * s.n * s.k >= best.0 * best.1 * best.2 {
                 best = (w.m, s.n, s.k);
             }
@@ -638,6 +770,20 @@ impl SearchSpace {
         let mut c = a.clone();
         c.matmul.rules = rules;
         c.matmul.default = default;
+        // Each group the parents disagree on comes from either parent.
+        let (fa, fb) = (self.fused_groups(a), self.fused_groups(b));
+        let groups: Vec<FusionGroup> = self
+            .fusion
+            .iter()
+            .filter(|g| match (fa.contains(g), fb.contains(g)) {
+                (true, true) => true,
+                (false, false) => false,
+                _ => rng.random_bool(0.5),
+            })
+            .map(|g| g.group())
+            .collect();
+        let training = if rng.random_bool(0.5) { a.fusion.as_ref() } else { b.fusion.as_ref() }.and_then(|f| f.training);
+        c.fusion = (!groups.is_empty()).then_some(Fusion { groups, training });
         c
     }
 
@@ -668,6 +814,16 @@ pub(crate) mod tests {
             workload: Workload::default_for(backend),
             chip: "x86_64 cpu".into(),
             dtype: if backend == "cpu" { "float32".into() } else { "bfloat16".into() },
+            fusion: vec![
+                FusionCandidate { scope: "model.layers.*.mlp".into(), members: vec!["gate_proj".into(), "up_proj".into()], n: vec![128, 128], k: 64, count: 2 },
+                FusionCandidate {
+                    scope: "model.layers.*.self_attn".into(),
+                    members: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
+                    n: vec![64, 32, 32],
+                    k: 64,
+                    count: 2,
+                },
+            ],
         }
     }
 
@@ -694,7 +850,7 @@ pub(crate) mod tests {
         assert!(s.validated(s.native()).is_some());
         let h = s.validated(s.seed_heuristic()).expect("heuristic policy validates");
         assert!(!h.matmul.rules.is_empty());
-        assert!(!s.is_effectively_native(&h), "the heuristic splits the output head at least");
+        assert!(!s.is_effectively_stock(&h), "the heuristic splits the output head at least");
         // Decode stays native.
         assert_eq!(effective_plan(h.plan_for(1, 1024, 64), 1, 1024, 64), Plan::Native);
     }
@@ -738,6 +894,77 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    /// Qwen2.5-0.5B's shapes and the groups its trace finds (24 layers, tied head).
+    fn qwen_space() -> SearchSpace {
+        let mut s = tiny_space("cuda");
+        s.shapes = vec![
+            Shape { name: "o_proj+q_proj".into(), n: 896, k: 896, count: 48 },
+            Shape { name: "k_proj+v_proj".into(), n: 128, k: 896, count: 48 },
+            Shape { name: "gate_proj+up_proj".into(), n: 4864, k: 896, count: 48 },
+            Shape { name: "down_proj".into(), n: 896, k: 4864, count: 24 },
+            Shape { name: "embed_tokens.as_linear".into(), n: 151936, k: 896, count: 1 },
+        ];
+        s.fusion = vec![
+            FusionCandidate { scope: "model.layers.*.mlp".into(), members: vec!["gate_proj".into(), "up_proj".into()], n: vec![4864, 4864], k: 896, count: 24 },
+            FusionCandidate {
+                scope: "model.layers.*.self_attn".into(),
+                members: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
+                n: vec![896, 128, 128],
+                k: 896,
+                count: 24,
+            },
+        ];
+        s
+    }
+
+    #[test]
+    fn fused_shapes_replace_their_members() {
+        let s = qwen_space();
+        let all = s.fusion_seeds().remove(0);
+        assert_eq!(s.calls_per_token(&s.native()), (169, 169));
+        assert_eq!(s.calls_per_token(&all), (169, 97));
+        let shapes = s.shapes_for(&all);
+        let find = |n, k| shapes.iter().find(|x| x.n == n && x.k == k).map(|x| x.count);
+        assert_eq!(find(896, 896), Some(24), "o_proj stays");
+        assert_eq!(find(128, 896), None, "k and v are gone");
+        assert_eq!(find(1152, 896), Some(24));
+        assert_eq!(find(9728, 896), Some(24));
+        // Fusion changes behaviour; a group the model does not have does not.
+        assert!(!s.is_effectively_stock(&all));
+        assert_ne!(s.behaviour_key(&all), s.behaviour_key(&s.native()));
+        let mut foreign = s.native();
+        foreign.fusion = Some(Fusion { groups: vec![FusionGroup { scope: "x.*".into(), members: vec!["a".into(), "b".into()] }], training: None });
+        assert!(s.is_effectively_stock(&foreign));
+        assert!(s.prune(foreign).fusion.is_none(), "prune drops groups the model does not have");
+        // Seeds: all groups, then each alone; all valid.
+        let seeds = s.fusion_seeds();
+        assert_eq!(seeds.len(), 3);
+        for p in seeds {
+            let v = s.validated(s.prune(p)).expect("seed validates");
+            assert!(!v.fusion_groups().is_empty());
+        }
+        // An inference-only fusion is another behaviour.
+        let mut inf_only = s.fusion_seeds().remove(0);
+        inf_only.fusion.as_mut().unwrap().training = Some(false);
+        assert_ne!(s.behaviour_key(&inf_only), s.behaviour_key(&s.fusion_seeds()[0]));
+    }
+
+    #[test]
+    fn mutation_reaches_fusion_and_rules_for_fused_shapes() {
+        let s = qwen_space();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut p = s.native();
+        let (mut fused, mut fused_rule) = (false, false);
+        for _ in 0..400 {
+            let (c, _) = s.mutate(&mut rng, &p);
+            let c = s.validated(s.prune(c)).expect("valid");
+            fused |= !c.fusion_groups().is_empty();
+            fused_rule |= c.matmul.rules.iter().any(|r| r.n == Some(Range(1152, Some(1152))) || r.n == Some(Range(9728, Some(9728))));
+            p = c;
+        }
+        assert!(fused && fused_rule, "fused {fused}, rule for a fused shape {fused_rule}");
     }
 
     #[test]
