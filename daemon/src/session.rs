@@ -72,10 +72,15 @@ pub struct StartParams {
     /// and its conservative prediction (every shape at the slow end of its interval) exceeds 1.0.
     #[serde(default)]
     pub screen_threshold: Option<f64>,
-    /// Stop a first end-to-end evaluation early once it can no longer be promoted (default true;
-    /// see `RACE_MIN_PAIRS`). Confirmations and re-measurements always run every pair.
+    /// Stop a first end-to-end evaluation early once it can no longer be promoted, and extend a
+    /// promising one (default true; see `RACE_MIN_PAIRS`, `max_pairs`). Confirmations and
+    /// re-measurements always run a number of pairs fixed before they start.
     #[serde(default)]
     pub race: Option<bool>,
+    /// Most pairs a raced first evaluation may take per workload while its median is above 1.0 and
+    /// its interval still reaches below (default 6 × `pairs`; `pairs` turns extension off).
+    #[serde(default)]
+    pub max_pairs: Option<u32>,
     #[serde(default)]
     pub workload: Option<Workload>,
     /// Per-request worker timeout for `evaluate` in seconds (default 600).
@@ -111,6 +116,10 @@ pub struct SessionSpec {
     /// Race first evaluations (stop losers early); sessions saved before this field existed did not.
     #[serde(default)]
     pub race: bool,
+    /// Extend a raced first evaluation up to this many pairs per workload while it is promising but
+    /// unresolved (0, as in sessions saved before this field existed: never).
+    #[serde(default)]
+    pub max_pairs: u32,
     pub engine: EngineConfig,
     /// Ignore the idle/power gate.
     #[serde(default)]
@@ -221,6 +230,10 @@ impl StartParams {
         if !(2..=1000).contains(&pairs) {
             return Err(SessionError::BadParams("pairs must be in 2..=1000".into()));
         }
+        let max_pairs = self.max_pairs.unwrap_or(pairs.saturating_mul(6).min(1000));
+        if !(pairs..=10_000).contains(&max_pairs) {
+            return Err(SessionError::BadParams(format!("max_pairs must be in {pairs}..=10000 (at least pairs)")));
+        }
         if let Some(list) = &self.policies {
             if list.is_empty() {
                 return Err(SessionError::BadParams("policies: give at least one".into()));
@@ -244,6 +257,7 @@ impl StartParams {
             // produces and would almost never be proven end to end (lower bound > 1.0).
             screen_threshold: self.screen_threshold.unwrap_or(1.02),
             race: self.race.unwrap_or(true),
+            max_pairs,
             engine: EngineConfig::default(),
             now: self.now.unwrap_or(false),
         })
@@ -501,6 +515,11 @@ fn retarget(doc: &Value, target: &Target) -> Result<Policy, String> {
 /// Pairs a raced first evaluation takes before it may stop (fewer give no useful interval: with 3
 /// pairs the bootstrap upper bound is the largest pair ratio, so every pair must have lost).
 pub const RACE_MIN_PAIRS: u32 = 3;
+
+/// The most pairs any workload of a stored measurement took.
+fn pairs_taken(detail: &Value) -> u64 {
+    ["/inference/n_pairs", "/training/n_pairs"].iter().filter_map(|p| detail.pointer(p).and_then(Value::as_u64)).max().unwrap_or(0)
+}
 
 /// Whether a stored measurement's detail says the worker's race stopped it before all its pairs.
 fn stopped_early(detail: &Value) -> bool {
@@ -797,10 +816,19 @@ impl Runner {
         let spec = &self.state.spec;
         let attempt = self.store().measurements(id)?.len() as u64;
         req["seed"] = json!(self.measurement_seed(id, attempt));
-        // Only a candidate's first measurement races: a confirmation (attempt ≥ 1) is what a
-        // promotion rests on and always runs every pair.
+        // Only a candidate's first measurement races (and may be extended): a confirmation
+        // (attempt ≥ 1) is what a promotion rests on; it runs as many pairs as the first one took,
+        // a number fixed before it starts.
         if spec.race && attempt == 0 && origin != "confirmation" {
             req["race"] = json!({"bar": 1.0, "min_pairs": RACE_MIN_PAIRS.min(spec.pairs)});
+            if spec.max_pairs > spec.pairs {
+                req["race"]["max_pairs"] = json!(spec.max_pairs);
+            }
+        }
+        if attempt >= 1 {
+            let first = self.store().measurements(id)?.into_iter().next();
+            let taken = first.map_or(0, |m| pairs_taken(&m.detail));
+            req["pairs"] = json!(taken.max(spec.pairs as u64));
         }
         let timeout = Duration::from_secs(spec.evaluate_timeout_s);
         // Cancelled by a stop or by the idle gate closing; a result taken while the person came

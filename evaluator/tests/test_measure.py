@@ -151,3 +151,44 @@ def test_cyclic_garbage_of_an_arm_is_collected_before_the_next_sample_and_gc_is_
     measure.interleaved({"stock": stock, "candidate": candidate}, pairs=4, warmup=0)
     assert seen_alive and not any(seen_alive[1:]), seen_alive
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def timed(seq):
+    """An arm whose samples report the given seconds in turn (a synthetic timer)."""
+    it = iter(seq)
+    return lambda: {"seconds": next(it)}
+
+
+def noisy(mean, spread, seed, n=2000):
+    rng = np.random.default_rng(seed)
+    return list(mean * (1 + rng.uniform(-spread, spread, size=n)))
+
+
+def test_a_promising_unresolved_workload_is_extended_until_resolved():
+    """A 4 % win whose 10-pair interval still reaches below 1 gets more pairs, and ends resolved;
+    the same numbers without max_pairs stop at 10 unresolved."""
+    stock, cand = noisy(1.04, 0.08, 1), noisy(1.0, 0.08, 11)
+    plain = measure.interleaved({"stock": timed(stock), "candidate": timed(cand)}, pairs=10, warmup=0)
+    race = measure.Race(["inference"], max_pairs=60)
+    ext = measure.interleaved({"stock": timed(stock), "candidate": timed(cand)}, pairs=10, warmup=0, race=race)
+    assert plain["n_pairs"] == 10 and plain["lo"] <= 1.0 < plain["ratio"], plain["lo"]
+    assert 10 < ext["n_pairs"] <= 60 and ext["extended"] == ext["n_pairs"] - 10
+    assert ext["lo"] > 1.0, (ext["lo"], ext["n_pairs"])
+    assert race.state()["extended"] == {"inference": ext["n_pairs"] - 10}
+    # The extension stops as soon as the interval clears the bar.
+    assert measure.median_ci(ext["ratios"][:-1])[1] <= 1.0
+
+
+def test_extension_never_runs_for_a_loser_or_past_max_pairs():
+    # A loser (median below 1) is not extended.
+    race = measure.Race(["inference"], max_pairs=50)
+    r = measure.interleaved({"stock": timed(noisy(1.0, 0.05, 3)), "candidate": timed(noisy(1.02, 0.05, 4))},
+                            pairs=10, warmup=0, race=race)
+    assert r["extended"] == 0 and r["n_pairs"] <= 10
+    # A tie stays unresolved: it is extended at most to max_pairs.
+    race = measure.Race(["inference"], max_pairs=24)
+    r = measure.interleaved({"stock": timed(noisy(1.0, 0.2, 5)), "candidate": timed(noisy(1.0, 0.2, 6))},
+                            pairs=10, warmup=0, race=race)
+    assert r["n_pairs"] <= 24
+    with pytest.raises(ValueError, match="max_pairs"):
+        measure.Race(["inference"], max_pairs=1)

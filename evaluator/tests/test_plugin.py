@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from tilewise import daemon_client, models, patch, plugin, workloads
+from tilewise import daemon_client, fusion, models, patch, plugin, workloads
 from tilewise import policy as P
 
 EVALUATOR = Path(__file__).resolve().parent.parent
@@ -792,3 +792,130 @@ def test_quantized_models_get_the_policy_on_the_right_shapes(tiny_dir, tmp_path)
     assert mlx_lm.generate(model, tok, "hello world", max_tokens=4) == stock_text
     assert plugin.status().calls["split"] > 0
     patch.remove(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# fusion policies
+
+
+def fusion_policy(target, name="fuse siblings", groups=None, **fusion_fields):
+    groups = groups if groups is not None else [
+        {"scope": "model.layers.*.self_attn", "members": ["q_proj", "k_proj", "v_proj"]},
+        {"scope": "model.layers.*.mlp", "members": ["gate_proj", "up_proj"]}]
+    return P.make_policy(target=target, name=name, fusion={"groups": groups, **fusion_fields})
+
+
+def test_a_fusion_policy_is_applied_at_load_and_undone_by_disable(tiny_dir, tmp_path):
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    stock_model, tok = load_tiny(tiny_dir)
+    stock_text = mlx_lm.generate(stock_model, tok, "hello world", max_tokens=6)
+    stock_params = dict(tree_flatten(stock_model.parameters()))
+    path = write_json(tmp_path / "p.json", fusion_policy(target_of(stock_model)))
+
+    plugin.enable_optimizations(path)
+    model, tok = load_tiny(tiny_dir)
+    rec = plugin.status().models[-1]
+    assert rec.source == "file" and rec.patched_layers == 0, rec  # fused, nothing to dispatch
+    assert rec.fusion["instances"] == 4 and rec.fusion["matmuls_per_token"] == [15, 9], rec.fusion
+    assert fusion.count_linear_calls(model) == 9
+    assert mlx_lm.generate(model, tok, "hello world", max_tokens=6) == stock_text
+    text = str(plugin.status())
+    assert "fused: q/k/v fused in 2 modules, gate/up fused in 2 modules: 15 → 9 matmuls per token" in text, text
+    # Steady-state parameter memory equals stock (the originals' arrays were released).
+    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert abs(nbytes - sum(v.nbytes for v in stock_params.values())) <= 0.01 * nbytes
+
+    plugin.disable()
+    after = dict(tree_flatten(model.parameters()))
+    assert list(after) == list(stock_params)
+    assert all(mx.array_equal(after[k], stock_params[k]).item() for k in after)
+    assert fusion.count_linear_calls(model) == 15
+    assert models.fingerprint(model) == target_of(stock_model)["model"]
+
+
+def test_a_fused_model_saves_the_stock_layout(tiny_dir, tmp_path):
+    import mlx_lm.utils as mlx_lm_utils
+    from mlx.utils import tree_flatten
+
+    stock_model, _ = load_tiny(tiny_dir)
+    stock_params = dict(tree_flatten(stock_model.parameters()))
+    plugin.enable_optimizations(write_json(tmp_path / "p.json", fusion_policy(target_of(stock_model))))
+    model, _ = load_tiny(tiny_dir)
+    assert fusion.fused_of(model) is not None
+
+    # Module.save_weights: the stock names and values, loadable by a stock model (strict).
+    model.save_weights(str(tmp_path / "w.safetensors"))
+    saved = mx.load(str(tmp_path / "w.safetensors"))
+    assert set(saved) == set(stock_params)
+    assert all(mx.array_equal(saved[k], stock_params[k]).item() for k in saved)
+    # ... and a fused model takes a stock checkpoint (unfused for the load, fused again after).
+    model.load_weights(str(tmp_path / "w.safetensors"), strict=True)
+    assert fusion.count_linear_calls(model) == 9
+    plugin.disable()
+    fresh, _ = load_tiny(tiny_dir)
+    fresh.load_weights(str(tmp_path / "w.safetensors"), strict=True)
+    plugin.enable_optimizations(tmp_path / "p.json")
+    model, _ = load_tiny(tiny_dir)
+
+    # mlx_lm's save_model (what mlx_lm.convert and mlx_lm.fuse call, through the module): the stock
+    # layout too; the model stays fused.
+    mlx_lm_utils.save_model(tmp_path / "saved", model)
+    files = sorted((tmp_path / "saved").glob("*.safetensors"))
+    written = {}
+    for f in files:
+        written.update(mx.load(str(f)))
+    assert set(written) == set(stock_params)
+    assert fusion.fused_of(model) is not None and fusion.count_linear_calls(model) == 9
+
+
+def test_lora_conversion_and_mlx_lms_trainer_get_the_stock_layout(tiny_dir, tmp_path):
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    stock_model, _ = load_tiny(tiny_dir)
+    plugin.enable_optimizations(write_json(tmp_path / "p.json", fusion_policy(target_of(stock_model))))
+    model, _ = load_tiny(tiny_dir)
+    assert fusion.fused_of(model) is not None
+    import mlx_lm.tuner.utils as tuner_utils
+
+    # The name imported before the plugin wrapped it is the original: call through the module, as
+    # mlx_lm.lora does after importing it (the plugin rebinds every mlx_lm module's reference).
+    assert tuner_utils.linear_to_lora_layers is not linear_to_lora_layers
+    model.freeze()
+    tuner_utils.linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    assert fusion.fused_of(model) is None
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "LoRALinear"
+    assert "fusion undone for LoRA layers (mlx_lm.tuner): stock layout" in str(plugin.status())
+
+
+def test_fusion_groups_the_model_lacks_are_skipped_with_the_reason(tiny_dir, tmp_path):
+    import mlx_lm
+
+    stock_model, tok = load_tiny(tiny_dir)
+    stock_text = mlx_lm.generate(stock_model, tok, "hello", max_tokens=4)
+    groups = [{"scope": "model.layers.*.self_attn", "members": ["q_proj", "o_proj"]},  # not same input
+              {"scope": "transformer.h.*.attn", "members": ["c_attn", "c_proj"]}]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        plugin.enable_optimizations(write_json(tmp_path / "p.json", fusion_policy(target_of(stock_model), groups=groups)))
+        model, tok = load_tiny(tiny_dir)
+    assert not tilewise_warnings(w)
+    rec = plugin.status().models[-1]
+    assert rec.fusion["instances"] == 0 and len(rec.fusion["skipped"]) == 3, rec.fusion
+    text = str(plugin.status())
+    assert "not fused: model.layers.0.self_attn q_proj/o_proj: its members did not read the same input" in text, text
+    assert "not fused: transformer.h.*.attn c_attn/c_proj: no module of the model matches this scope" in text
+    assert mlx_lm.generate(model, tok, "hello", max_tokens=4) == stock_text
+
+
+def test_cli_generate_applies_a_fusion_policy(tiny_dir, tmp_path, fresh_plugin):
+    stock_model, _ = load_tiny(tiny_dir)
+    path = write_json(tmp_path / "p.json", fusion_policy(target_of(stock_model)))
+    gen = ["generate", "--model", str(tiny_dir), "--prompt", "hello", "--max-tokens", "6"]
+    stock = subprocess.run([sys.executable, "-m", "mlx_lm", *gen], capture_output=True, text=True, timeout=120)
+    out = run_cli(["--policy", str(path), *gen], fresh_plugin)
+    assert out.returncode == 0, out.stderr
+    assert "q/k/v fused in 2 modules, gate/up fused in 2 modules: 15 → 9 matmuls per token" in out.stderr, out.stderr
+    strip = lambda s: s.split("==========")[1]  # noqa: E731
+    assert strip(out.stdout) == strip(stock.stdout)

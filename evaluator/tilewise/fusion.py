@@ -128,6 +128,11 @@ def trace(model, tokens=(0, 1)):
     return out
 
 
+def _natural(name):
+    """Sort key: `layers.2` before `layers.10`."""
+    return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in name.split(".")]
+
+
 def scope_pattern(name):
     """`model.layers.3.self_attn` -> `model.layers.*.self_attn` (numeric segments become `*`)."""
     return ".".join("*" if _DIGITS.match(s) else s for s in name.split("."))
@@ -183,6 +188,8 @@ def _check_members(parent, members, same_input):
         if type(layer) not in FUSABLE:
             raise FusionError(f"{key} is a {type(layer).__name__}, not a plain Linear or QuantizedLinear")
         layers.append(layer)
+    if not same_input:
+        raise FusionError("its members did not read the same input in a traced forward pass")
     l0 = layers[0]
     for key, layer in zip(members[1:], layers[1:]):
         if type(layer) is not type(l0):
@@ -204,8 +211,6 @@ def _check_members(parent, members, same_input):
             raise FusionError(f"{members[0]} and {key} differ in bias (one has none)")
         if layer._no_grad != l0._no_grad:
             raise FusionError(f"{members[0]} and {key} differ in which parameters are frozen")
-    if not same_input:
-        raise FusionError("its members did not read the same input in a traced forward pass")
     return layers
 
 
@@ -356,6 +361,13 @@ class Fused:
             inst.on()
         self.active = True
 
+    def doc(self):
+        """The fusion part of the policy this was prepared from (to fuse again, e.g. after a load)."""
+        fusion = {"groups": list(self.groups)}
+        if self.instances and not self.instances[0].fuse_training:
+            fusion["training"] = False
+        return {"fusion": fusion}
+
     def off(self):
         for inst in self.instances:
             inst.off()
@@ -429,7 +441,7 @@ def prepare(model, doc, traced=None, release=False):
         except Exception as e:  # a model that cannot be traced is left stock
             reason = f"could not trace the model ({type(e).__name__}: {e})"
             return Fused(model, [], [(g["scope"], tuple(g["members"]), reason) for g in groups], groups)
-    modules = model.named_modules()
+    modules = sorted(model.named_modules(), key=lambda nm: _natural(nm[0]))
     instances, skipped, taken = [], [], set()
     for g in groups:
         members = tuple(g["members"])

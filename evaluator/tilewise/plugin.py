@@ -63,6 +63,10 @@ import weakref
 from pathlib import Path
 from typing import Any, Optional
 
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from . import fusion, models, patch
 from .daemon_client import DEFAULT_TIMEOUT_S, DaemonClient, DaemonError, DaemonUnavailable, cache_dir
 
 log = logging.getLogger("tilewise.plugin")
@@ -97,6 +101,9 @@ class ModelRecord:
     fetched_at: Optional[str] = None
     #: The policy's generation.prefill_step_size, made generate_step's default for this model.
     prefill_step_size: Optional[int] = None
+    #: What the policy's fusion did to the model (fusion.Fused.report plus linear calls per token
+    #: before/after), None when it fuses nothing.
+    fusion: Optional[dict] = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,6 +142,15 @@ class Status:
             else:
                 what = "native (model left stock)"
             lines.append(f"  model {m.model_fingerprint}: {what}; {_layers(m.patched_layers)} patched")
+            if m.fusion and m.fusion.get("unfused_for"):
+                lines.append(f"    fusion undone for {m.fusion['unfused_for']}: stock layout")
+            elif m.fusion:
+                if m.fusion["instances"]:
+                    lines.append(f"    fused: {describe_fusion(m.fusion)}")
+                for skip in m.fusion.get("skipped") or []:
+                    lines.append(f"    not fused: {skip['module']} {'/'.join(skip['members'])}: {skip['reason']}")
+            if m.evidence:
+                lines.append(f"    measured: {describe_evidence(m.evidence)}")
             lines.append(f"    why: {m.reason}")
         lines.append("  matmul calls so far: " + ", ".join(f"{k} {v}" for k, v in self.calls.items()))
         if self.warning:
@@ -144,6 +160,32 @@ class Status:
 
 def _layers(n: int) -> str:
     return f"{n} layer" if n == 1 else f"{n} layers"
+
+
+def describe_fusion(report: dict) -> str:
+    """`q/k/v fused in 24 modules, gate/up fused in 24 modules: 169 → 97 matmuls per token`."""
+    text = report.get("summary") or "nothing"
+    calls = report.get("matmuls_per_token")
+    if calls and calls[0] != calls[1]:
+        text += f": {calls[0]} → {calls[1]} matmuls per token"
+    return text
+
+
+def _pct(ratio, lo=None, hi=None) -> str:
+    text = f"{(ratio - 1) * 100:+.1f} %"
+    if lo is not None and hi is not None:
+        text += f" [{(lo - 1) * 100:.1f}, {(hi - 1) * 100:.1f}]"
+    return text
+
+
+def describe_evidence(evidence: dict) -> str:
+    """The daemon's evidence in words: `+3.4 % [0.8, 4.9] combined (inference +4.5 % [...], ...)`."""
+    text = f"{_pct(evidence['ratio'], evidence.get('lo'), evidence.get('hi'))} combined"
+    parts = []
+    for name, w in ((evidence.get("summary") or {}).get("workloads") or {}).items():
+        if isinstance(w, dict) and isinstance(w.get("ratio"), (int, float)):
+            parts.append(f"{name} {_pct(w['ratio'], w.get('lo'), w.get('hi'))}")
+    return text + (f" ({', '.join(parts)})" if parts else "")
 
 
 class _Config:
@@ -159,6 +201,8 @@ class _Config:
         self.patched: dict = {}
         # model id -> (weakref, prefill_step_size) of policies that set generation.prefill_step_size
         self.prefill: dict = {}
+        # model id -> its latest ModelRecord (while the model is patched or fused)
+        self.record_of: dict = {}
         self.warning: Optional[str] = None
 
 
@@ -203,16 +247,17 @@ def apply_to(model, source=...):
         record = ModelRecord(None, "native", f"tilewise failed, model left stock: {type(e).__name__}: {e}")
         _warn(record.reason)
     _STATE.records.append(record)
+    if id(model) in _STATE.patched:
+        _STATE.record_of[id(model)] = record
     if _STATE.announce:
         why = "see the warning above" if record.reason == _STATE.warning else record.reason
+        fused = f"; fused: {describe_fusion(record.fusion)}" if record.fusion and record.fusion["instances"] else ""
         print(f"tilewise: {record.source}, policy {record.policy_hash or 'native'}, "
-              f"{_layers(record.patched_layers)} patched — {why}", file=sys.stderr, flush=True)
+              f"{_layers(record.patched_layers)} patched{fused} — {why}", file=sys.stderr, flush=True)
     return record
 
 
 def status() -> Status:
-    from . import patch
-
     return Status(
         enabled=_STATE.enabled,
         requested=(_STATE.source or "daemon") if _STATE.enabled or _STATE.records else None,
@@ -231,6 +276,7 @@ def disable() -> None:
             _unpatch(m)
     _STATE.patched.clear()
     _STATE.prefill.clear()
+    _STATE.record_of.clear()
     _STATE.enabled = False
 
 
@@ -301,6 +347,7 @@ def check_policy(doc: Any, want: dict, expected_hash: Optional[str] = None) -> s
 def _apply(model, src: Optional[str]) -> ModelRecord:
     from . import policy as P
 
+    _unpatch(model)  # a re-applied model starts from stock (its fingerprint is the stock layout's)
     want = this_target(model)
     if src is None:
         r = _from_daemon(want, _STATE.timeout)
@@ -308,7 +355,6 @@ def _apply(model, src: Optional[str]) -> ModelRecord:
         r = _from_file(Path(src), model, want)
     if r.warn:
         _warn(r.reason)
-    _unpatch(model)  # a re-applied model starts from stock
     rec = ModelRecord(want["model"], r.source, r.reason, evidence=r.evidence, fetched_at=r.fetched_at)
     if r.policy is None:
         return rec
@@ -320,13 +366,31 @@ def _apply(model, src: Optional[str]) -> ModelRecord:
         # generate_step's default for this model (a caller's explicit prefill_step_size wins)
         _STATE.prefill[id(model)] = (weakref.ref(model), step)
         rec.prefill_step_size = step
-    if P.is_all_native(r.policy):
+    if P.is_stock(r.policy):
         rec.reason += "; all plans native, model left stock"
         return rec
+    if P.fusion_groups(r.policy):
+        rec.fusion = _fuse(model, r.policy)
     rec.patched_layers = _patch_reachable_layers(model, r.policy)
-    if rec.patched_layers:
+    if rec.patched_layers or fusion.fused_of(model) is not None:
         _STATE.patched[id(model)] = weakref.ref(model)
     return rec
+
+
+def _fuse(model, doc: dict) -> dict:
+    """Applies the policy's fusion (fusion.fuse: originals released, stock layout back on disable)
+    and returns its report with linear calls per token before and after. Saving and mlx_lm's
+    training entry points are guarded so no checkpoint is ever written in the fused layout."""
+    stock_calls = sum(s["count"] for s in models.model_shapes(model))
+    tic = time.perf_counter()
+    fused = fusion.fuse(model, doc)
+    report = fused.report()
+    report["matmuls_per_token"] = [stock_calls, stock_calls - fused.calls_saved()]
+    report["seconds"] = round(time.perf_counter() - tic, 4)
+    if fused.instances:
+        _guard_saving(model)
+        _install_training_hooks()
+    return report
 
 
 def _patch_reachable_layers(model, doc: dict) -> int:
@@ -334,8 +398,6 @@ def _patch_reachable_layers(model, doc: dict) -> int:
     (`policy.may_leave_native`); the rest stay stock classes, so they pay nothing for the plugin's
     dispatch (about 1 µs of Python per call, which at 169 linears per token is several % of a fast
     GPU decode step). Returns how many."""
-    from . import patch
-
     return len(patch.apply(model, doc, reachable_only=True).layers)
 
 
@@ -604,11 +666,92 @@ def _user_stacklevel() -> int:
 
 
 def _unpatch(model) -> None:
-    from . import patch
-
     patch.remove(model)
+    if fusion.unfuse(model):
+        model.__dict__.pop("save_weights", None)
+        model.__dict__.pop("load_weights", None)
     _STATE.patched.pop(id(model), None)
     _STATE.prefill.pop(id(model), None)
+    _STATE.record_of.pop(id(model), None)
+
+
+def _guard_saving(model) -> None:  # and loading
+    """`model.save_weights(path)` of a fused model writes the stock layout (the fused arrays cut into
+    their members' rows), so the file loads into stock mlx_lm; `model.load_weights` takes the stock
+    layout. Instance attributes: only this model, gone with unfuse."""
+    stock_save = type(model).save_weights
+
+    def save_weights(file: str):
+        fused = fusion.fused_of(model)
+        if fused is None:
+            return stock_save(model, file)
+        weights = fused.to_stock(dict(tree_flatten(model.parameters())))
+        if file.endswith(".npz"):
+            mx.savez(file, **weights)
+        elif file.endswith(".safetensors"):
+            mx.save_safetensors(file, weights)
+        else:
+            raise ValueError("Unsupported file extension. Use '.npz' or '.safetensors'.")
+
+    stock_load = type(model).load_weights
+
+    def load_weights(file_or_weights, strict: bool = True):
+        """Weights in the stock layout (any mlx_lm checkpoint) load into a fused model: it is
+        unfused for the load and fused again after, from the new weights."""
+        fused = fusion.fused_of(model)
+        if fused is None:
+            return stock_load(model, file_or_weights, strict=strict)
+        fusion.unfuse(model)
+        try:
+            return stock_load(model, file_or_weights, strict=strict)
+        finally:
+            fusion.fuse(model, fused.doc())
+
+    object.__setattr__(model, "save_weights", save_weights)
+    object.__setattr__(model, "load_weights", load_weights)
+
+
+def _unfuse_before(what: str):
+    """A wrapper maker: the wrapped mlx_lm function gets the model in its stock layout (for good:
+    what it makes — LoRA layers, checkpoints — must match stock mlx_lm)."""
+    def make(original):
+        def wrapper(model, *args, **kwargs):
+            if fusion.fused_of(model) is not None:
+                rec = _STATE.record_of.get(id(model))
+                _unpatch(model)
+                if rec is not None and rec.fusion is not None:
+                    rec.fusion["unfused_for"] = what
+                    rec.patched_layers = 0
+                log.info("tilewise: model unfused for %s (stock layout)", what)
+            return original(model, *args, **kwargs)
+        return wrapper
+    return make
+
+
+def _save_stock(original):
+    """`mlx_lm.utils.save_model(path, model, ...)` of a fused model saves the stock layout: the model
+    is unfused for the save and fused again after (same policy)."""
+    def save_model(save_path, model, *args, **kwargs):
+        fused = fusion.fused_of(model)
+        if fused is None:
+            return original(save_path, model, *args, **kwargs)
+        fusion.unfuse(model)
+        try:
+            return original(save_path, model, *args, **kwargs)
+        finally:
+            fusion.fuse(model, fused.doc())
+    return save_model
+
+
+def _install_training_hooks() -> None:
+    """Wraps mlx_lm's LoRA conversion and trainer (they get the stock layout) and save_model."""
+    import mlx_lm.tuner.trainer as trainer
+    import mlx_lm.tuner.utils as tuner_utils
+    import mlx_lm.utils as U
+
+    _wrap(tuner_utils, "linear_to_lora_layers", _unfuse_before("LoRA layers (mlx_lm.tuner)"))
+    _wrap(trainer, "train", _unfuse_before("training with mlx_lm's trainer"))
+    _wrap(U, "save_model", _save_stock)
 
 
 def _mlx_lm_modules():
@@ -677,6 +820,9 @@ def _install_load_hook() -> None:
 def _uninstall_load_hook() -> None:
     _unwrap("mlx_lm.utils", "load")
     _unwrap("mlx_lm.generate", "generate_step")
+    _unwrap("mlx_lm.utils", "save_model")
+    _unwrap("mlx_lm.tuner.utils", "linear_to_lora_layers")
+    _unwrap("mlx_lm.tuner.trainer", "train")
 
 
 def _prefill_step_for(model) -> Optional[int]:
