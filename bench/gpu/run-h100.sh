@@ -10,6 +10,11 @@
 #   batched [ARGS]   bench/gpu/batched_decode.py ARGS (tuned policy vs stock, batched decode, B = 1/4/8/16)
 #   evaluator [ARGS] bench/evaluator_bench.py on Qwen2.5-0.5B bf16 (issue 3's H100 benchmark)
 #   plugin           bench/plugin_bench.py on Qwen2.5-0.5B bf16, no daemon (issue 6's H100 overhead figure)
+#   tune [BUDGET] [MODEL]  the real daemon (release binaries carried xz-compressed in .devbin/) runs a
+#                    default tuning session (default 240s, synthetic:qwen2.5-0.5b) in /root/twhome; its
+#                    history, policy and database go to $OUT
+#   fusion [ARGS]    bench/fusion_bench.py against that daemon's best: bf16 (all workloads), then the
+#                    same policy retargeted to a 4-bit copy (decode B=1, B=8, prefill); ARGS to both
 # Kernel results for gputime/e2e/batched: $KR_SET, else /root/kb/kernel_bench.json (this machine's last kernels
 # step), else results/h100/run8-kernels-full/kernel_bench.json (committed: the data-chain sweep of all 30 rows).
 set -uo pipefail
@@ -32,6 +37,18 @@ install() {
 }
 
 install || exit 1
+
+# The daemon for `tune` and `fusion`: release binaries carried as .devbin/*.xz, unpacked once per machine.
+TWBIN=/root/twbin
+export TILEWISE_HOME=${TILEWISE_HOME:-/root/twhome} TILEWISE_PYTHON=python3
+start_daemon() {
+  if [ ! -x "$TWBIN/tilewised" ]; then
+    mkdir -p "$TWBIN"
+    for f in .devbin/*.xz; do xz -dc "$f" > "$TWBIN/$(basename "${f%.xz}")" || return 1; done
+    chmod +x "$TWBIN"/*
+  fi
+  "$TWBIN/tilewise" status >/dev/null 2>&1 || "$TWBIN/tilewise" daemon start
+}
 export PYTHONPATH=$SITE:$PWD/evaluator
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), 'cuda', mx.cuda.is_available())"
@@ -65,6 +82,22 @@ for step in ${steps//,/ }; do
     batched) python3 bench/gpu/batched_decode.py --out "$OUT" --kernel-results "$KR" "$@" 2>&1 | tee "$OUT/batched.log" || rc=1 ;;
     evaluator) python3 bench/evaluator_bench.py --model synthetic:qwen2.5-0.5b --dtype bfloat16 --out "$OUT" "$@" 2>&1 \
                  | tee "$OUT/evaluator_bench.log" || rc=1 ;;
+    tune)
+      start_daemon || exit 1
+      budget=${1:-240s}; model=${2:-}
+      "$TWBIN/tilewise" tune --budget "$budget" ${model:+--model "$model"} 2>&1 | tee -a "$OUT/tune.log" || rc=1
+      "$TWBIN/tilewise" history 2>&1 | tee -a "$OUT/history.txt"
+      python3 bench/gpu/best_policy.py > "$OUT/best-policies.json" 2>&1
+      "$TWBIN/tilewise" daemon stop
+      cp "$TILEWISE_HOME/tilewise.db" "$OUT/tilewise-${model//[^A-Za-z0-9]/_}.db" 2>/dev/null
+      ;;
+    fusion)
+      start_daemon || exit 1
+      python3 bench/fusion_bench.py --model synthetic:qwen2.5-0.5b --from-daemon --tag bf16 --out "$OUT/fusion-bf16" "$@" || rc=1
+      python3 bench/fusion_bench.py --model synthetic:qwen2.5-0.5b --from-daemon --quantize 4 --retarget --tag q4 \
+        --only decode1,decode8,prefill --out "$OUT/fusion-q4" "$@" || rc=1
+      "$TWBIN/tilewise" daemon stop
+      ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -4,7 +4,7 @@
 - a local directory in mlx_lm format (config.json + *.safetensors + tokenizer files),
 - a Hugging Face repo id or cache entry found locally (`~/.cache/huggingface/hub/models--org--name/
   snapshots/<rev>`; nothing is ever downloaded),
-- `synthetic:tiny` or `synthetic:qwen2.5-0.5b`: written once (seeded random weights, a trained
+- `synthetic:tiny`, `synthetic:qwen2.5-0.5b` or `synthetic:llama-3.2-1b`: written once (seeded random weights, a trained
   byte-level BPE tokenizer) in mlx_lm's own format under the models dir, then loaded with
   `mlx_lm.load()` exactly like a real model. Timing does not depend on weight values.
 
@@ -74,9 +74,34 @@ TINY_CONFIG = dict(
     torch_dtype="float32",
 )
 
+# Llama-3.2-1B's config.json (another architecture family: untied in most checkpoints, but 1B ties;
+# no projection biases; 16 layers; grouped-query attention 32/8).
+LLAMA32_1B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 128256,
+}
+
 SYNTHETIC = {
     "tiny": {"config": TINY_CONFIG, "tokenizer_vocab": 1000, "seed": 0},
     "qwen2.5-0.5b": {"config": QWEN25_05B_CONFIG, "tokenizer_vocab": 8192, "seed": 0},
+    "llama-3.2-1b": {"config": LLAMA32_1B_CONFIG, "tokenizer_vocab": 8192, "seed": 0},
 }
 # Bump when the synthesized files change, so stale copies are rebuilt instead of reused.
 SYNTH_VERSION = 1
@@ -148,7 +173,7 @@ def resolve(spec):
             return cached
     raise ModelNotFound(
         f"model {spec!r} not found: not a directory, not in the Hugging Face cache; "
-        f"use synthetic:tiny or synthetic:qwen2.5-0.5b"
+        f"use one of {', '.join('synthetic:' + n for n in SYNTHETIC)}"
     )
 
 
@@ -302,11 +327,12 @@ def synthesize(name, root=None):
         "clean_up_tokenization_spaces": False,
     }, indent=2))
 
-    from mlx_lm.models import qwen2
+    from mlx_lm.utils import _get_classes
 
-    args = qwen2.ModelArgs.from_dict(config)
+    model_cls, args_cls = _get_classes(config)  # the architecture's own mlx_lm classes
+    args = args_cls.from_dict(config)
     mx.random.seed(spec["seed"])
-    model = qwen2.Model(args)
+    model = model_cls(args)
     model.set_dtype(DTYPES[config["torch_dtype"]])
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)

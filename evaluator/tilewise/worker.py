@@ -251,7 +251,7 @@ def op_load(w, req):
 
     spec = req.get("model")
     if not isinstance(spec, str) or not spec:
-        raise _bad("model: a path, a Hugging Face repo id, or synthetic:tiny | synthetic:qwen2.5-0.5b")
+        raise _bad("model: a path, a Hugging Face repo id, or synthetic:tiny | synthetic:qwen2.5-0.5b | synthetic:llama-3.2-1b")
     dtype = req.get("dtype")
     if dtype is not None and dtype not in models.DTYPES:
         raise _bad(f"dtype: one of {', '.join(models.DTYPES)}")
