@@ -130,7 +130,7 @@ async fn orchestrate(iters: usize) {
     let hash = Policy::from_value(&doc).unwrap().content_hash();
     Store::open(&paths.db_file)
         .unwrap()
-        .promote(&Promotion { key: key.clone(), policy: doc, hash, ratio: 1.1, lo: 1.05, hi: 1.15, session_id: None, candidate_id: None })
+        .promote(&Promotion { key: key.clone(), policy: doc, hash, ratio: 1.1, lo: 1.05, hi: 1.15, session_id: None, candidate_id: None, summary: None })
         .unwrap();
 
     let daemon = spawn_self(&["--serve-daemon", home.path().to_str().unwrap()]);
@@ -195,7 +195,7 @@ async fn orchestrate(iters: usize) {
     let home2 = tempfile::tempdir().unwrap();
     let paths2 = Paths::under_home(home2.path());
     paths2.ensure_dirs().unwrap();
-    Store::open(&paths2.db_file).unwrap().promote(&Promotion { key: key.clone(), policy: first.policy.to_value(), hash: first.hash.clone(), ratio: 1.1, lo: 1.05, hi: 1.15, session_id: None, candidate_id: None }).unwrap();
+    Store::open(&paths2.db_file).unwrap().promote(&Promotion { key: key.clone(), policy: first.policy.to_value(), hash: first.hash.clone(), ratio: 1.1, lo: 1.05, hi: 1.15, session_id: None, candidate_id: None, summary: None }).unwrap();
     let state = Arc::new(DaemonState::open(paths2, Default::default()).unwrap());
     let mut reply_line = String::new();
     let t = Instant::now();

@@ -6,7 +6,7 @@
 //! store code, not on rows faked by the client. Not shipped: an example, built by the tests.
 //!
 //! ```text
-//! cargo run --example seed_best -- POLICY.json [--ratio 1.05 --lo 1.02 --hi 1.08] [--db PATH]
+//! cargo run --example seed_best -- POLICY.json [--ratio 1.05 --lo 1.02 --hi 1.08] [--db PATH] [--summary JSON]
 //! ```
 //! The database defaults to the one `TILEWISE_HOME` (or the platform) points at. The policy is
 //! fully validated first, and its target's device, model, mlx and backend (none may be `*`) are the
@@ -34,6 +34,9 @@ struct Args {
     /// Database file (default: the tilewise home's).
     #[arg(long)]
     db: Option<PathBuf>,
+    /// The promotion's summary, as the session records it (JSON of `store::PolicySummary`).
+    #[arg(long)]
+    summary: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -65,6 +68,7 @@ fn main() -> Result<()> {
         hi: args.hi,
         session_id: None,
         candidate_id: None,
+        summary: args.summary.as_deref().map(serde_json::from_str).transpose().context("--summary: not a policy summary")?,
     })?;
     println!("{}", serde_json::json!({"hash": hash, "history_id": history_id, "db": db}));
     Ok(())

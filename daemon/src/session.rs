@@ -29,8 +29,8 @@ use crate::evolve::promotion::{self, Evidence, Incumbent};
 use crate::evolve::space::{FusionCandidate, SearchSpace, Shape, Workload};
 use crate::policy::{Policy, Target};
 use crate::store::{
-    BestKey, Budget, CandidateId, CandidateStatus, MemoEntry, NewCandidate, NewMeasurement, NewSession, NewWorkerFailure,
-    Promotion, SessionId, SessionState, SharedStore, StoreError,
+    BestKey, Budget, CandidateId, CandidateStatus, Interval, MemoEntry, NewCandidate, NewMeasurement, NewSession,
+    NewWorkerFailure, PolicySummary, Promotion, SessionId, SessionState, SharedStore, StoreError,
 };
 use crate::worker::{Supervisor, WorkerConfig, WorkerError};
 use serde::{Deserialize, Serialize};
@@ -899,6 +899,7 @@ impl Runner {
             if self.store().best(&self.key)?.is_some_and(|b| b.hash == hash) {
                 return Ok(Some(outcome)); // already promoted (resumed after the promote committed)
             }
+            let summary = self.summarize(policy, &last.detail);
             self.store().promote(&Promotion {
                 key: self.key.clone(),
                 policy: policy.to_value(),
@@ -908,6 +909,7 @@ impl Runner {
                 hi,
                 session_id: Some(self.session_id),
                 candidate_id: Some(id),
+                summary: Some(summary.clone()),
             })?;
             let evidence: Vec<Value> = ms[ms.len() - 2..]
                 .iter()
@@ -917,9 +919,34 @@ impl Runner {
             self.publish(
                 kind::POLICY_PROMOTED,
                 json!({"candidate_id": id, "hash": hash, "ratio": ratio, "lo": lo, "hi": hi, "reason": reason,
-                       "replaced": inc, "target": self.key, "evidence": evidence}),
+                       "replaced": inc, "target": self.key, "evidence": evidence, "summary": summary}),
             );
             return Ok(Some(outcome));
+        }
+    }
+
+    /// A promoted policy in words (what it changes) and per workload (the promoting measurement).
+    fn summarize(&self, policy: &Policy, detail: &Value) -> PolicySummary {
+        let (text, fused, calls) = self.state.space.describe(policy);
+        let interval = |v: Option<&Value>| -> Option<Interval> {
+            let v = v?;
+            let num = |k: &str| v.get(k).and_then(Value::as_f64);
+            Some(Interval { ratio: num("ratio")?, lo: num("lo")?, hi: num("hi")? })
+        };
+        let mut workloads = std::collections::BTreeMap::new();
+        for (name, pointer) in
+            [("inference", "/inference"), ("training", "/training"), ("decode", "/inference/decode"), ("prefill", "/inference/prefill")]
+        {
+            if let Some(i) = interval(detail.pointer(pointer)) {
+                workloads.insert(name.to_string(), i);
+            }
+        }
+        PolicySummary {
+            text,
+            fused,
+            matmuls_per_token: Some(calls),
+            rules: policy.matmul.rules.len(),
+            workloads,
         }
     }
 

@@ -87,7 +87,7 @@ async fn a_stored_best_is_served_only_for_its_exact_key() {
         // Written through the store, on the same file, while the daemon runs (WAL).
         let store = Store::open(&d.paths.db_file).unwrap();
         store
-            .promote(&Promotion { key: key.clone(), policy: doc.clone(), hash: hash.clone(), ratio: 1.12, lo: 1.05, hi: 1.2, session_id: None, candidate_id: None })
+            .promote(&Promotion { key: key.clone(), policy: doc.clone(), hash: hash.clone(), ratio: 1.12, lo: 1.05, hi: 1.2, session_id: None, candidate_id: None, summary: None })
             .unwrap();
     }
     let get = |mlx: &str| PolicyGetParams { model: "model-a".into(), mlx: mlx.into(), backend: Some("cpu".into()), device: None };
@@ -112,7 +112,7 @@ async fn a_stored_best_is_served_only_for_its_exact_key() {
     bad["matmul"]["rules"][0]["m"] = json!([900, 10]);
     Store::open(&d.paths.db_file)
         .unwrap()
-        .promote(&Promotion { key: bad_key, policy: bad, hash: "sha256:bogus".into(), ratio: 2.0, lo: 1.9, hi: 2.1, session_id: None, candidate_id: None })
+        .promote(&Promotion { key: bad_key, policy: bad, hash: "sha256:bogus".into(), ratio: 2.0, lo: 1.9, hi: 2.1, session_id: None, candidate_id: None, summary: None })
         .unwrap();
     let r = c
         .policy_get(&PolicyGetParams { model: "model-b".into(), mlx: "0.32.4".into(), backend: Some("cpu".into()), device: None })
@@ -131,7 +131,7 @@ fn other_policy(key: &BestKey, tile_m: u32) -> Value {
 
 fn promotion(key: &BestKey, doc: &Value, ratio: f64) -> (Promotion, String) {
     let hash = Policy::from_value(doc).unwrap().content_hash();
-    let p = Promotion { key: key.clone(), policy: doc.clone(), hash: hash.clone(), ratio, lo: ratio - 0.05, hi: ratio + 0.05, session_id: None, candidate_id: None };
+    let p = Promotion { key: key.clone(), policy: doc.clone(), hash: hash.clone(), ratio, lo: ratio - 0.05, hi: ratio + 0.05, session_id: None, candidate_id: None, summary: None };
     (p, hash)
 }
 
@@ -569,4 +569,62 @@ async fn the_daemon_logs_to_a_dated_file() {
         assert!(Instant::now() < deadline, "no tilewised.<date>.log with the serving line; logs dir has {files:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A proven fusion policy is described in words wherever it is shown: `policy.get`'s evidence and
+/// reason, `history`, and the CLI's `policy get` and `history`.
+#[tokio::test]
+async fn a_fusion_policys_summary_is_served_and_printed() {
+    let d = TestDaemon::start();
+    let mut c = d.client().await;
+    let device = c.status().await.unwrap().device_fingerprint;
+    let key = BestKey { device, model: "model-f".into(), mlx: "0.32.4".into(), backend: "cpu".into() };
+    let doc = json!({
+        "schema": "tilewise.policy/1", "name": "fuse-siblings",
+        "target": {"device": key.device, "model": key.model, "mlx": key.mlx, "backend": key.backend},
+        "matmul": {"rules": [], "default": {"kind": "native"}},
+        "fusion": {"groups": [{"scope": "model.layers.*.self_attn", "members": ["q_proj", "k_proj", "v_proj"]},
+                              {"scope": "model.layers.*.mlp", "members": ["gate_proj", "up_proj"]}]}
+    });
+    let summary: tilewise::store::PolicySummary = serde_json::from_value(json!({
+        "text": "q/k/v fused, gate/up fused: 169 → 97 matmuls per token", "fused": ["q/k/v", "gate/up"],
+        "matmuls_per_token": [169, 97], "rules": 0,
+        "workloads": {"decode": {"ratio": 1.28, "lo": 1.22, "hi": 1.31}, "training": {"ratio": 1.1, "lo": 1.05, "hi": 1.15}}
+    }))
+    .unwrap();
+    let hash = Policy::from_value(&doc).unwrap().content_hash();
+    Store::open(&d.paths.db_file)
+        .unwrap()
+        .promote(&Promotion {
+            key: key.clone(),
+            policy: doc,
+            hash: hash.clone(),
+            ratio: 1.22,
+            lo: 1.18,
+            hi: 1.25,
+            session_id: None,
+            candidate_id: None,
+            summary: Some(summary.clone()),
+        })
+        .unwrap();
+    let r = c
+        .policy_get(&PolicyGetParams { model: "model-f".into(), mlx: "0.32.4".into(), backend: Some("cpu".into()), device: None })
+        .await
+        .unwrap();
+    assert_eq!(r.hash, hash);
+    assert_eq!(r.evidence.as_ref().unwrap().summary.as_ref(), Some(&summary));
+    assert!(r.reason.ends_with(": q/k/v fused, gate/up fused: 169 → 97 matmuls per token"), "{}", r.reason);
+    let h = c.history(&HistoryParams::default()).await.unwrap();
+    assert_eq!(h.promotions[0].summary.as_ref(), Some(&summary));
+
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(TILEWISE).args(args).env("TILEWISE_HOME", d.home.path()).env_remove("TILEWISE_SOCKET").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = cli(&["policy", "get", "--model", "model-f", "--mlx", "0.32.4", "--backend", "cpu"]);
+    assert!(text.contains("what: q/k/v fused, gate/up fused: 169 → 97 matmuls per token\n"), "{text}");
+    assert!(text.contains("measured: decode +28.0 % [22.0, 31.0], training +10.0 % [5.0, 15.0]\n"), "{text}");
+    let text = cli(&["history"]);
+    assert!(text.contains("    q/k/v fused, gate/up fused: 169 → 97 matmuls per token; decode +28.0 % [22.0, 31.0]"), "{text}");
 }

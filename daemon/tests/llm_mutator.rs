@@ -130,8 +130,9 @@ async fn a_session_measures_what_the_llm_proposed() {
         load_timeout: Duration::from_secs(300),
     });
     let params = StartParams {
-        // The seed heuristic and the two LLM candidates come first; each may need a confirmation.
-        budget: Some(Budget { evaluations: Some(6), seconds: Some(900) }),
+        // Generation 0 (three fusion seeds, the seed heuristic) and the two LLM candidates come
+        // first; each may need a confirmation.
+        budget: Some(Budget { evaluations: Some(12), seconds: Some(900) }),
         seed: Some(4),
         pairs: Some(3),
         warmup: Some(0),

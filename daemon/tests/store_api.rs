@@ -276,6 +276,7 @@ fn promotion_replaces_best_and_appends_history() {
         hi: ratio + 0.02,
         session_id: Some(sid),
         candidate_id: None,
+        summary: None,
     };
     store.promote(&promo("sha256:one", 1.05)).unwrap();
     store.promote(&promo("sha256:two", 1.10)).unwrap();
@@ -288,6 +289,16 @@ fn promotion_replaces_best_and_appends_history() {
     assert_eq!(hist[1].replaced_hash, None);
     assert!(store.history(Some("other-model"), 50).unwrap().is_empty());
     assert_eq!(store.session(sid).unwrap().unwrap().promotions, 2);
+
+    // A summary is stored with the best and its history row, and read back as it was written.
+    let summary: tilewise::store::PolicySummary = serde_json::from_value(json!({
+        "text": "q/k/v fused: 15 → 11 matmuls per token", "fused": ["q/k/v"], "matmuls_per_token": [15, 11],
+        "rules": 0, "workloads": {"decode": {"ratio": 1.05, "lo": 1.02, "hi": 1.08}}}))
+    .unwrap();
+    store.promote(&Promotion { summary: Some(summary.clone()), ..promo("sha256:three", 1.2) }).unwrap();
+    assert_eq!(store.best(&key).unwrap().unwrap().summary, Some(summary.clone()));
+    let hist = store.history(None, 50).unwrap();
+    assert_eq!((hist[0].summary.as_ref(), hist[1].summary.as_ref()), (Some(&summary), None));
 }
 
 #[test]

@@ -100,6 +100,10 @@ def _gate_and_time(model, doc, fused, result, *, dtype, inf, trn, prompt, batch,
                                 on_sample=lambda d, t: progress("inference", d, t))
         r["prefill_tok_s"] = _tok_s(r["samples"], "prefill_s", inf["prompt_tokens"])
         r["decode_tok_s"] = _tok_s(r["samples"], "decode_s", max(inf["gen_tokens"] - 1, 1))
+        # The same statistic over each phase of the generation alone (secondary: what a user of
+        # decode or of long prompts would see).
+        for phase in ("prefill", "decode"):
+            r[phase] = _phase_ratio(r["samples"], f"{phase}_s", seed)
         r["sizes"] = inf
         result["inference"] = r
     if trn is not None:
@@ -112,6 +116,19 @@ def _gate_and_time(model, doc, fused, result, *, dtype, inf, trn, prompt, batch,
         result["training"] = r
     result["combined"] = measure.combine(result["inference"], result["training"])
     return result
+
+
+def _phase_ratio(samples, field, seed):
+    """{ratio, lo, hi} of the per-pair ratios stock / candidate of one field of the samples."""
+    by_pair = {}
+    for s in samples:
+        by_pair.setdefault(s["pair"], {})[s["arm"]] = s[field]
+    ratios = [p["stock"] / p["candidate"] for p in by_pair.values()
+              if len(p) == 2 and p["candidate"] > 0]
+    if not ratios:
+        return None
+    ratio, lo, hi = measure.median_ci(ratios, seed=seed)
+    return {"ratio": ratio, "lo": lo, "hi": hi}
 
 
 def _tok_s(samples, field, tokens):

@@ -166,10 +166,10 @@ fn run(args: &Args) -> Result<bool> {
                 Ok(mut d) => security::rows(&mut d, &scratch.1),
                 Err(e) => vec![Row::error("security: start daemon", &e)],
             };
-            rows.push(
-                security::planted_wrong_session_row(&bins, &scratch.0.join("planted"))
-                    .unwrap_or_else(|e| Row::error("security: planted wrong policy (live session, gate must fail)", &e)),
-            );
+            for (bug, dir) in [(security::PlantedBug::Split, "planted"), (security::PlantedBug::Fusion, "planted-fusion")] {
+                let label = bug.label();
+                rows.push(security::planted_wrong_session_row(&bins, &scratch.0.join(dir), bug).unwrap_or_else(|e| Row::error(label, &e)));
+            }
             rows
         });
     }

@@ -265,17 +265,50 @@ fn planted_wrong_row(daemon: &Daemon, device: &str) -> Result<Row> {
     ))
 }
 
-/// The live form: a real session measures a split policy whose plans the worker computes wrongly
-/// (`TILEWISE_PLANT_BUG=drop_last_k_tile`, docs/worker-protocol.md), so the correctness gate must
-/// fail it; meanwhile and afterwards, `policy.get` for that model must serve native.
-pub fn planted_wrong_session_row(bins: &Binaries, home: &Path) -> Result<Row> {
-    let d = Daemon::start(bins, home, &[("TILEWISE_PLANT_BUG", "drop_last_k_tile")])?;
-    let wrong = json!({
-        "schema": "tilewise.policy/1",
-        "name": "planted: wrong K tiles",
-        "target": {"device": "*", "model": "*", "mlx": "*", "backend": "*"},
-        "matmul": {"rules": [], "default": {"kind": "split", "tile_m": null, "tile_n": null, "tile_k": 16}}
-    });
+/// A planted bug of the worker (`TILEWISE_PLANT_BUG`, docs/worker-protocol.md) and a policy it makes
+/// wrong: a split whose last K tile is dropped, or a fusion whose members get each other's slices.
+pub enum PlantedBug {
+    Split,
+    Fusion,
+}
+
+impl PlantedBug {
+    fn env(&self) -> &'static str {
+        match self {
+            PlantedBug::Split => "drop_last_k_tile",
+            PlantedBug::Fusion => "rotate_parts",
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            PlantedBug::Split => "security: planted wrong policy (live session, gate must fail)",
+            PlantedBug::Fusion => "security: planted wrong fusion (live session, gate must fail)",
+        }
+    }
+
+    fn policy(&self) -> Value {
+        let target = json!({"device": "*", "model": "*", "mlx": "*", "backend": "*"});
+        match self {
+            PlantedBug::Split => json!({
+                "schema": "tilewise.policy/1", "name": "planted: wrong K tiles", "target": target,
+                "matmul": {"rules": [], "default": {"kind": "split", "tile_m": null, "tile_n": null, "tile_k": 16}}
+            }),
+            PlantedBug::Fusion => json!({
+                "schema": "tilewise.policy/1", "name": "planted: rotated fusion slices", "target": target,
+                "matmul": {"rules": [], "default": {"kind": "native"}},
+                "fusion": {"groups": [{"scope": "model.layers.*.mlp", "members": ["gate_proj", "up_proj"]}]}
+            }),
+        }
+    }
+}
+
+/// The live form: a real session measures a policy whose plans (or fusion) the worker computes
+/// wrongly, so the correctness gate must fail it; meanwhile and afterwards, `policy.get` for that
+/// model must serve native.
+pub fn planted_wrong_session_row(bins: &Binaries, home: &Path, bug: PlantedBug) -> Result<Row> {
+    let d = Daemon::start(bins, home, &[("TILEWISE_PLANT_BUG", bug.env())])?;
+    let wrong = bug.policy();
     let mut c = d.client()?;
     c.set_timeout(Duration::from_secs(300))?;
     let r = c
@@ -309,7 +342,7 @@ pub fn planted_wrong_session_row(bins: &Binaries, home: &Path) -> Result<Row> {
     let after = c.call("policy.get", params)?.map_err(|e| anyhow!("policy.get: {e}"))?;
     let native_after = after.get("source").and_then(Value::as_str) == Some("native");
     Ok(Row::pass_if(
-        "security: planted wrong policy (live session, gate must fail)",
+        bug.label(),
         format!(
             "gate passed: {correct} (reason: {reason:.80}); promotions {promotions}; served non-native {served_wrong}/{polls} polls during, native after: {native_after}"
         ),

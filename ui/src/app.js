@@ -151,6 +151,7 @@ function short(s) { return typeof s === "string" && s.length > 24 ? s.slice(0, 1
 function renderPolicy(got, error) {
   const tbody = $("rules").querySelector("tbody");
   tbody.replaceChildren();
+  $("policy-what").replaceChildren();
   $("policy-source").textContent = got ? got.source : "";
   if (error || !got) { $("policy-summary").textContent = error || "No model has been tuned yet."; return; }
   const p = got.policy || {}, ev = got.evidence;
@@ -158,6 +159,14 @@ function renderPolicy(got, error) {
   if (ev) summary.push(` · ${fmt.pctInterval(ev.ratio, ev.lo, ev.hi)} (session ${ev.session_id})`);
   if (got.reason) summary.push(` · ${got.reason}`);
   $("policy-summary").replaceChildren(...summary);
+  // What it changes and what each workload measured (the daemon's summary; the policy's own fusion
+  // for promotions recorded before summaries existed).
+  const what = ev && ev.summary ? ev.summary.text : fmt.fusion(p);
+  if (what) $("policy-what").append(h("div", { "data-testid": "policy-what-text" }, what));
+  const workloads = (ev && ev.summary && ev.summary.workloads) || {};
+  const measured = ["decode", "prefill", "inference", "training"].filter((k) => workloads[k])
+    .map((k) => `${k} ${fmt.pctInterval(workloads[k].ratio, workloads[k].lo, workloads[k].hi)}`);
+  if (measured.length) $("policy-what").append(h("div", { class: "muted", "data-testid": "policy-measured" }, measured.join(" · ")));
   const rules = (p.matmul && p.matmul.rules) || [];
   rules.forEach((r, i) => tbody.append(h("tr", { "data-rule": i },
     h("td", {}, i + 1), h("td", {}, fmt.range(r.m)), h("td", {}, fmt.range(r.n)), h("td", {}, fmt.range(r.k)),

@@ -63,6 +63,17 @@
     const d = new Date(at);
     return isNaN(d) ? null : d;
   }
-  root.fmt = { pct, pctInterval, range, plan, bytes, duration, seconds, clock, toDate };
+  /** [q_proj, k_proj, v_proj] -> "q/k/v" (a suffix all members share is dropped), as the daemon says it. */
+  function members(list) {
+    const suffix = ["_proj", "_linear", "_dense"].find((s) => list.every((m) => m.endsWith(s)));
+    return list.map((m) => (suffix ? m.slice(0, -suffix.length) : m)).join("/");
+  }
+  /** A policy's fusion in words: "q/k/v fused, gate/up fused" ("" when it fuses nothing). */
+  function fusion(policy) {
+    const groups = (policy && policy.fusion && policy.fusion.groups) || [];
+    const text = groups.map((g) => `${members(g.members)} fused`).join(", ");
+    return text && policy.fusion.training === false ? `${text} (inference only)` : text;
+  }
+  root.fmt = { pct, pctInterval, range, plan, bytes, duration, seconds, clock, toDate, members, fusion };
   if (typeof module !== "undefined") module.exports = root.fmt;
 })(typeof window !== "undefined" ? window : globalThis);

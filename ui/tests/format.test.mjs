@@ -28,3 +28,13 @@ test("sizes and times", () => {
   assert.equal(fmt.seconds(4.2e-5), "42.0 µs");
   assert.equal(fmt.duration(3725), "1 h 2 min");
 });
+
+test("a policy's fusion reads as the daemon says it", () => {
+  assert.equal(fmt.members(["q_proj", "k_proj", "v_proj"]), "q/k/v");
+  assert.equal(fmt.members(["gate", "shared_expert_gate"]), "gate/shared_expert_gate");
+  const groups = [{ scope: "model.layers.*.self_attn", members: ["q_proj", "k_proj", "v_proj"] },
+    { scope: "model.layers.*.mlp", members: ["gate_proj", "up_proj"] }];
+  assert.equal(fmt.fusion({ fusion: { groups } }), "q/k/v fused, gate/up fused");
+  assert.equal(fmt.fusion({ fusion: { groups, training: false } }), "q/k/v fused, gate/up fused (inference only)");
+  assert.equal(fmt.fusion({ matmul: {} }), "");
+});

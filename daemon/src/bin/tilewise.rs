@@ -172,6 +172,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 PolicySource::Native => "native",
             };
             println!("{source} policy {}", r.hash);
+            if let Some(summary) = r.evidence.as_ref().and_then(|e| e.summary.as_ref()) {
+                println!("what: {}", summary.text);
+                let measured = summary.measured_text();
+                if !measured.is_empty() {
+                    println!("measured: {measured}");
+                }
+            }
             println!("why: {}", r.reason);
             println!("{}", serde_json::to_string_pretty(&r.policy.to_value())?);
             Ok(())
@@ -197,6 +204,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     p.hash,
                     p.session_id.map(|s| format!("  session {s}")).unwrap_or_default()
                 );
+                if let Some(summary) = &p.summary {
+                    let measured = summary.measured_text();
+                    println!("    {}{}", summary.text, if measured.is_empty() { String::new() } else { format!("; {measured}") });
+                }
             }
             Ok(())
         }

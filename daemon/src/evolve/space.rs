@@ -55,6 +55,12 @@ impl FusionCandidate {
     }
 }
 
+/// `[q_proj, k_proj, v_proj]` → `q/k/v` (a suffix all members share is dropped).
+pub fn short_members(members: &[String]) -> String {
+    let suffix = ["_proj", "_linear", "_dense"].into_iter().find(|s| members.iter().all(|m| m.ends_with(s)));
+    members.iter().map(|m| suffix.map_or(m.as_str(), |s| &m[..m.len() - s.len()])).collect::<Vec<_>>().join("/")
+}
+
 /// The workload a session measures on (the `inference`/`training` fields of the worker's `evaluate`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workload {
@@ -313,6 +319,30 @@ impl SearchSpace {
         }
         shapes.retain(|s| s.count > 0);
         shapes
+    }
+
+    /// What `p` changes, in words: `q/k/v fused, gate/up fused: 169 → 97 matmuls per token; 2 plan
+    /// rules` (fused groups by their members' names without a shared `_proj` suffix).
+    pub fn describe(&self, p: &Policy) -> (String, Vec<String>, [u64; 2]) {
+        let fused: Vec<String> = self.fused_groups(p).iter().map(|g| short_members(&g.members)).collect();
+        let (stock, tuned) = self.calls_per_token(p);
+        let rules = p.matmul.rules.iter().filter(|r| r.plan != Plan::Native).count()
+            + usize::from(p.matmul.default != Plan::Native);
+        let mut parts = Vec::new();
+        if !fused.is_empty() {
+            let mut text = fused.iter().map(|f| format!("{f} fused")).collect::<Vec<_>>().join(", ");
+            if p.fusion.as_ref().is_some_and(|f| !f.fuses_training()) {
+                text.push_str(" (inference only)");
+            }
+            parts.push(format!("{text}: {stock} → {tuned} matmuls per token"));
+        }
+        if rules > 0 {
+            parts.push(format!("{rules} plan rule{}", if rules == 1 { "" } else { "s" }));
+        }
+        if parts.is_empty() {
+            parts.push("native plans".into());
+        }
+        (parts.join("; "), fused, [stock, tuned])
     }
 
     /// Linear calls one decode step (one token) runs: stock, and under `p`.
@@ -814,8 +844,8 @@ pub(crate) mod tests {
             workload: Workload::default_for(backend),
             chip: "x86_64 cpu".into(),
             dtype: if backend == "cpu" { "float32".into() } else { "bfloat16".into() },
+            // In forward order, as the worker's trace reports them.
             fusion: vec![
-                FusionCandidate { scope: "model.layers.*.mlp".into(), members: vec!["gate_proj".into(), "up_proj".into()], n: vec![128, 128], k: 64, count: 2 },
                 FusionCandidate {
                     scope: "model.layers.*.self_attn".into(),
                     members: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
@@ -823,6 +853,7 @@ pub(crate) mod tests {
                     k: 64,
                     count: 2,
                 },
+                FusionCandidate { scope: "model.layers.*.mlp".into(), members: vec!["gate_proj".into(), "up_proj".into()], n: vec![128, 128], k: 64, count: 2 },
             ],
         }
     }
@@ -907,7 +938,6 @@ pub(crate) mod tests {
             Shape { name: "embed_tokens.as_linear".into(), n: 151936, k: 896, count: 1 },
         ];
         s.fusion = vec![
-            FusionCandidate { scope: "model.layers.*.mlp".into(), members: vec!["gate_proj".into(), "up_proj".into()], n: vec![4864, 4864], k: 896, count: 24 },
             FusionCandidate {
                 scope: "model.layers.*.self_attn".into(),
                 members: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
@@ -915,6 +945,7 @@ pub(crate) mod tests {
                 k: 896,
                 count: 24,
             },
+            FusionCandidate { scope: "model.layers.*.mlp".into(), members: vec!["gate_proj".into(), "up_proj".into()], n: vec![4864, 4864], k: 896, count: 24 },
         ];
         s
     }
@@ -925,6 +956,12 @@ pub(crate) mod tests {
         let all = s.fusion_seeds().remove(0);
         assert_eq!(s.calls_per_token(&s.native()), (169, 169));
         assert_eq!(s.calls_per_token(&all), (169, 97));
+        assert_eq!(s.describe(&all), ("q/k/v fused, gate/up fused: 169 → 97 matmuls per token".to_string(), vec!["q/k/v".to_string(), "gate/up".to_string()], [169, 97]));
+        assert_eq!(s.describe(&s.native()).0, "native plans");
+        let mut with_rule = all.clone();
+        with_rule.matmul.rules.push(Rule { m: Some(Range(2, None)), n: None, k: None, plan: Plan::Split { tile_m: Some(64), tile_n: None, tile_k: None } });
+        with_rule.fusion.as_mut().unwrap().training = Some(false);
+        assert_eq!(s.describe(&with_rule).0, "q/k/v fused, gate/up fused (inference only): 169 → 97 matmuls per token; 1 plan rule");
         let shapes = s.shapes_for(&all);
         let find = |n, k| shapes.iter().find(|x| x.n == n && x.k == k).map(|x| x.count);
         assert_eq!(find(896, 896), Some(24), "o_proj stays");

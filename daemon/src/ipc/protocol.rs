@@ -3,7 +3,7 @@
 //! the Python plugin mirrors the few it needs.
 
 use crate::probe::Device;
-use crate::store::{Best, Budget, Event, HistoryEntry, MemoEntry, Session, SessionId};
+use crate::store::{Best, Budget, Event, HistoryEntry, MemoEntry, PolicySummary, Session, SessionId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -242,6 +242,10 @@ pub struct Evidence {
     pub hi: f64,
     pub session_id: Option<SessionId>,
     pub promoted_at: String,
+    /// What the policy does and what each workload measured (absent for promotions recorded
+    /// before summaries existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<PolicySummary>,
 }
 
 /// A policy document inside a reply, kept as the JSON text the daemon sent. Why: clients mostly

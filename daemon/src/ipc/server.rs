@@ -228,12 +228,13 @@ impl DaemonState {
             self.validated.lock().unwrap_or_else(|p| p.into_inner()).insert(best.hash.clone());
         }
         let reason = format!(
-            "proven {:.3}x faster (95% interval {:.3}-{:.3}){}, promoted {}",
+            "proven {:.3}x faster (95% interval {:.3}-{:.3}){}, promoted {}{}",
             best.ratio,
             best.lo,
             best.hi,
             best.session_id.map(|s| format!(" in session {s}")).unwrap_or_default(),
-            best.promoted_at
+            best.promoted_at,
+            best.summary.as_ref().map(|s| format!(": {}", s.text)).unwrap_or_default()
         );
         Ok(PolicyGetResult {
             policy: best.policy.into(),
@@ -246,6 +247,7 @@ impl DaemonState {
                 hi: best.hi,
                 session_id: best.session_id,
                 promoted_at: best.promoted_at,
+                summary: best.summary,
             }),
         })
     }

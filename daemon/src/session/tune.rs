@@ -238,13 +238,19 @@ pub fn render_table(shown: &Value) -> String {
         ));
     }
     match shown["best"].as_object() {
-        Some(b) => out.push_str(&format!(
-            "\nserved: {} — {:.3}× faster than stock, 95% interval [{:.3}, {:.3}] (confirmed by a second measurement)\n",
-            b["hash"].as_str().unwrap_or(""),
-            b["ratio"].as_f64().unwrap_or(0.0),
-            b["lo"].as_f64().unwrap_or(0.0),
-            b["hi"].as_f64().unwrap_or(0.0)
-        )),
+        Some(b) => {
+            out.push_str(&format!(
+                "\nserved: {} — {:.3}× faster than stock, 95% interval [{:.3}, {:.3}] (confirmed by a second measurement)\n",
+                b["hash"].as_str().unwrap_or(""),
+                b["ratio"].as_f64().unwrap_or(0.0),
+                b["lo"].as_f64().unwrap_or(0.0),
+                b["hi"].as_f64().unwrap_or(0.0)
+            ));
+            if let Some(summary) = b.get("summary").and_then(|v| serde_json::from_value::<crate::store::PolicySummary>(v.clone()).ok()) {
+                let measured = summary.measured_text();
+                out.push_str(&format!("        {}{}\n", summary.text, if measured.is_empty() { String::new() } else { format!("; {measured}") }));
+            }
+        }
         None => out.push_str("\nserved: native — no candidate was proven faster than stock on this machine (nothing is promoted on noise)\n"),
     }
     out

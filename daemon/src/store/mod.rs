@@ -41,7 +41,7 @@ mod search;
 mod sessions;
 mod wal_watch;
 
-pub use best::{Best, BestKey, HistoryEntry, Promotion};
+pub use best::{Best, BestKey, HistoryEntry, Interval, PolicySummary, Promotion};
 pub use catalog::{DeviceRecord, ModelRecord, NewWorkerFailure, WorkerFailure};
 pub use events::Event;
 pub use measurements::{Arm, Measurement, NewMeasurement, NewSample, Sample};
@@ -374,6 +374,7 @@ mod best_stamp_tests {
             hi: 1.2,
             session_id: None,
             candidate_id: None,
+            summary: None,
         }
     }
 

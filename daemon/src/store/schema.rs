@@ -168,13 +168,20 @@ CREATE TABLE search_state (
 );
 "#;
 
+/// Schema version 3: a proven policy's summary in words and per workload (store/best.rs
+/// `PolicySummary`); NULL for promotions recorded before.
+const V3: &str = r#"
+ALTER TABLE best ADD COLUMN summary_json TEXT;
+ALTER TABLE best_history ADD COLUMN summary_json TEXT;
+"#;
+
 /// Every migration, oldest first.
 pub(crate) fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1), M::up(V2)])
+    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3)])
 }
 
 /// The schema version this binary writes (= number of migrations).
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 #[cfg(test)]
 mod tests {
