@@ -173,6 +173,7 @@ fn inert_policy_row(daemon: &Daemon, device: &str) -> Result<Row> {
         hi: 1.3,
         session_id: None,
         candidate_id: None,
+        summary: None,
     })?;
     drop(store);
     let mut c = daemon.client()?;
