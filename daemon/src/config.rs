@@ -23,8 +23,8 @@
 //! session_evaluations = 100            # budget of each automatic session
 //! retune_after_h = 24                  # after a finished automatic session, wait this long
 //! [llm]                                  # optional: an OpenAI-compatible endpoint for mutations
-//! endpoint = "http://127.0.0.1:8080/v1"
-//! model = "qwen2.5-coder"
+//! endpoint = "http://127.0.0.1:8080/v1"   # e.g. `mlx_lm.server --model <path> --port 8080`
+//! model = "default_model"                # mlx_lm.server's name for the model it serves
 //! api_key_env = "OPENAI_API_KEY"
 //! ```
 

@@ -20,7 +20,10 @@
 //! `evaluations` counts the session's trials (measurements + failures, as the store counts them);
 //! screening by the cost model is not a trial. `seconds` counts running time across restarts.
 
+mod llm;
 pub mod tune;
+
+pub use llm::LlmSource;
 
 use crate::events::{kind, EventBus};
 use crate::evolve::cost::{Memo, ShapeTiming};
@@ -174,7 +177,8 @@ pub struct ManagerOptions {
     pub events: EventBus,
     pub worker: WorkerConfig,
     pub device: DeviceInfo,
-    pub llm: Option<crate::config::LlmConfig>,
+    /// The LLM endpoint sessions ask when they run with `llm: true`.
+    pub llm: LlmSource,
     /// Idle/power gate from the scheduler; `None` = always allowed (tests, `tilewise tune`).
     pub gate: Option<watch::Receiver<crate::schedule::gates::Decision>>,
     /// Timeout for `load` (synthesizing a model the first time takes a while).
@@ -327,6 +331,11 @@ impl SessionManager {
             let _ = running_model;
             return Err(SessionError::Busy(id));
         }
+        if params.llm == Some(true) && self.opts.llm.current().is_none() {
+            return Err(SessionError::BadParams(
+                "llm: no LLM endpoint is configured: set [llm] endpoint and model in config.toml (docs/sessions.md)".into(),
+            ));
+        }
         let mut sup = Supervisor::new(self.opts.worker.clone());
         let ready = sup.worker().await?.ready().clone();
         let spec = params.resolve(&ready.backend)?;
@@ -432,6 +441,7 @@ impl SessionManager {
             memo: Memo::default(),
             now: self.now.clone(),
             shutting_down: self.shutting_down.clone(),
+            llm_reply: None,
         };
         tokio::spawn(async move {
             runner.run(resumed).await;
@@ -537,6 +547,8 @@ struct Runner {
     memo: Memo,
     now: Arc<Mutex<Now>>,
     shutting_down: Arc<std::sync::atomic::AtomicBool>,
+    /// An LLM request on its way (never waited for; dropped = abandoned).
+    llm_reply: Option<crate::llm::PendingReply>,
 }
 
 /// Why the loop ended.
@@ -586,6 +598,7 @@ impl Runner {
             Ok(end) => end,
             Err(e) => End::Failed(e.to_string()),
         };
+        self.abandon_llm_request();
         let _ = self.save();
         let (state, reason) = match &end {
             End::Finished(r) => (SessionState::Finished, r.clone()),
@@ -658,6 +671,7 @@ impl Runner {
             return;
         }
         let reason = gate.borrow().summary();
+        self.abandon_llm_request();
         self.now.lock().unwrap().paused = Some(reason.clone());
         let _ = self.store().set_session_state(self.session_id, SessionState::Paused, Some(&reason));
         self.publish(kind::SESSION_PAUSED, json!({"reason": reason}));
@@ -697,7 +711,7 @@ impl Runner {
 
     /// One child of the search. False when the engine has nothing new left.
     async fn search_step(&mut self) -> Result<bool, SessionError> {
-        self.maybe_ask_llm().await;
+        self.poll_llm();
         let space = self.state.space.clone();
         let Some((index, child)) = self.state.engine.next_child(&space) else { return Ok(false) };
         let hash = child.policy.content_hash();
@@ -713,6 +727,9 @@ impl Runner {
                     let explore = !p.earns_evaluation(threshold) && raw.earns_evaluation(threshold) && self.state.calibration.explore();
                     if !p.earns_evaluation(threshold) && !explore {
                         self.state.screened += 1;
+                        if child.origin == "llm" {
+                            self.state.llm.screened += 1;
+                        }
                         self.state.engine.resolve(index, Outcome::Screened { predicted: p.combined });
                         return Ok(true);
                     }
@@ -1111,50 +1128,6 @@ impl Runner {
         }
     }
 
-    /// Every few generations, asks the configured LLM for candidates (off unless enabled).
-    async fn maybe_ask_llm(&mut self) {
-        let Some(cfg) = self.opts.llm.clone() else { return };
-        if !self.state.spec.llm || !self.state.engine.pending.iter().all(|p| p.outcome.is_some()) {
-            return;
-        }
-        let gen = self.state.engine.generation;
-        if self.state.llm.asked_at_generation == Some(gen) || !gen.is_multiple_of(crate::llm::ASK_EVERY_GENERATIONS) {
-            return;
-        }
-        self.state.llm.asked_at_generation = Some(gen);
-        let prompt = crate::llm::prompt(&self.state.space, &self.state.engine);
-        let replies = crate::llm::ask(&cfg, &prompt).await;
-        let proposals = match replies {
-            Ok(p) => p,
-            Err(e) => {
-                self.state.llm.requests_failed += 1;
-                tracing::warn!("llm: {e}");
-                return;
-            }
-        };
-        self.state.llm.requests += 1;
-        for proposal in proposals {
-            let policy = match proposal {
-                crate::llm::Proposal::Policy(v) => retarget(&v, &self.state.space.target).ok(),
-                crate::llm::Proposal::Function(source) => {
-                    let req = json!({"source": source, "time_limit_s": 10.0, "device": self.state.space.target.device,
-                                     "m_values": self.state.space.m_bands().iter().map(|b| b.0).collect::<Vec<_>>()});
-                    match self.sup.request("tabulate", req, Duration::from_secs(60), None, |_| {}).await {
-                        Ok(r) => r.get("policy").and_then(|p| retarget(p, &self.state.space.target).ok()),
-                        Err(_) => None,
-                    }
-                }
-                crate::llm::Proposal::Invalid(_) => None,
-            };
-            match policy {
-                Some(p) => {
-                    self.state.llm.valid += 1;
-                    self.state.engine.inject(p, "llm".into());
-                }
-                None => self.state.llm.invalid += 1,
-            }
-        }
-    }
 }
 
 enum Evaluated {
@@ -1191,7 +1164,7 @@ impl SessionManager {
             events: state.events.clone(),
             worker,
             device: DeviceInfo { fingerprint: state.device_fingerprint.clone(), chip },
-            llm: config.llm.clone(),
+            llm: LlmSource::Live(state.config.clone()),
             gate: None,
             load_timeout: Duration::from_secs(config.worker.request_timeout_s.max(60)),
         })

@@ -51,7 +51,7 @@ fn rig(home: &Path, initial: ActivityFile) -> Rig {
         events: bus,
         worker,
         device: DeviceInfo { fingerprint: "dev-test".into(), chip: "test cpu".into() },
-        llm: None,
+        llm: Default::default(),
         gate: Some(scheduler.subscribe()),
         load_timeout: Duration::from_secs(300),
     });

@@ -28,7 +28,7 @@ fn manager(home: &std::path::Path) -> (SessionManager, SharedStore, EventBus) {
         events: events.clone(),
         worker,
         device: DeviceInfo { fingerprint: "dev-test".into(), chip: "test cpu".into() },
-        llm: None,
+        llm: Default::default(),
         gate: None,
         load_timeout: Duration::from_secs(300),
     });

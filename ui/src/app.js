@@ -122,6 +122,8 @@ function renderSession(show, error, tuning) {
   row("Failed", s.failures, "failures");
   row("Promotions", s.promotions, "promotions");
   row("Shape memo", show.memo_size, "memo_size");
+  const llm = show.search && show.search.llm;
+  if (llm && llm.requests) row("LLM", llmSummary(llm), "llm");
   row("Started", fmt.toDate(s.created_at) ? fmt.toDate(s.created_at).toLocaleString() : s.created_at, "started_at");
   box.append(dl);
   if (budget.evaluations > 0) {
@@ -137,6 +139,16 @@ function renderSession(show, error, tuning) {
   } else {
     box.append(h("div", { class: "muted", "data-testid": "session-best" }, "nothing proven faster than stock yet"));
   }
+}
+/** "3 requests (1 failed), 2 used, 4 refused: code proposals are not run 3, bad JSON block 1". */
+function llmSummary(llm) {
+  const refused = Object.entries(llm.refused || {}).sort((a, b) => b[1] - a[1]).map(([r, n]) => `${r} ${n}`);
+  let text = `${llm.requests} request${llm.requests === 1 ? "" : "s"}`;
+  if (llm.requests_failed) text += ` (${llm.requests_failed} failed)`;
+  text += `, ${llm.valid || 0} used`;
+  if (llm.screened) text += `, ${llm.screened} screened out`;
+  if (refused.length) text += `, ${llm.invalid} refused: ${refused.join(", ")}`;
+  return text;
 }
 /** The session's generation: the search's own counter, else the highest among its candidates. */
 function sessionGeneration(show) {

@@ -245,15 +245,24 @@ impl Engine {
         }
     }
 
-    fn candidate_child(&self, space: &SearchSpace, policy: Policy, island: usize, origin: String, parents: Vec<String>) -> Option<Child> {
-        let policy = space.validated(space.prune(policy))?;
+    /// `policy` as the search would propose it (pruned to the model's matmuls and validated), or
+    /// why it would not be proposed: it fails validation once pruned, computes exactly what stock
+    /// computes, or behaves like a candidate already seen (or already waiting to be proposed).
+    pub fn admit(&self, space: &SearchSpace, policy: Policy) -> Result<Policy, &'static str> {
+        let policy = space.validated(space.prune(policy)).ok_or("invalid once pruned to this model's matmuls")?;
         if space.is_effectively_stock(&policy) {
-            return None;
+            return Err("computes exactly what stock computes");
         }
         let key = space.behaviour_key(&policy);
-        if self.seen.contains_key(&key) {
-            return None;
+        if self.seen.contains_key(&key) || self.injected.iter().any(|(p, _)| space.behaviour_key(p) == key) {
+            return Err("repeat of a candidate already seen");
         }
+        Ok(policy)
+    }
+
+    fn candidate_child(&self, space: &SearchSpace, policy: Policy, island: usize, origin: String, parents: Vec<String>) -> Option<Child> {
+        let policy = self.admit(space, policy).ok()?;
+        let key = space.behaviour_key(&policy);
         Some(Child { island, generation: self.generation, policy, key, origin, parents })
     }
 

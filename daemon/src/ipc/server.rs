@@ -47,7 +47,8 @@ pub enum StartError {
 /// plugged into `tuning` before the state is wrapped in an `Arc` (see `ipc` module docs).
 pub struct DaemonState {
     pub paths: Paths,
-    pub config: RwLock<Config>,
+    /// Shared with the sessions, which read `[llm]` from it when they ask (edits apply at once).
+    pub config: Arc<RwLock<Config>>,
     pub store: SharedStore,
     pub events: EventBus,
     /// This machine, probed once at start.
@@ -101,7 +102,7 @@ impl DaemonState {
             events: EventBus::new(store.clone()),
             store,
             paths,
-            config: RwLock::new(config),
+            config: Arc::new(RwLock::new(config)),
             device,
             device_fingerprint,
             tuning: None,

@@ -26,6 +26,10 @@ pub struct TuneArgs {
     /// Stock/candidate pairs per end-to-end evaluation.
     #[arg(long)]
     pub pairs: Option<u32>,
+    /// Also ask the LLM endpoint of the config (`[llm]`) for candidates (data only; see
+    /// docs/sessions.md).
+    #[arg(long)]
+    pub llm: bool,
     /// Start the session and return at once.
     #[arg(long)]
     pub detach: bool,
@@ -118,6 +122,9 @@ pub async fn run(args: TuneArgs, events: Client, mut rpc: Client) -> anyhow::Res
     }
     if let Some(s) = args.seed {
         params["seed"] = json!(s);
+    }
+    if args.llm {
+        params["llm"] = json!(true);
     }
     if let Some(p) = args.pairs {
         params["pairs"] = json!(p);
