@@ -4,6 +4,7 @@
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 
 import pytest
 
+from tilewise import models, tabulate
 from tilewise import policy as P
 
 SMALL = {"inference": {"prompt_tokens": 16, "gen_tokens": 16}, "training": {"batch": 2, "seq": 16}}
@@ -128,7 +130,7 @@ def test_bad_requests_get_error_lines_and_the_worker_lives_on(worker):
     assert error_code(worker.call(10, "warp")) == "bad_request"
     assert error_code(worker.call(11, 7)) == "bad_request"
     assert error_code(worker.call(12, "evaluate", policy=P.native())) == "no_model"
-    assert error_code(worker.call(13, "tabulate", source=SOURCE)) == "no_model"
+    assert error_code(worker.call(13, "tabulate", source=SOURCE)) == "bad_request", "no op runs a client's code"
     assert error_code(worker.call(14, "load")) == "bad_request"
     assert error_code(worker.call(15, "load", model="/nonexistent/model")) == "model_not_found"
     assert error_code(worker.call(16, "load", model="synthetic:nope")) == "model_not_found"
@@ -241,17 +243,20 @@ def test_shapes_microbenchmark(loaded):
     assert r[3]["correct"] is False and r[3]["error"] and r[3]["native_s"] == []
 
 
-def test_tabulate_runs_choose_tile_size_out_of_process(loaded):
-    r = loaded.call(70, "tabulate", source=SOURCE, m_values=[1, 16], device="dev-test")["result"]
-    doc = P.validate(r["policy"])
-    assert doc["target"]["device"] == "dev-test" and doc["target"]["backend"] == "cpu"
-    assert doc["target"]["model"].startswith("mdl-")
+def tabulated(model, source, **kw):
+    target = {"device": "dev-test", "model": models.fingerprint(model), "mlx": "0.32.4", "backend": "cpu"}
+    return tabulate.tabulate(source, models.model_shapes(model), device_info={"backend": "cpu"}, target=target, **kw)
+
+
+def test_tabulate_runs_choose_tile_size_out_of_process(tiny):
+    """The plugin's path for a user's own OpenEvolve program (never an endpoint's code)."""
+    model, _, info = tiny
+    doc = P.validate(tabulated(model, SOURCE, m_values=[1, 16]))
+    assert doc["target"]["device"] == "dev-test" and doc["target"]["model"] == info["model_fingerprint"]
     assert P.plan_for(doc, 1, 1024, 64) == {"kind": "native"}
     assert P.plan_for(doc, 20, 1024, 64) == P.split_plan(None, 64, 32)
     assert P.plan_for(doc, 20, 64, 128) == P.split_plan(None, None, 32)
     assert P.plan_for(doc, 20, 32, 64) == P.split_plan(None, None, 32)
-    ev = loaded.call(71, "evaluate", policy=doc, pairs=2, warmup=0, **SMALL)["result"]
-    assert ev["correct"] is True and ev["calls"]["split"] > 0 and ev["calls"]["native"] > 0
 
 
 TABULATE_FAILURES = [
@@ -265,13 +270,10 @@ TABULATE_FAILURES = [
 ]
 
 
-def test_tabulate_failures_are_errors(loaded):
-    for i, (source, limit, message) in enumerate(TABULATE_FAILURES):
-        msg = loaded.call(100 + i, "tabulate", source=source, time_limit_s=limit)
-        assert error_code(msg) == "bad_request" and message in msg["error"]["message"], msg
-    assert error_code(loaded.call(90, "tabulate", source=SOURCE, m_values=[4, 2])) == "bad_request"
-    assert error_code(loaded.call(91, "tabulate", source=SOURCE, time_limit_s=0)) == "bad_request"
-    assert loaded.call(92, "ping")["result"] == {"pong": True}
+@pytest.mark.parametrize("source,limit,message", TABULATE_FAILURES)
+def test_tabulate_failures_are_errors(tiny, source, limit, message):
+    with pytest.raises(tabulate.TabulateError, match=re.escape(message)):
+        tabulated(tiny[0], source, time_limit_s=limit)
 
 
 @pytest.mark.parametrize("via", ["field", "env"])

@@ -363,37 +363,10 @@ def op_shapes(w, req):
     return {"items": out}
 
 
-def op_tabulate(w, req):
-    from . import models, tabulate, workloads
-    import mlx.core as mx
-
-    w.need_model()
-    source = req.get("source")
-    if not isinstance(source, str) or not source.strip():
-        raise _bad("source: Python code defining choose_tile_size(M, N, K, device_info)")
-    limit = req.get("time_limit_s", tabulate.DEFAULT_TIME_LIMIT_S)
-    if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not 0 < limit <= 600:
-        raise _bad("time_limit_s: a number of seconds in (0, 600]")
-    device = req.get("device", "*")
-    if not isinstance(device, str) or not 1 <= len(device) <= 128:
-        raise _bad("device: the device fingerprint for the policy's target")
-    info = {"backend": workloads.backend(), "device_name": workloads.device_name(), "mlx": mx.__version__}
-    try:
-        info.update({k: v for k, v in mx.device_info().items() if isinstance(v, (int, float, str))})
-    except Exception:
-        pass
-    target = {"device": device, "model": w.info["model_fingerprint"], "mlx": mx.__version__,
-              "backend": workloads.backend()}
-    try:
-        doc = tabulate.tabulate(source, models.model_shapes(w.model), device_info=info, target=target,
-                                m_values=req.get("m_values"), time_limit_s=float(limit))
-    except tabulate.TabulateError as e:
-        raise _bad(str(e)) from None
-    return {"policy": doc}
-
-
+# No op runs code a client sends: the daemon never asks for it (an LLM's reply is data only, and a
+# user's own OpenEvolve program is tabulated by the plugin in their own process).
 OPS = {"ping": op_ping, "load": op_load, "evaluate": op_evaluate, "shapes": op_shapes,
-       "tabulate": op_tabulate, "shutdown": op_shutdown}
+       "shutdown": op_shutdown}
 
 
 def _env_fault():
