@@ -201,11 +201,12 @@ def test_a_default_session_finds_fusion_and_mlx_lm_processes_get_it(binaries, ho
     _, _, info = tiny
     env = dict(os.environ, TILEWISE_PYTHON=sys.executable)
     with daemon_client.LocalDaemon(binaries["daemon"], home, env=env) as d:
-        # The effect is ~4 % on a quiet box and shrinks to ~1-2 % when other processes keep both
+        # The effect is ~4-6 % on a quiet box and shrinks to ~1-2 % when other processes keep both
         # cores busy, where a promotion (two independent measurements with lower bounds above 1)
-        # is no longer sure in one session: a second session, with another seed, gets its chance.
+        # is no longer sure in one session: up to two more sessions, with other seeds, get their
+        # chance (the next one stops at the first promotion).
         tried = []
-        for seed in (3, 4):
+        for seed in (3, 4, 5):
             answer, session = run_session(d, info, seed)
             tried.append((answer["reason"], [(c.get("origin"), c.get("status"), c.get("ratio"), c.get("lo"))
                                              for c in session.get("candidates", [])][:10]))

@@ -292,17 +292,17 @@ def _policy_field(doc, backend):
 
 
 def _race_field(req, workloads):
-    """`race: {bar?, min_pairs?, assume_hi?, max_pairs?}` (absent or null: every pair is run)."""
+    """`race: {bar?, min_pairs?, assume_hi?, max_pairs?, halfwidth?}` (absent or null: every pair is run)."""
     from . import measure
 
     v = req.get("race")
     if v is None:
         return None
     if not isinstance(v, dict):
-        raise _bad("race: an object {bar, min_pairs, assume_hi, max_pairs} or null")
+        raise _bad("race: an object {bar, min_pairs, assume_hi, max_pairs, halfwidth} or null")
     for f in v:
-        if f not in ("bar", "min_pairs", "assume_hi", "max_pairs"):
-            raise _bad(f"race.{f}: unknown field (expected bar, min_pairs, assume_hi, max_pairs)")
+        if f not in ("bar", "min_pairs", "assume_hi", "max_pairs", "halfwidth"):
+            raise _bad(f"race.{f}: unknown field (expected bar, min_pairs, assume_hi, max_pairs, halfwidth)")
     try:
         return measure.Race(workloads, **v)
     except ValueError as e:
