@@ -2,7 +2,7 @@
 # Idle footprint of the real daemon: starts tilewised in a temp TILEWISE_HOME, lets it settle, then
 # samples its resident memory (/proc/<pid>/status VmRSS, every second) and its CPU time
 # (/proc/<pid>/stat utime+stime, all threads) over DURATION seconds, and prints both against the
-# goal of issue 5: <= 20 MB RSS and <= 0.1 % of one CPU. Context switches (summed over the threads
+# goal: <= 20 MB RSS and <= 0.1 % of one CPU. Context switches (summed over the threads
 # alive at the end) show how often it wakes up: a busy-polling daemon wakes thousands of times a
 # minute.
 #

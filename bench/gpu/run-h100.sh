@@ -8,8 +8,8 @@
 #   chain            bench/gpu/chain_check.py (is kernel_bench's mx.depends chain a real dependency?)
 #   e2e [ARGS]       bench/gpu/e2e_bench.py ARGS (tuned policy vs stock through the evaluator)
 #   batched [ARGS]   bench/gpu/batched_decode.py ARGS (tuned policy vs stock, batched decode, B = 1/4/8/16)
-#   evaluator [ARGS] bench/evaluator_bench.py on Qwen2.5-0.5B bf16 (issue 3's H100 benchmark)
-#   plugin           bench/plugin_bench.py on Qwen2.5-0.5B bf16, no daemon (issue 6's H100 overhead figure)
+#   evaluator [ARGS] bench/evaluator_bench.py on Qwen2.5-0.5B bf16 (the evaluator's H100 overhead benchmark)
+#   plugin           bench/plugin_bench.py on Qwen2.5-0.5B bf16, no daemon (the plugin's H100 overhead figure)
 #   tune [BUDGET] [MODEL]  the real daemon (release binaries carried xz-compressed in .devbin/) runs a
 #                    default tuning session (default 240s, synthetic:qwen2.5-0.5b) in /root/twhome; its
 #                    history, policy and database go to $OUT

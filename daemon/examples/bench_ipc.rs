@@ -1,5 +1,5 @@
 //! Benchmark (not a test): `policy.get` round-trip latency against a raw local-socket echo, measured
-//! side by side in one run. Goal (issue 2): `policy.get` p50 at most 1.5x the raw echo's.
+//! side by side in one run. Goal: `policy.get` p50 at most 1.5x the raw echo's.
 //!
 //!     cargo run --release --example bench_ipc [-- --iters 10000]
 //!

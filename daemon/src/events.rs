@@ -18,6 +18,11 @@ pub mod kind {
     pub const CANDIDATE_MEASURED: &str = "candidate.measured";
     pub const CANDIDATE_FAILED: &str = "candidate.failed";
     pub const POLICY_PROMOTED: &str = "policy.promoted";
+    /// A best policy measured again (in a fresh worker after its promotion: `final`; on a later day).
+    pub const POLICY_REMEASURED: &str = "policy.remeasured";
+    /// A re-measurement found the best slower than stock (or wrong): the previous best or native is
+    /// served again.
+    pub const POLICY_DEMOTED: &str = "policy.demoted";
     pub const WORKER_FAILED: &str = "worker.failed";
     pub const CONFIG_RELOADED: &str = "config.reloaded";
     pub const MODEL_CHANGED: &str = "model.changed";

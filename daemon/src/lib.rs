@@ -2,12 +2,14 @@
 //! output-preserving, and serves it to mlx_lm processes over a local socket.
 //!
 //! Modules follow the pipeline: probe → evolve → measure (worker) → store → serve (ipc) → apply
-//! (the Python plugin). `schedule` gates tuning on idle/power/thermal state; `service` installs the
-//! login service. See ../shared/DESIGN.md and docs/.
+//! (the Python plugin). `schedule` gates tuning on idle/power/thermal state (`gate` holds what it
+//! shares with sessions); `service` installs the login service. See docs/design.md and docs/.
 
+mod command;
 pub mod config;
 pub mod events;
 pub mod evolve;
+pub mod gate;
 pub mod ipc;
 pub mod llm;
 pub mod paths;

@@ -1,5 +1,5 @@
 //! A corrupted database is detected when the store opens it, moved aside byte for byte, and
-//! replaced by a fresh one — never written to, never silently overwritten (issue 8). The live form
+//! replaced by a fresh one — never written to, never silently overwritten. The live form
 //! (a real daemon restarted on a corrupted file) is in the reliability suite (reliability/).
 
 use std::path::Path;

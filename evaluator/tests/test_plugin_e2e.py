@@ -216,6 +216,11 @@ def test_a_default_session_finds_fusion_and_mlx_lm_processes_get_it(binaries, ho
         policy = answer["policy"] if isinstance(answer["policy"], dict) else json.loads(answer["policy"])
         assert P.fusion_groups(policy), policy
         assert answer["evidence"]["lo"] > 1.0
+        # The promotion was made final by a re-measurement in a fresh worker process.
+        with d.client(timeout=30) as c:
+            history = c.call("history", {})["promotions"]
+        kinds = [(h["kind"], h["hash"], h.get("reason")) for h in history]
+        assert ("remeasure", answer["hash"], "in a fresh worker process after its promotion") in kinds, kinds
         r = run_user(home, info["model_path"])
     m = r["status"]["models"][0]
     assert m["source"] == "daemon" and m["policy_hash"] == answer["hash"], m["reason"]

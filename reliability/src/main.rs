@@ -1,4 +1,4 @@
-//! `tilewise-reliability`: the reliability suite of issue 8 in one command.
+//! `tilewise-reliability`: the reliability suite in one command.
 //!
 //! Runs, against the real `tilewised` binary (each check in its own `TILEWISE_HOME`):
 //! - `fuzz`: the libFuzzer target on the protocol decoder and dispatcher (fuzz/, cargo fuzz);

@@ -193,10 +193,18 @@ function renderPolicy(got, error) {
 }
 
 // ---- charts -------------------------------------------------------------------------------------
-/** Points for "best speedup over time": every promotion in `history` (HistoryEntry), oldest first. */
+/** Points for "best speedup over time": every entry of `history` (HistoryEntry), oldest first — a
+ * promotion, a re-measurement of the served policy, or a demotion (the point is then what is served
+ * again: the previous best, or native at 1.0). */
 function speedupPoints(history) {
+  const label = (p) => {
+    const hash = String(p.hash).slice(0, 15);
+    if (p.kind === "remeasure") return `re-measured ${hash} (${p.reason || "later"})`;
+    if (p.kind === "demotion") return `demoted ${String(p.replaced_hash).slice(0, 15)}: ${p.reason || ""}; serving ${hash}`;
+    return `promoted ${hash} (session ${p.session_id ?? "—"})`;
+  };
   return ((history && history.promotions) || [])
-    .map((p) => ({ t: fmt.toDate(p.at), ratio: p.ratio, lo: p.lo, hi: p.hi, label: `promoted ${String(p.hash).slice(0, 15)} (session ${p.session_id ?? "—"})` }))
+    .map((p) => ({ t: fmt.toDate(p.at), ratio: p.ratio, lo: p.lo, hi: p.hi, label: label(p) }))
     .filter((p) => p.t && typeof p.ratio === "number").sort((a, b) => a.t - b.t);
 }
 /** The current session's measured candidates (correct ones), as faint points behind the promotions. */

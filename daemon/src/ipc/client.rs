@@ -115,7 +115,7 @@ impl Client {
 
     /// One request out, its reply in. The params are encoded straight into the request line and
     /// the result decoded straight from the reply line (no `serde_json::Value` in between): this
-    /// is the latency every `policy.get` at MLX start pays (issue 2).
+    /// is the latency every `policy.get` at MLX start pays.
     async fn round_trip<P: Serialize, R: DeserializeOwned>(&mut self, method: &str, params: Option<&P>) -> Result<R, ClientError> {
         let id = self.next_id;
         self.next_id += 1;

@@ -9,15 +9,21 @@
 //! # The tuning seam
 //!
 //! Methods that belong to the tuning part of the product (`tuning.start`, `tuning.stop`,
-//! `session.list`, `session.show`, and through [`TuningService::call_other`] `config.set`,
-//! `policy.export`, `policy.import`, ...) are answered by a [`TuningService`] when one is plugged
-//! in, and with error -32004 "not available: ..." when none is. The evolution code implements the
-//! trait (daemon/src/session.rs) and `tilewised`'s main plugs it in with one line:
+//! `session.list`, `session.show`) are answered by a [`TuningService`] when one is plugged in, and
+//! with error -32004 "not available: ..." when none is (a state built for a test or the fuzzer).
+//! The session manager implements the trait (`crate::session`), and `tilewised`'s main plugs it in:
 //!
-//! ```ignore
-//! let mut state = DaemonState::open(paths, config)?;
-//! state.tuning = Some(Arc::new(SessionManager::new(&state)));   // <- the one line
-//! Server::bind(Arc::new(state))?.run(shutdown_signal()).await
+//! ```no_run
+//! # async fn serve() -> anyhow::Result<()> {
+//! use std::sync::Arc;
+//! use tilewise::ipc::server::{DaemonState, Server};
+//! use tilewise::session::SessionManager;
+//!
+//! let mut state = DaemonState::open(tilewise::paths::Paths::from_env()?, Default::default())?;
+//! state.tuning = Some(Arc::new(SessionManager::from_state(&state)));
+//! Server::bind(Arc::new(state))?.run(std::future::pending()).await;
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! The service gets what it needs from the state (`state.store`, `state.events`, `state.paths`,
@@ -32,7 +38,6 @@ use protocol::{
     RpcError, SessionListResult, SessionShowParams, SessionShowResult, TuningStartParams, TuningStartResult,
     TuningStatus, TuningStopParams, TuningStopResult,
 };
-use serde_json::Value;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -51,11 +56,6 @@ pub trait TuningService: Send + Sync + 'static {
     fn list_sessions(&self) -> BoxFuture<'_, Result<SessionListResult, RpcError>>;
     /// `session.show`.
     fn show_session(&self, params: SessionShowParams) -> BoxFuture<'_, Result<SessionShowResult, RpcError>>;
-    /// Any other method the daemon does not know itself (`config.set`, `policy.export`, ...).
-    /// Return `None` for methods you do not handle either (the client gets -32004 / -32601).
-    fn call_other(&self, _method: &str, _params: Option<Value>) -> Option<BoxFuture<'_, Result<Value, RpcError>>> {
-        None
-    }
     /// Called once when the daemon stops (SIGTERM, `daemon.shutdown`): pause sessions, stop workers.
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})

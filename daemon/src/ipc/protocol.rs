@@ -36,8 +36,6 @@ pub mod methods {
     pub const TUNING_STOP: &str = "tuning.stop";
     pub const SESSION_LIST: &str = "session.list";
     pub const SESSION_SHOW: &str = "session.show";
-    pub const POLICY_EXPORT: &str = "policy.export";
-    pub const POLICY_IMPORT: &str = "policy.import";
     pub const DAEMON_SHUTDOWN: &str = "daemon.shutdown";
 }
 
@@ -250,7 +248,7 @@ pub struct Evidence {
 
 /// A policy document inside a reply, kept as the JSON text the daemon sent. Why: clients mostly
 /// pass it on (the plugin caches it, the CLI prints it), and building a `Value` tree of it was over
-/// half of a client's `policy.get` decode time (issue 2's latency goal). [`PolicyJson::to_value`]
+/// half of a client's `policy.get` decode time. [`PolicyJson::to_value`]
 /// gives the tree when one is wanted; equality compares documents, not spellings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(transparent)]

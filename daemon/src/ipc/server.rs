@@ -70,7 +70,7 @@ pub struct DaemonState {
 /// Encoded `policy.get` results per resolved key, valid for one [`BestStamp`] of the store.
 /// Why: the answer is a pure function of the key and the `best` table, and re-reading SQLite,
 /// re-parsing the stored policy JSON and re-serializing it cost ~20 µs per call on a 2-core
-/// machine, more than the socket round trip itself (issue 2's latency goal).
+/// machine, more than the socket round trip itself.
 ///
 /// Never stale: a commit by any OTHER connection or process (tests, `seed_best`, a second store
 /// handle) or a promotion through this daemon's own connection moves the stamp and empties the
@@ -499,7 +499,7 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
     serde_json::to_value(v).map_err(RpcError::internal)
 }
 
-const NO_TUNING: &str = "tuning sessions are not part of this build of tilewised";
+const NO_TUNING: &str = "no tuning service is attached to this daemon";
 
 async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub: &mut Option<Subscription>) -> Result<Value, RpcError> {
     match method {
@@ -573,17 +573,7 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
             *state.config.write().unwrap_or_else(|p| p.into_inner()) = config.clone();
             to_value(&config)
         }
-        other => {
-            if let Some(fut) = state.tuning.as_ref().and_then(|t| t.call_other(other, p)) {
-                return fut.await;
-            }
-            match other {
-                methods::POLICY_EXPORT | methods::POLICY_IMPORT => {
-                    Err(RpcError::not_available(format!("{other} is not part of this build of tilewised")))
-                }
-                _ => Err(RpcError::method_not_found(other)),
-            }
-        }
+        other => Err(RpcError::method_not_found(other)),
     }
 }
 

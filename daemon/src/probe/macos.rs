@@ -2,7 +2,7 @@
 //! because this file cannot be compiled or tested on the Linux CI machine.
 
 use super::apple::{device_from_facts, parse_ioreg_gpu, parse_sysctl};
-use super::command::{run_stdout, COMMAND_TIMEOUT};
+use crate::command::{run_stdout, COMMAND_TIMEOUT};
 use super::Device;
 
 /// Probes this Mac. A command that fails contributes nothing (its fields stay `None`).

@@ -23,7 +23,6 @@
 
 pub mod apple;
 pub mod bandwidth;
-mod command;
 pub mod linux;
 #[cfg(target_os = "macos")]
 pub mod macos;

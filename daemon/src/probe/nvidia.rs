@@ -1,7 +1,7 @@
 //! NVIDIA GPUs through `nvidia-smi` (present wherever the driver is installed). MLX's CUDA backend
 //! uses one GPU; its name, memory and compute capability decide which kernels and tiles are viable.
 
-use super::command::{run_stdout, COMMAND_TIMEOUT};
+use crate::command::{run_stdout, COMMAND_TIMEOUT};
 use super::NvidiaGpu;
 
 /// The exact query whose output [`parse_nvidia_smi`] reads.

@@ -20,6 +20,10 @@
 //! - after a failed start or a failed session, a backoff (1 min doubling to 1 h) has passed, so a
 //!   missing model or a broken Python does not spin.
 //!
+//! Before a search, a best policy last measured more than a day ago (promoted or re-measured: on an
+//! earlier day, perhaps before the machine, its drivers or its load changed) is measured again in a
+//! session of its own (`remeasure`), which demotes it if it is now slower than stock.
+//!
 //! Every automatic start is an event (`tuning.auto_started`), every failed one too
 //! (`tuning.auto_start_failed`, with the error and when it is tried again). The task sleeps on the
 //! scheduler's and the config's watch channels and on timers only: no polling.
@@ -37,6 +41,9 @@ use crate::events::{kind, EventBus};
 use crate::session::{SessionManager, StartParams};
 use crate::store::{Budget, SessionState, SharedStore};
 
+/// A best policy last measured longer ago than this is measured again at the next idle time.
+pub const REMEASURE_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// Shortest and longest wait after a failed automatic start or session.
 const BACKOFF_MIN: Duration = Duration::from_secs(60);
 const BACKOFF_MAX: Duration = Duration::from_secs(3600);
@@ -52,6 +59,8 @@ pub struct AutoState {
     pub stopped_until: Option<Instant>,
     /// Failed starts/sessions in a row (for the backoff).
     pub failures: u32,
+    /// Best policies this daemon run has already re-measured (or tried to).
+    pub remeasured: Vec<String>,
 }
 
 /// The next move of the auto-starter.
@@ -186,10 +195,30 @@ async fn run(mut deps: AutoStartDeps, daemon_started: Instant) {
             continue;
         }
 
-        let params = StartParams {
-            model: Some(model.clone()),
-            budget: Some(Budget { evaluations: Some(u64::from(config.idle.session_evaluations)), seconds: None }),
-            ..Default::default()
+        // A best last measured on an earlier day is measured again first (each at most once per
+        // daemon run: a model that moved or changed cannot loop here).
+        let stale = deps
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stale_bests(&deps.device, REMEASURE_AFTER)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|(b, path)| path.is_some() && !state.remeasured.contains(&b.hash));
+        let (params, model) = match stale {
+            Some((best, Some(path))) => {
+                state.remeasured.push(best.hash.clone());
+                tracing::info!(model = %path, hash = %best.hash, "machine idle: re-measuring a best policy last measured on an earlier day");
+                (StartParams { model: Some(path.clone()), remeasure: Some(true), ..Default::default() }, path)
+            }
+            _ => {
+                let params = StartParams {
+                    model: Some(model.clone()),
+                    budget: Some(Budget { evaluations: Some(u64::from(config.idle.session_evaluations)), seconds: None }),
+                    ..Default::default()
+                };
+                (params, model)
+            }
         };
         tracing::info!(model = %model, "machine idle: starting a tuning session");
         match deps.tuning.start(params).await {

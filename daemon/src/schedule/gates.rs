@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use super::activity::{Activity, Thermal};
+pub use crate::gate::{Decision, Gate};
+use crate::gate::{Activity, Thermal};
 use crate::config::IdleConfig;
 
 /// The gates in force, derived from the `[idle]` section of the config
@@ -51,88 +52,6 @@ impl Gates {
 impl Default for Gates {
     fn default() -> Self {
         Gates::from_config(&IdleConfig::default())
-    }
-}
-
-/// One gate, for callers that want to know which blocked without parsing the reasons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Gate {
-    Idle,
-    AcPower,
-    LowPowerMode,
-    Thermal,
-    Load,
-    /// The activity source failed: we cannot tell, so we do not tune.
-    Source,
-}
-
-/// Whether tuning may run now, and why not.
-///
-/// Two answers, because the load gate is a *start* condition only: a running measurement loads
-/// the machine itself (the worker keeps a core busy), so pausing on load would pause on our own
-/// work and oscillate. `run` (pause/resume a session) ignores load; `may_start` (start a new
-/// session by itself) also needs the load below its limit.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Decision {
-    /// A session may run (every gate but load passes).
-    pub run: bool,
-    /// A new session may start by itself (every gate passes, load included).
-    pub may_start: bool,
-    /// One readable line per blocking gate ("on battery", "user active 12 s ago (needs 300 s
-    /// idle)"); when `run` is true, one line that says why it may run.
-    pub reasons: Vec<String>,
-    /// The gates that block (only `Load` can be here while `run` is true).
-    pub blocked_by: Vec<Gate>,
-    /// Wall-clock moment the person was last active (now − idle time) at the time of the
-    /// reading. The session runner discards every sample taken at or after this moment.
-    #[serde(serialize_with = "ser_epoch_s")]
-    pub user_active_at: Option<SystemTime>,
-    /// The reading the decision was made from (None when the source failed).
-    pub activity: Option<Activity>,
-}
-
-fn ser_epoch_s<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
-    match t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()) {
-        Some(d) => s.serialize_some(&d.as_secs_f64()),
-        None => s.serialize_none(),
-    }
-}
-
-impl Decision {
-    /// The decision before anything has been sampled: do not run.
-    pub fn pending() -> Self {
-        Decision {
-            run: false,
-            may_start: false,
-            reasons: vec!["activity not sampled yet".into()],
-            blocked_by: vec![Gate::Source],
-            user_active_at: None,
-            activity: None,
-        }
-    }
-
-    /// The decision when the activity source failed: do not run, and say why.
-    pub fn source_failed(error: &str) -> Self {
-        Decision {
-            run: false,
-            may_start: false,
-            reasons: vec![format!("cannot read activity: {error}")],
-            blocked_by: vec![Gate::Source],
-            user_active_at: None,
-            activity: None,
-        }
-    }
-
-    /// Reasons joined for one-line displays (status, logs).
-    pub fn summary(&self) -> String {
-        self.reasons.join("; ")
-    }
-
-    /// True when `other` differs in what a consumer acts on (run or the set of blocking gates);
-    /// a changing idle count alone is not a change worth waking anyone for.
-    pub fn differs_materially(&self, other: &Decision) -> bool {
-        self.run != other.run || self.may_start != other.may_start || self.blocked_by != other.blocked_by
     }
 }
 

@@ -46,52 +46,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch as tokio_watch;
 use tokio::task::JoinHandle;
 
-pub use activity::{Activity, ActivityError, ActivitySource, FileSource, Thermal};
-pub use gates::{Decision, Gate, Gates};
-
-/// A cancellation token for one measurement step that fires when the session is stopped (its
-/// parent) **or** when the gate closes (`run` turns false): pass it to the worker request, and
-/// treat a result that arrives once it is cancelled as taken in the active period (discard it).
-/// The watching task ends with the guard.
-pub struct PauseToken {
-    token: tokio_util::sync::CancellationToken,
-    task: Option<JoinHandle<()>>,
-}
-
-impl PauseToken {
-    /// `gate` None (no scheduler: tests, explicit runs) gives a plain child of `parent`.
-    pub fn new(parent: &tokio_util::sync::CancellationToken, gate: Option<tokio_watch::Receiver<Decision>>) -> Self {
-        let token = parent.child_token();
-        let task = gate.map(|mut gate| {
-            let t = token.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    // An Err means the scheduler is gone: nothing will close the gate any more.
-                    r = gate.wait_for(|d| !d.run) => if r.is_ok() { t.cancel() },
-                    _ = t.cancelled() => {}
-                }
-            })
-        });
-        PauseToken { token, task }
-    }
-
-    pub fn token(&self) -> tokio_util::sync::CancellationToken {
-        self.token.clone()
-    }
-
-    /// True once the step must stop (session stopped or gate closed).
-    pub fn is_cancelled(&self) -> bool {
-        self.token.is_cancelled()
-    }
-}
-
-impl Drop for PauseToken {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-}
+pub use crate::gate::{Activity, Decision, Gate, PauseToken, Thermal};
+pub use activity::{ActivityError, ActivitySource, FileSource};
+pub use gates::Gates;
 
 /// How often the scheduler looks when nothing tells it about changes.
 #[derive(Debug, Clone)]

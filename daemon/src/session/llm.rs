@@ -15,7 +15,7 @@
 //! cannot run here, one that computes what stock computes, a repeat of a candidate already seen; and a
 //! candidate the cost model screens out is counted as `screened`.
 
-use super::{retarget, Runner};
+use super::run::{retarget, Runner};
 use crate::config::{Config, LlmConfig};
 use crate::llm::{Proposal, REQUEST_TIMEOUT};
 use std::sync::{Arc, RwLock};

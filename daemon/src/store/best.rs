@@ -92,6 +92,9 @@ pub struct Best {
     pub promoted_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<PolicySummary>,
+    /// When it was last measured again (`None`: not since its promotion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remeasured_at: Option<String>,
 }
 
 /// One past promotion (the `history` method serves these).
@@ -113,6 +116,32 @@ pub struct HistoryEntry {
     pub replaced_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<PolicySummary>,
+    /// `promotion`; `remeasure` (`hash` measured again: `ratio`/`lo`/`hi` are the new measurement's);
+    /// `demotion` (`replaced_hash` was found slower than stock and `hash` — the previous best, or
+    /// `native` — is served again).
+    #[serde(default = "promotion_kind")]
+    pub kind: String,
+    /// Why (remeasurements and demotions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+fn promotion_kind() -> String {
+    "promotion".into()
+}
+
+/// A proven policy measured again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Remeasurement {
+    pub key: BestKey,
+    pub hash: String,
+    pub ratio: f64,
+    pub lo: f64,
+    pub hi: f64,
+    pub session_id: Option<SessionId>,
+    pub candidate_id: Option<CandidateId>,
+    /// Where and why: `in a fresh worker after its promotion`, `in session 12`, ...
+    pub reason: String,
 }
 
 /// The `summary_json` column (NULL for rows written before it existed; unreadable JSON reads as
@@ -134,6 +163,7 @@ fn best_from_row(r: &Row<'_>) -> rusqlite::Result<Best> {
         candidate_id: r.get("candidate_id")?,
         promoted_at: r.get("promoted_at")?,
         summary: summary_col(r, "summary_json")?,
+        remeasured_at: r.get("remeasured_at")?,
     })
 }
 
@@ -169,7 +199,7 @@ impl Store {
              ON CONFLICT (device, model, mlx, backend) DO UPDATE SET hash = excluded.hash,
                policy_json = excluded.policy_json, ratio = excluded.ratio, lo = excluded.lo, hi = excluded.hi,
                session_id = excluded.session_id, candidate_id = excluded.candidate_id, promoted_at = excluded.promoted_at,
-               summary_json = excluded.summary_json",
+               summary_json = excluded.summary_json, remeasured_at = NULL",
             params![k.device, k.model, k.mlx, k.backend, p.hash, policy_json, p.ratio, p.lo, p.hi, p.session_id, p.candidate_id, at, summary_json],
         )?;
         tx.execute(
@@ -185,10 +215,124 @@ impl Store {
         Ok(id)
     }
 
+    /// Records a re-measurement of `m.hash` in the history (kind `remeasure`) and, when it is the
+    /// current best, when it was re-measured. One transaction. Returns the history row id.
+    pub fn record_remeasure(&self, m: &Remeasurement) -> Result<i64> {
+        let tx = self.conn.unchecked_transaction()?;
+        let at = now();
+        let k = &m.key;
+        let policy_json: String = tx.query_row(
+            "SELECT policy_json FROM best_history WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4 AND hash = ?5
+             ORDER BY id DESC LIMIT 1",
+            params![k.device, k.model, k.mlx, k.backend, m.hash],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "INSERT INTO best_history (device, model, mlx, backend, hash, policy_json, ratio, lo, hi, session_id, candidate_id, promoted_at, kind, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'remeasure', ?13)",
+            params![k.device, k.model, k.mlx, k.backend, m.hash, policy_json, m.ratio, m.lo, m.hi, m.session_id, m.candidate_id, at, m.reason],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.execute(
+            "UPDATE best SET remeasured_at = ?6 WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4 AND hash = ?5",
+            params![k.device, k.model, k.mlx, k.backend, m.hash, at],
+        )?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Demotes `hash` when it is the best for `key` (a re-measurement found it slower than stock):
+    /// the best before it — the newest promotion of another policy for this key that was not itself
+    /// demoted — is served again, else nothing (native). Records a `demotion` row with the reason.
+    /// Returns what is served now (`Some(hash)` or `None` for native), or `Err` untouched when `hash`
+    /// is no longer the best.
+    pub fn demote(&self, key: &BestKey, hash: &str, reason: &str) -> Result<Option<String>> {
+        self.own_promotions.set(self.own_promotions.get() + 1);
+        let tx = self.conn.unchecked_transaction()?;
+        let at = now();
+        let k = key;
+        let current: Option<String> = tx
+            .query_row(
+                "SELECT hash FROM best WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4",
+                params![k.device, k.model, k.mlx, k.backend],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if current.as_deref() != Some(hash) {
+            return Err(super::StoreError::Invalid { field: "demote", message: format!("{hash} is not the best for this target") });
+        }
+        // Every policy ever demoted for this key, so that none of them comes back.
+        let demoted: Vec<String> = {
+            let mut st = tx.prepare(
+                "SELECT replaced_hash FROM best_history WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4
+                 AND kind = 'demotion' AND replaced_hash IS NOT NULL",
+            )?;
+            let rows = st.query_map(params![k.device, k.model, k.mlx, k.backend], |r| r.get::<_, String>(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let previous: Option<Best> = {
+            let mut st = tx.prepare(
+                "SELECT device, model, mlx, backend, hash, policy_json, ratio, lo, hi, session_id, candidate_id, promoted_at,
+                        summary_json, NULL AS remeasured_at
+                 FROM best_history WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4 AND kind = 'promotion'
+                 AND hash != ?5 ORDER BY id DESC",
+            )?;
+            let rows = st.query_map(params![k.device, k.model, k.mlx, k.backend, hash], best_from_row)?;
+            let mut found = None;
+            for b in rows {
+                let b = b?;
+                if !demoted.contains(&b.hash) && b.hash != hash {
+                    found = Some(b);
+                    break;
+                }
+            }
+            found
+        };
+        let native = crate::policy::Policy::native();
+        let (served_hash, served_policy) = match &previous {
+            Some(b) => {
+                tx.execute(
+                    "UPDATE best SET hash = ?5, policy_json = ?6, ratio = ?7, lo = ?8, hi = ?9, session_id = ?10, candidate_id = ?11,
+                       promoted_at = ?12, summary_json = ?13, remeasured_at = NULL
+                     WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4",
+                    params![k.device, k.model, k.mlx, k.backend, b.hash, to_json(&b.policy)?, b.ratio, b.lo, b.hi, b.session_id,
+                            b.candidate_id, b.promoted_at, b.summary.as_ref().map(to_json).transpose()?],
+                )?;
+                (b.hash.clone(), to_json(&b.policy)?)
+            }
+            None => {
+                tx.execute("DELETE FROM best WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4", params![k.device, k.model, k.mlx, k.backend])?;
+                ("native".to_string(), native.canonical_json())
+            }
+        };
+        let (ratio, lo, hi) = previous.as_ref().map_or((1.0, 1.0, 1.0), |b| (b.ratio, b.lo, b.hi));
+        tx.execute(
+            "INSERT INTO best_history (device, model, mlx, backend, hash, policy_json, ratio, lo, hi, replaced_hash, promoted_at, kind, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'demotion', ?12)",
+            params![k.device, k.model, k.mlx, k.backend, served_hash, served_policy, ratio, lo, hi, hash, at, reason],
+        )?;
+        tx.commit()?;
+        Ok(previous.map(|b| b.hash))
+    }
+
+    /// The best policies of `device` last measured (promoted or re-measured) more than `older_than`
+    /// ago, oldest first, with the path their model was loaded from (`None` when unknown).
+    pub fn stale_bests(&self, device: &str, older_than: std::time::Duration) -> Result<Vec<(Best, Option<String>)>> {
+        let cutoff = super::time_text(std::time::SystemTime::now() - older_than);
+        let mut st = self.conn.prepare_cached(
+            "SELECT best.*, models.path AS model_path FROM best LEFT JOIN models ON models.fingerprint = best.model
+             WHERE best.device = ?1 AND coalesce(best.remeasured_at, best.promoted_at) < ?2
+             ORDER BY coalesce(best.remeasured_at, best.promoted_at)",
+        )?;
+        let rows = st.query_map(params![device, cutoff], |r| Ok((best_from_row(r)?, r.get("model_path")?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Promotions, newest first, optionally for one model.
     pub fn history(&self, model: Option<&str>, limit: u32) -> Result<Vec<HistoryEntry>> {
         let mut st = self.conn.prepare_cached(
-            "SELECT id, promoted_at, device, model, mlx, backend, hash, ratio, lo, hi, session_id, candidate_id, replaced_hash, summary_json
+            "SELECT id, promoted_at, device, model, mlx, backend, hash, ratio, lo, hi, session_id, candidate_id, replaced_hash, summary_json,
+                    kind, reason
              FROM best_history WHERE (?1 IS NULL OR model = ?1) ORDER BY id DESC LIMIT ?2",
         )?;
         let rows = st.query_map(params![model, limit], |r| {
@@ -207,6 +351,8 @@ impl Store {
                 candidate_id: r.get(11)?,
                 replaced_hash: r.get(12)?,
                 summary: summary_col(r, "summary_json")?,
+                kind: r.get("kind")?,
+                reason: r.get("reason")?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

@@ -41,7 +41,7 @@ mod search;
 mod sessions;
 mod wal_watch;
 
-pub use best::{Best, BestKey, HistoryEntry, Interval, PolicySummary, Promotion};
+pub use best::{Best, BestKey, HistoryEntry, Interval, PolicySummary, Promotion, Remeasurement};
 pub use catalog::{DeviceRecord, ModelRecord, NewWorkerFailure, WorkerFailure};
 pub use events::Event;
 pub use measurements::{Arm, Measurement, NewMeasurement, NewSample, Sample};
@@ -275,7 +275,7 @@ pub fn now() -> String {
 }
 
 /// A time as the store writes it (`at` columns): RFC 3339 UTC with milliseconds.
-fn time_text(t: std::time::SystemTime) -> String {
+pub(crate) fn time_text(t: std::time::SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -302,7 +302,7 @@ fn json_col<T: serde::de::DeserializeOwned>(row: &rusqlite::Row<'_>, idx: &str) 
 /// `best` is only ever written by [`Store::promote`]. This connection's other writes (events,
 /// measurements) move neither, so a cache keyed on the stamp survives them, and taking a stamp
 /// never reads a table: after a write SQLite's first table read costs ~15 µs, which was most of
-/// `policy.get`'s time after a client's `hello` (issue 2's latency goal).
+/// `policy.get`'s time after a client's `hello` (the plugin's latency at every MLX start).
 ///
 /// A caller that caches what it read must take the stamp BEFORE reading, so a commit racing the
 /// read can only make the cache look older than it is (a spurious miss), never newer (a stale hit).

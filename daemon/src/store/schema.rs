@@ -6,7 +6,7 @@
 
 use rusqlite_migration::{Migrations, M};
 
-/// Schema version 1: everything of issue 2.
+/// Schema version 1: devices, models, sessions, candidates, measurements, the shape memo, best, events.
 const V1: &str = r#"
 CREATE TABLE devices (
     fingerprint TEXT PRIMARY KEY,
@@ -159,7 +159,7 @@ CREATE TABLE worker_failures (
 CREATE INDEX worker_failures_session ON worker_failures (session_id, id);
 "#;
 
-/// Schema version 2: the evolution engine's resumable state per session (issue 4, store/search.rs).
+/// Schema version 2: the evolution engine's resumable state per session (store/search.rs).
 const V2: &str = r#"
 CREATE TABLE search_state (
     session_id INTEGER PRIMARY KEY REFERENCES sessions(id),
@@ -175,13 +175,24 @@ ALTER TABLE best ADD COLUMN summary_json TEXT;
 ALTER TABLE best_history ADD COLUMN summary_json TEXT;
 "#;
 
+/// Schema version 4: what became of a proven policy after its promotion (store/best.rs). History rows
+/// gain a `kind` — `promotion`, `remeasure` (the policy measured again: in a fresh worker right after
+/// its promotion, in later sessions, on later days) or `demotion` (a re-measurement found it slower
+/// than stock: the previous best or native is served again) — and a `reason`; the best row keeps when
+/// it was last re-measured.
+const V4: &str = r#"
+ALTER TABLE best_history ADD COLUMN kind TEXT NOT NULL DEFAULT 'promotion';
+ALTER TABLE best_history ADD COLUMN reason TEXT;
+ALTER TABLE best ADD COLUMN remeasured_at TEXT;
+"#;
+
 /// Every migration, oldest first.
 pub(crate) fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3)])
+    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4)])
 }
 
 /// The schema version this binary writes (= number of migrations).
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 #[cfg(test)]
 mod tests {

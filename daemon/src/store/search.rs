@@ -1,4 +1,4 @@
-//! The evolution engine's resumable state, one row per session (issue 4).
+//! The evolution engine's resumable state, one row per session.
 //!
 //! The session writes it after each completed step (a measurement, a failure, a screened
 //! candidate). A step whose measurement committed but whose state write did not (kill -9 between

@@ -3,7 +3,7 @@
 //!
 //! Why: `PRAGMA data_version` is the documented way to notice another connection's commit, but it
 //! opens a read transaction, and in WAL mode that is a lock and an unlock (two `fcntl`s) on the
-//! `-shm` file. On `policy.get`'s path that was ~0.2 of issue 2's latency ratio against a bare
+//! `-shm` file. On `policy.get`'s path that was ~0.2 of the latency ratio against a bare
 //! echo. The WAL index is memory that every connection maps shared, and its header (the first
 //! 96 bytes: two copies of one 48-byte header) is rewritten on every commit, with a counter
 //! (`iChange`) that each commit increments (sqlite3.c, `sqlite3WalFrames`; layout in SQLite's

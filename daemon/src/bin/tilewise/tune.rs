@@ -4,8 +4,8 @@
 //!
 //! Ctrl-C only detaches: the session keeps running in the daemon (`tilewise tune` again attaches).
 
-use crate::ipc::client::Client;
-use crate::store::{Budget, Event};
+use tilewise::ipc::client::Client;
+use tilewise::store::{Budget, Event};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -253,7 +253,7 @@ pub fn render_table(shown: &Value) -> String {
                 b["lo"].as_f64().unwrap_or(0.0),
                 b["hi"].as_f64().unwrap_or(0.0)
             ));
-            if let Some(summary) = b.get("summary").and_then(|v| serde_json::from_value::<crate::store::PolicySummary>(v.clone()).ok()) {
+            if let Some(summary) = b.get("summary").and_then(|v| serde_json::from_value::<tilewise::store::PolicySummary>(v.clone()).ok()) {
                 let measured = summary.measured_text();
                 out.push_str(&format!("        {}{}\n", summary.text, if measured.is_empty() { String::new() } else { format!("; {measured}") }));
             }

@@ -3,6 +3,8 @@
 //!
 //! Exit codes: 0 ok, 1 error, 3 the daemon is not running.
 
+mod tune;
+
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -40,7 +42,7 @@ enum Cmd {
         json: JsonFlag,
     },
     /// Tune: start or attach to a session and follow it (generation, evaluations, best speedup).
-    Tune(tilewise::session::tune::TuneArgs),
+    Tune(tune::TuneArgs),
     /// What the daemon did: the newest stored events (promotions, sessions, automatic starts...).
     Events {
         /// How many of the newest events to show.
@@ -192,8 +194,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("no policy has been promoted yet");
             }
             for p in &h.promotions {
+                let what = match p.kind.as_str() {
+                    "remeasure" => "re-measured",
+                    "demotion" => "DEMOTED",
+                    _ => "promoted",
+                };
+                let served = match (p.kind.as_str(), p.replaced_hash.as_deref()) {
+                    ("demotion", Some(demoted)) => format!("{demoted}; now serving {}", p.hash),
+                    _ => p.hash.clone(),
+                };
                 println!(
-                    "{}  {:.3}x [{:.3}-{:.3}]  model {}  mlx {} {}  {}{}",
+                    "{}  {what:<11} {:.3}x [{:.3}-{:.3}]  model {}  mlx {} {}  {served}{}",
                     p.at,
                     p.ratio,
                     p.lo,
@@ -201,9 +212,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     p.model,
                     p.mlx,
                     p.backend,
-                    p.hash,
                     p.session_id.map(|s| format!("  session {s}")).unwrap_or_default()
                 );
+                if let Some(reason) = &p.reason {
+                    println!("    {reason}");
+                }
                 if let Some(summary) = &p.summary {
                     let measured = summary.measured_text();
                     println!("    {}{}", summary.text, if measured.is_empty() { String::new() } else { format!("; {measured}") });
@@ -211,7 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Tune(args) => tilewise::session::tune::run(args, connect(&paths).await?, connect(&paths).await?).await,
+        Cmd::Tune(args) => tune::run(args, connect(&paths).await?, connect(&paths).await?).await,
         Cmd::Events { limit, session, follow, json } => {
             let mut c = connect(&paths).await?;
             let listed = c.events_list(&tilewise::ipc::protocol::EventsListParams { limit: Some(limit), session_id: session, kinds: None }).await?;
