@@ -29,6 +29,7 @@ def main():
     sys.path.insert(0, str(args.evaluator.resolve()))
     import mlx.core as mx
     import mlx.nn as nn
+
     from tilewise import patch
     from tilewise import policy as P
 

@@ -179,9 +179,9 @@ def main():
             try:
                 rpc(sock, "status", timeout=5)
                 break
-            except (OSError, RuntimeError):
+            except (OSError, RuntimeError) as e:
                 if time.time() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"tilewised did not start; see {log.name}")
+                    raise SystemExit(f"tilewised did not start; see {log.name}") from e
                 time.sleep(0.1)
         # Synthesize the model once outside both arms (both would otherwise pay it once).
         fresh_process_evaluation(python, env, args.model, json.loads((ROOT / "schema" / "native.policy.json").read_text()),

@@ -104,7 +104,7 @@ def graph_build_cost(model_path, rounds=30, number=10):
         for r in range(rounds):
             for arm in arms[r % 3:] + arms[:r % 3]:
                 m = copies[arm]
-                best[arm] = min(best[arm], timeit.timeit(lambda: m(x), number=number) / number)
+                best[arm] = min(best[arm], timeit.timeit(lambda m=m: m(x), number=number) / number)
     finally:
         gc.enable()
     return best

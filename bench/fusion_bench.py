@@ -50,7 +50,6 @@ from mlx_lm.generate import generate_step, generation_stream  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 from tilewise import fusion, gate, measure, models, plugin, workloads  # noqa: E402
-from tilewise import policy as P  # noqa: E402
 
 LOG: list = []
 WORKLOADS = ("decode1", "decode8", "prefill", "train")
@@ -266,7 +265,7 @@ def main():
             continue
         kept = {}
 
-        def arm(model, which):
+        def arm(model, which, fn=fn, kept=kept):
             def run():
                 out = fn(model)
                 if "tokens" in out:

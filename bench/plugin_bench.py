@@ -95,7 +95,7 @@ def fetch_latency(args, model) -> dict:
         first = plugin._from_daemon(target, timeout=2.0)
         assert first.source == "daemon" and first.policy is not None, first.reason
         daemon_s, cache_s, raw_s = [], [], []
-        for i in range(args.fetches):
+        for _ in range(args.fetches):
             t0 = time.perf_counter()
             r = plugin._from_daemon(target, timeout=2.0)
             t1 = time.perf_counter()

@@ -131,6 +131,7 @@ def with_policy(model, prepared, reachable_only, fn):
 def correctness(model, prompts, gen_tokens, prepared, reachable_only):
     """Policy vs stock: first decode step's logits and greedy tokens, and the plan calls of one step."""
     import mlx.core as mx
+
     from tilewise import gate, patch
 
     def greedy():
@@ -231,11 +232,11 @@ def main():
               f"greedy steps all equal {corr['greedy_steps_all_equal']}/{corr['greedy_steps_checked']}",
               flush=True)
 
-        def stock():
+        def stock(prompts=prompts):
             patch.remove(model)  # the same (untimed) bookkeeping walk as the policy arm's
             return run_sample(model, prompts, args.gen_tokens)
 
-        def cand():
+        def cand(prompts=prompts):
             return with_policy(model, prepared, reachable_only, lambda: run_sample(model, prompts, args.gen_tokens))
 
         r = measure.interleaved({"stock": stock, "candidate": cand}, args.pairs, args.warmup, seed=args.seed)

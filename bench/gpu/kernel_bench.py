@@ -200,7 +200,7 @@ def ceilings():
     a = mx.random.normal((2**28,)).astype(DTYPE)  # 512 MiB
     mx.eval(a)
     ts = []
-    for i in range(12):
+    for _ in range(12):
         t0 = time.perf_counter()
         mx.eval(a + 1)  # an elementwise pass: one read and one write of every element
         ts.append(time.perf_counter() - t0)
@@ -209,7 +209,7 @@ def ceilings():
     x, w = rand((8192, 8192)), rand((8192, 8192), 1 / 90.0)
     mx.eval(x, w)
     ts = []
-    for i in range(8):
+    for _ in range(8):
         t0 = time.perf_counter()
         mx.eval(x @ w.T)
         ts.append(time.perf_counter() - t0)
@@ -311,7 +311,7 @@ def training_vjp(results, pairs, log):
         g = rand((m, n))
         mx.eval(x, w, g)
 
-        def step(fn):
+        def step(fn, x=x, w=w, g=g):
             loss_grad = mx.value_and_grad(lambda x, w: (fn(x, w) * g).sum(), argnums=(0, 1))
             return lambda: mx.eval(loss_grad(x, w))
 

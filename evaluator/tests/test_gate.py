@@ -115,8 +115,8 @@ def test_a_a_interval_contains_one(model):
 
 
 def test_training_step_restores_the_weights(model):
-    from mlx.utils import tree_flatten
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
     before = dict(tree_flatten(model.parameters()))
     batch = workloads.make_batch(model, 2, 16, 1)

@@ -14,15 +14,17 @@ from tilewise.kernels import (
     GEMV_MAX_M,
     KernelPlanError,
     KernelUnavailable,
+    cuda_source,
     describe,
     kernel_matmul,
     kernel_space,
     kernel_supported,
     machine_backend,
+    metal_source,
     plan_launch,
     plan_problems,
+    plans,
 )
-from tilewise.kernels import cuda_source, metal_source, plans
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "schema" / "policy.schema.json").read_text())
 QWEN = [(896, 896), (128, 896), (4864, 896), (896, 4864), (151936, 896)]

@@ -150,7 +150,7 @@ def test_sample_covers_the_brief():
     assert {c[1] for c in CASES} >= {1, 3, 16, 33} and {c[5] for c in CASES} == set(DTYPES)
     assert {c[6] for c in CASES} == {False, True}
     assert any(c[3] * c[2] < emu.MAX_CONSTANT_ARRAY_SIZE and c[0]["family"] == "gemv" for c in CASES)
-    for plan, m, n, k, lead, dtype, bias in CASES:
+    for plan, m, n, k, _lead, _dtype, _bias in CASES:
         if plan["family"] == "gemm":
             assert n % plan["block_n"] or k % plan["block_k"] or m % plan["block_m"]
     assert len(CASES) <= 160 or os.environ.get("TILEWISE_METAL_EMU_ALL")  # the time budget (< 3 min cold)

@@ -4,7 +4,6 @@ import json
 import os
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 
 from tilewise import models

@@ -620,6 +620,7 @@ def choose_tile_size(M, N, K, device_info):
 
 def test_openevolve_program_is_tabulated_and_applied(tiny_dir, tmp_path):
     import mlx_lm
+
     import mlx_lm_openevolve
 
     stock_model, tok = load_tiny(tiny_dir)

@@ -273,10 +273,10 @@ class LocalDaemon:
                     self.hello = c.hello()
                     self.status = c.status()
                 break
-            except DaemonUnavailable:
+            except DaemonUnavailable as e:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"tilewised did not answer on {self.socket} within {start_timeout} s")
+                    raise RuntimeError(f"tilewised did not answer on {self.socket} within {start_timeout} s") from e
                 time.sleep(0.05)
         self.device_fingerprint = self.status.get("device_fingerprint")
 

@@ -10,10 +10,8 @@ layers' calls. `reachable_only=False` patches every layer (the bench uses it to 
 the patch mechanism itself with the native policy).
 """
 
-from . import fusion
+from . import fusion, measure, patch
 from . import gate as G
-from . import measure
-from . import patch
 from . import policy as P
 from . import workloads as W
 

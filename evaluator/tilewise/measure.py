@@ -35,9 +35,8 @@ import contextlib
 import contextvars
 import gc
 
-import numpy as np
-
 import mlx.core as mx
+import numpy as np
 
 BOOTSTRAP_RESAMPLES = 2000
 # Combined score weights (the seed project's): inference counts more than training.
@@ -258,8 +257,8 @@ def _interleaved(arms, pairs, warmup, seed, should_stop, on_sample, race, race_n
             by_pair.setdefault(s["pair"], {})[s["arm"]] = s["cpu_s"]
         cpu_ratios = [p["stock"] / p["candidate"] for p in by_pair.values() if p["candidate"] > 0]
         if cpu_ratios:
-            r, l, h = median_ci(cpu_ratios, seed=seed)
-            out["cpu_time"] = {"ratio": r, "lo": l, "hi": h}
+            cpu_ratio, cpu_lo, cpu_hi = median_ci(cpu_ratios, seed=seed)
+            out["cpu_time"] = {"ratio": cpu_ratio, "lo": cpu_lo, "hi": cpu_hi}
     return out
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 
+
 def _parse(argv: list) -> tuple:
     """Splits argv into (tilewise options, mlx_lm argv starting at the subcommand)."""
     opts = {"policy": None, "timeout": None, "quiet": False}

@@ -31,8 +31,8 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 # Qwen2.5-0.5B-Instruct's config.json (bos/eos ids are replaced by the synthetic tokenizer's).

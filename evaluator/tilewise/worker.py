@@ -246,8 +246,9 @@ def op_shutdown(w, req):
 
 
 def op_load(w, req):
-    from . import fusion, models, workloads
     import mlx.core as mx
+
+    from . import fusion, models, workloads
 
     spec = req.get("model")
     if not isinstance(spec, str) or not spec:
