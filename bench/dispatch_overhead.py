@@ -59,14 +59,16 @@ def main():
     block(False), block(True)  # warm
     stock, patched = [], []
     for i in range(args.blocks):
-        for p in ((False, True) if i % 2 == 0 else (True, False)):
+        for p in (False, True) if i % 2 == 0 else (True, False):
             (patched if p else stock).append(block(p))
     diffs = sorted(b - a for a, b in zip(stock, patched))
     lo, hi = diffs[len(diffs) // 10], diffs[-1 - len(diffs) // 10]
     print(f"tilewise from {Path(patch.__file__).parent}")
-    print(f"ns per call (median of {args.blocks} blocks of {args.calls}): stock {statistics.median(stock):.0f}, "
-          f"patched native {statistics.median(patched):.0f}; dispatch adds {statistics.median(diffs):.0f} ns "
-          f"(10-90 % of blocks {lo:.0f} to {hi:.0f})")
+    print(
+        f"ns per call (median of {args.blocks} blocks of {args.calls}): stock {statistics.median(stock):.0f}, "
+        f"patched native {statistics.median(patched):.0f}; dispatch adds {statistics.median(diffs):.0f} ns "
+        f"(10-90 % of blocks {lo:.0f} to {hi:.0f})"
+    )
 
 
 if __name__ == "__main__":

@@ -90,14 +90,21 @@ def worker_request(proc, req, timeout=900):
 def fresh_process_evaluation(python, env, model, policy, pairs, warmup, seed):
     """OpenEvolve's way: a new interpreter and model load for one candidate."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([python, "-u", "-m", "tilewise.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [python, "-u", "-m", "tilewise.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     try:
         ready = json.loads(proc.stdout.readline())
         assert ready.get("type") == "ready", ready
         worker_request(proc, {"id": 1, "op": "load", "model": model})
-        r = worker_request(proc, {"id": 2, "op": "evaluate", "policy": policy, "pairs": pairs, "warmup": warmup,
-                                  "seed": seed})
+        r = worker_request(
+            proc, {"id": 2, "op": "evaluate", "policy": policy, "pairs": pairs, "warmup": warmup, "seed": seed}
+        )
         worker_request(proc, {"id": 3, "op": "shutdown"})
     finally:
         proc.stdin.close()
@@ -109,9 +116,20 @@ def run_session(sock, args, seconds, seed, label):
     """One tuning session of `seconds` on the running daemon; its verdict counts and rates."""
     print(f"arm tilewise ({label}): {seconds} s session (persistent worker + shape memo + cascade)", flush=True)
     t0 = time.perf_counter()
-    started = rpc(sock, "tuning.start", {"model": args.model, "budget": {"seconds": seconds}, "seed": seed,
-                                         "pairs": args.pairs, "warmup": args.warmup, "shape_pairs": args.shape_pairs,
-                                         "now": True}, timeout=600)
+    started = rpc(
+        sock,
+        "tuning.start",
+        {
+            "model": args.model,
+            "budget": {"seconds": seconds},
+            "seed": seed,
+            "pairs": args.pairs,
+            "warmup": args.warmup,
+            "shape_pairs": args.shape_pairs,
+            "now": True,
+        },
+        timeout=600,
+    )
     sid = started["session_id"]
     memo_before = rpc(sock, "session.show", {"session_id": sid})["memo_size"]
     while True:
@@ -130,23 +148,43 @@ def run_session(sock, args, seconds, seed, label):
     stopped = sum(1 for c in end_to_end if (c.get("measurement") or {}).get("stopped_early"))
     screened = shown["search"]["screened"]
     assessed = screened + len(end_to_end)
-    r = {"label": label, "session_id": sid, "seconds": wall, "assessed": assessed, "screened": screened,
-         "end_to_end": len(end_to_end), "stopped_early": stopped, "measurements": s["evaluations"],
-         "promotions": s["promotions"], "memo_size_at_start": memo_before, "memo_size": shown["memo_size"],
-         "shape_items": shown["search"]["shape_items"], "screen_bias": shown["search"].get("screen_bias"),
-         "screen_bias_samples": shown["search"].get("screen_bias_samples"), "per_hour": assessed / wall * 3600,
-         "end_to_end_per_hour": len(end_to_end) / wall * 3600, "candidates": candidates}
-    print(f"  {assessed} verdicts ({screened} screened, {len(end_to_end)} end to end of which {stopped} raced losers; "
-          f"{s['evaluations']} measurements incl. confirmations; memo {memo_before} -> {shown['memo_size']}) "
-          f"in {wall:.1f} s -> {r['per_hour']:.0f}/h", flush=True)
+    r = {
+        "label": label,
+        "session_id": sid,
+        "seconds": wall,
+        "assessed": assessed,
+        "screened": screened,
+        "end_to_end": len(end_to_end),
+        "stopped_early": stopped,
+        "measurements": s["evaluations"],
+        "promotions": s["promotions"],
+        "memo_size_at_start": memo_before,
+        "memo_size": shown["memo_size"],
+        "shape_items": shown["search"]["shape_items"],
+        "screen_bias": shown["search"].get("screen_bias"),
+        "screen_bias_samples": shown["search"].get("screen_bias_samples"),
+        "per_hour": assessed / wall * 3600,
+        "end_to_end_per_hour": len(end_to_end) / wall * 3600,
+        "candidates": candidates,
+    }
+    print(
+        f"  {assessed} verdicts ({screened} screened, {len(end_to_end)} end to end of which {stopped} raced losers; "
+        f"{s['evaluations']} measurements incl. confirmations; memo {memo_before} -> {shown['memo_size']}) "
+        f"in {wall:.1f} s -> {r['per_hour']:.0f}/h",
+        flush=True,
+    )
     return r
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=240, help="length of the cold tilewise session")
-    ap.add_argument("--warm-seconds", type=int, default=240,
-                    help="length of a second session on the same daemon, memo kept (0: skip)")
+    ap.add_argument(
+        "--warm-seconds",
+        type=int,
+        default=240,
+        help="length of a second session on the same daemon, memo kept (0: skip)",
+    )
     ap.add_argument("--fresh", type=int, default=4, help="candidates evaluated the fresh-process way")
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=1)
@@ -184,12 +222,16 @@ def main():
                     raise SystemExit(f"tilewised did not start; see {log.name}") from e
                 time.sleep(0.1)
         # Synthesize the model once outside both arms (both would otherwise pay it once).
-        fresh_process_evaluation(python, env, args.model, json.loads((ROOT / "schema" / "native.policy.json").read_text()),
-                                 2, 0, 0)
+        fresh_process_evaluation(
+            python, env, args.model, json.loads((ROOT / "schema" / "native.policy.json").read_text()), 2, 0, 0
+        )
 
         cold = run_session(sock, args, args.seconds, args.seed, "cold: empty memo")
-        warm = run_session(sock, args, args.warm_seconds, args.seed + 1, "warm: memo of the cold session kept") \
-            if args.warm_seconds > 0 else None
+        warm = (
+            run_session(sock, args, args.warm_seconds, args.seed + 1, "warm: memo of the cold session kept")
+            if args.warm_seconds > 0
+            else None
+        )
 
         print(f"arm fresh process: {args.fresh} candidates, each a new interpreter + model load + evaluate", flush=True)
         end_to_end = [c for c in cold["candidates"] if c["status"] in ("measured", "failed")]
@@ -200,15 +242,19 @@ def main():
         for i, pol in enumerate(policies[: args.fresh]):
             dt, r = fresh_process_evaluation(python, env, args.model, pol, args.pairs, args.warmup, args.seed + i)
             times.append(dt)
-            print(f"  candidate {i}: {dt:.1f} s (ratio {r.get('combined', {}).get('ratio') if r.get('combined') else None})",
-                  flush=True)
+            print(
+                f"  candidate {i}: {dt:.1f} s (ratio {r.get('combined', {}).get('ratio') if r.get('combined') else None})",
+                flush=True,
+            )
         fresh_rate = len(times) / sum(times) * 3600
         rows = [r for r in (cold, warm) if r is not None]
         for r in rows:
             r["ratio"] = r["per_hour"] / fresh_rate
             r["ratio_end_to_end_only"] = r["end_to_end_per_hour"] / fresh_rate
-            print(f"{r['label']}: {r['per_hour']:.0f}/h = {r['ratio']:.1f}x fresh ({fresh_rate:.0f}/h); "
-                  f"end-to-end verdicts alone {r['end_to_end_per_hour']:.0f}/h = {r['ratio_end_to_end_only']:.1f}x")
+            print(
+                f"{r['label']}: {r['per_hour']:.0f}/h = {r['ratio']:.1f}x fresh ({fresh_rate:.0f}/h); "
+                f"end-to-end verdicts alone {r['end_to_end_per_hour']:.0f}/h = {r['ratio_end_to_end_only']:.1f}x"
+            )
         result = {
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
@@ -222,8 +268,10 @@ def main():
         }
         Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
         env_prefix = "TILEWISE_BENCH_DEBUG_DAEMON=1 " if os.environ.get("TILEWISE_BENCH_DEBUG_DAEMON") else ""
-        cmd = (f"{env_prefix}bench/evals_per_hour --seconds {args.seconds} --warm-seconds {args.warm_seconds} --fresh {args.fresh} "
-               f"--pairs {args.pairs} --warmup {args.warmup} --model {args.model}")
+        cmd = (
+            f"{env_prefix}bench/evals_per_hour --seconds {args.seconds} --warm-seconds {args.warm_seconds} --fresh {args.fresh} "
+            f"--pairs {args.pairs} --warmup {args.warmup} --model {args.model}"
+        )
         md = [
             "# evals_per_hour results",
             "",
@@ -243,22 +291,36 @@ def main():
             f"{sum(times):.1f} | {fresh_rate:.0f} | 1.0x |",
         ]
         for r in rows:
-            md.append(f"| tilewise, {r['label']} | {r['assessed']} | {r['screened']} | {r['end_to_end']} ({r['stopped_early']}) "
-                      f"| {r['seconds']:.1f} | {r['per_hour']:.0f} | **{r['ratio']:.1f}x** |")
+            md.append(
+                f"| tilewise, {r['label']} | {r['assessed']} | {r['screened']} | {r['end_to_end']} ({r['stopped_early']}) "
+                f"| {r['seconds']:.1f} | {r['per_hour']:.0f} | **{r['ratio']:.1f}x** |"
+            )
         for r in rows:
-            md.append(f"| tilewise, {r['label']}: end-to-end verdicts only | {r['end_to_end']} | - | {r['end_to_end']} "
-                      f"({r['stopped_early']}) | {r['seconds']:.1f} | {r['end_to_end_per_hour']:.0f} | "
-                      f"{r['ratio_end_to_end_only']:.1f}x |")
-        md += ["", "What the verdicts rest on: a screened verdict is the cost model's prediction from measured "
-               "shape timings, taken down by the session's learned overstatement (median predicted - measured "
-               "of its end-to-end runs) — not an end-to-end measurement."]
+            md.append(
+                f"| tilewise, {r['label']}: end-to-end verdicts only | {r['end_to_end']} | - | {r['end_to_end']} "
+                f"({r['stopped_early']}) | {r['seconds']:.1f} | {r['end_to_end_per_hour']:.0f} | "
+                f"{r['ratio_end_to_end_only']:.1f}x |"
+            )
+        md += [
+            "",
+            "What the verdicts rest on: a screened verdict is the cost model's prediction from measured "
+            "shape timings, taken down by the session's learned overstatement (median predicted - measured "
+            "of its end-to-end runs) — not an end-to-end measurement.",
+        ]
         for r in rows:
-            md.append(f"- {r['label']}: {100 * r['screened'] / max(r['assessed'], 1):.1f} % of verdicts screened; learned "
-                      f"overstatement at the end {r['screen_bias']:.3f} (from {r['screen_bias_samples']} end-to-end runs); "
-                      f"{r['shape_items']} shape microbenchmarks; {r['promotions']} promotions.")
+            md.append(
+                f"- {r['label']}: {100 * r['screened'] / max(r['assessed'], 1):.1f} % of verdicts screened; learned "
+                f"overstatement at the end {r['screen_bias']:.3f} (from {r['screen_bias_samples']} end-to-end runs); "
+                f"{r['shape_items']} shape microbenchmarks; {r['promotions']} promotions."
+            )
         best = max(r["ratio"] for r in rows)
-        md += ["", f"Goal >= 20x: {'met' if best >= 20 else 'NOT met'} (cold {cold['ratio']:.1f}x"
-               + (f", warm {warm['ratio']:.1f}x" if warm else "") + ").", ""]
+        md += [
+            "",
+            f"Goal >= 20x: {'met' if best >= 20 else 'NOT met'} (cold {cold['ratio']:.1f}x"
+            + (f", warm {warm['ratio']:.1f}x" if warm else "")
+            + ").",
+            "",
+        ]
         Path(args.out + ".md").write_text("\n".join(md))
         print(f"wrote {args.out}.json and {args.out}.md")
     finally:

@@ -44,13 +44,20 @@ def split_policies(model_shapes, cfg):
     hidden = cfg["hidden_size"]
     return {
         "split-m128": P.make_policy(name="split-m128", default=P.split_plan(128, None, None)),
-        "split-head-n4": P.make_policy(name="split-head-n4", rules=[
-            {"n": [head["n"], head["n"]], "plan": P.split_plan(None, math.ceil(head["n"] / 4), None)}]),
-        "split-mlp-n2": P.make_policy(name="split-mlp-n2", rules=[
-            {"n": [inter, inter], "plan": P.split_plan(None, inter // 2, None)}]),
-        "split-k2": P.make_policy(name="split-k2", rules=[
-            {"k": [inter, inter], "plan": P.split_plan(None, None, inter // 2)},
-            {"k": [hidden, hidden], "plan": P.split_plan(None, None, hidden // 2)}]),
+        "split-head-n4": P.make_policy(
+            name="split-head-n4",
+            rules=[{"n": [head["n"], head["n"]], "plan": P.split_plan(None, math.ceil(head["n"] / 4), None)}],
+        ),
+        "split-mlp-n2": P.make_policy(
+            name="split-mlp-n2", rules=[{"n": [inter, inter], "plan": P.split_plan(None, inter // 2, None)}]
+        ),
+        "split-k2": P.make_policy(
+            name="split-k2",
+            rules=[
+                {"k": [inter, inter], "plan": P.split_plan(None, None, inter // 2)},
+                {"k": [hidden, hidden], "plan": P.split_plan(None, None, hidden // 2)},
+            ],
+        ),
     }
 
 
@@ -102,7 +109,7 @@ def graph_build_cost(model_path, rounds=30, number=10):
     gc.disable()
     try:
         for r in range(rounds):
-            for arm in arms[r % 3:] + arms[:r % 3]:
+            for arm in arms[r % 3 :] + arms[: r % 3]:
                 m = copies[arm]
                 best[arm] = min(best[arm], timeit.timeit(lambda m=m: m(x), number=number) / number)
     finally:
@@ -128,8 +135,11 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--policies", default="native,split-m128,split-head-n4,split-mlp-n2,split-k2",
-                    help="comma-separated subset of the end-to-end policies")
+    ap.add_argument(
+        "--policies",
+        default="native,split-m128,split-head-n4,split-mlp-n2,split-k2",
+        help="comma-separated subset of the end-to-end policies",
+    )
     ap.add_argument("--no-shapes", action="store_true", help="skip the per-shape microbenchmarks")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -157,9 +167,14 @@ def main():
     model, _, info = models.load_model(args.model, dtype=args.dtype)
     dtype = info["dtype"]
     model_shapes = models.model_shapes(model)
-    machine = {"backend": backend, "device_name": workloads.device_name(), "mlx": mx.__version__,
-               "platform": platform.platform(), "python": platform.python_version(),
-               "processor": platform.processor() or platform.machine()}
+    machine = {
+        "backend": backend,
+        "device_name": workloads.device_name(),
+        "mlx": mx.__version__,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+    }
     if hasattr(os, "getloadavg"):  # other work on the machine widens every interval: say how much
         machine["loadavg_start"] = list(os.getloadavg())
     try:
@@ -167,38 +182,58 @@ def main():
     except Exception:
         pass
     say(f"# tilewise evaluator bench — {now:%Y-%m-%d %H:%M} UTC")
-    say(f"machine: {machine['device_name']} ({backend}), mlx {machine['mlx']}, {machine['platform']}, "
-        f"{os.cpu_count()} cpus, load average at start {machine.get('loadavg_start', [float('nan')])[0]:.2f}")
-    say(f"model: {args.model} ({info['model_fingerprint']}), dtype {dtype}, "
+    say(
+        f"machine: {machine['device_name']} ({backend}), mlx {machine['mlx']}, {machine['platform']}, "
+        f"{os.cpu_count()} cpus, load average at start {machine.get('loadavg_start', [float('nan')])[0]:.2f}"
+    )
+    say(
+        f"model: {args.model} ({info['model_fingerprint']}), dtype {dtype}, "
         f"hidden {info['config']['hidden_size']}, layers {info['config']['num_hidden_layers']}, "
-        f"vocab {info['config']['vocab_size']}")
-    say(f"sizes: inference P={inf['prompt_tokens']} G={inf['gen_tokens']}; training B×L={trn['batch']}×{trn['seq']}; "
-        f"pairs {args.pairs} (shapes {args.shape_pairs}), warmup {args.warmup}")
-    say("ratio = stock time / policy time (> 1: policy faster); median of interleaved pairs [bootstrap 95 % CI]; "
-        "cpu-time = the same over process CPU time")
+        f"vocab {info['config']['vocab_size']}"
+    )
+    say(
+        f"sizes: inference P={inf['prompt_tokens']} G={inf['gen_tokens']}; training B×L={trn['batch']}×{trn['seq']}; "
+        f"pairs {args.pairs} (shapes {args.shape_pairs}), warmup {args.warmup}"
+    )
+    say(
+        "ratio = stock time / policy time (> 1: policy faster); median of interleaved pairs [bootstrap 95 % CI]; "
+        "cpu-time = the same over process CPU time"
+    )
 
     policies = {"native": P.native(), **split_policies(model_shapes, info["config"])}
     wanted = [p for p in args.policies.split(",") if p]
     for p in wanted:
         if p not in policies:
             ap.error(f"unknown policy {p!r}; known: {', '.join(policies)}")
-    result = {"date": now.isoformat(), "machine": machine, "model": {**info, "spec": args.model},
-              "sizes": {"inference": inf, "training": trn}, "pairs": args.pairs,
-              "shape_pairs": args.shape_pairs, "warmup": args.warmup,
-              "policies": {p: policies[p] for p in wanted}, "shapes": [], "end_to_end": {}}
+    result = {
+        "date": now.isoformat(),
+        "machine": machine,
+        "model": {**info, "spec": args.model},
+        "sizes": {"inference": inf, "training": trn},
+        "pairs": args.pairs,
+        "shape_pairs": args.shape_pairs,
+        "warmup": args.warmup,
+        "policies": {p: policies[p] for p in wanted},
+        "shapes": [],
+        "end_to_end": {},
+    }
 
     if not args.no_shapes:
         say()
         say("## Per shape (one matmul, M = decode 1 / prefill P / training B·L)")
-        say(f"{'layer':<24} {'M':>6} {'N':>7} {'K':>6}  {'plan':<10} {'native µs':>10} {'plan µs':>10}  "
-            f"{'ratio [95% CI]':<24} {'cpu-time ratio [95% CI]':<24} rel_err")
+        say(
+            f"{'layer':<24} {'M':>6} {'N':>7} {'K':>6}  {'plan':<10} {'native µs':>10} {'plan µs':>10}  "
+            f"{'ratio [95% CI]':<24} {'cpu-time ratio [95% CI]':<24} rel_err"
+        )
         ms = sorted({1, inf["prompt_tokens"], trn["batch"] * trn["seq"]})
         for s in model_shapes:
             n, k = s["n"], s["k"]
-            plans = {"native": {"kind": "native"},
-                     "split M/4": P.split_plan(None, None, None),
-                     "split N/2": P.split_plan(None, max(1, n // 2), None),
-                     "split K/2": P.split_plan(None, None, max(1, k // 2))}
+            plans = {
+                "native": {"kind": "native"},
+                "split M/4": P.split_plan(None, None, None),
+                "split N/2": P.split_plan(None, max(1, n // 2), None),
+                "split K/2": P.split_plan(None, None, max(1, k // 2)),
+            }
             for m in ms:
                 plans["split M/4"] = P.split_plan(max(1, m // 4), None, None)
                 for label, plan in plans.items():
@@ -211,35 +246,51 @@ def main():
                     if r["error"]:
                         say(f"{s['name'][:24]:<24} {m:>6} {n:>7} {k:>6}  {label:<10} error: {r['error']}")
                         continue
-                    say(f"{s['name'][:24]:<24} {m:>6} {n:>7} {k:>6}  {label:<10} "
+                    say(
+                        f"{s['name'][:24]:<24} {m:>6} {n:>7} {k:>6}  {label:<10} "
                         f"{r['native_median_s'] * 1e6:>10.1f} {r['plan_median_s'] * 1e6:>10.1f}  "
-                        f"{fmt_ci(r):<24} {fmt_ci(r.get('cpu_time')):<24} {r['rel_err']:.2e}")
+                        f"{fmt_ci(r):<24} {fmt_ci(r.get('cpu_time')):<24} {r['rel_err']:.2e}"
+                    )
 
     say()
     say("## End to end (gate first; inference = generation, training = full AdamW step)")
     say("native: every linear layer patched (the mechanism's cost); splits: only layers they can reach")
-    say(f"{'policy':<15} {'correct':<8} {'logits err':>10}  {'inference':<24} {'training':<24} {'combined':<24} "
+    say(
+        f"{'policy':<15} {'correct':<8} {'logits err':>10}  {'inference':<24} {'training':<24} {'combined':<24} "
         f"{'prefill tok/s s→p':<20} {'decode tok/s s→p':<18} {'peak MB s→p (inf)':<18} "
-        f"{'cpu-time inference':<24} {'cpu-time training'}")
+        f"{'cpu-time inference':<24} {'cpu-time training'}"
+    )
     for name in wanted:
         # native: every layer patched, to measure the patch mechanism's own cost (shipped, an
         # all-native policy leaves the model stock); splits: applied as the plugin applies them.
-        r = E.evaluate(model, policies[name], dtype=dtype, inference=inf, training=trn,
-                       pairs=args.pairs, warmup=args.warmup, seed=args.seed,
-                       reachable_only=name != "native")
+        r = E.evaluate(
+            model,
+            policies[name],
+            dtype=dtype,
+            inference=inf,
+            training=trn,
+            pairs=args.pairs,
+            warmup=args.warmup,
+            seed=args.seed,
+            reachable_only=name != "native",
+        )
         result["end_to_end"][name] = r
         g = r["gate"]
         if not r["correct"]:
-            say(f"{name:<15} {'NO':<8} {g['logits_rel_err'] if g['logits_rel_err'] is not None else float('nan'):>10.2e}  "
-                f"rejected: {g['reason']}")
+            say(
+                f"{name:<15} {'NO':<8} {g['logits_rel_err'] if g['logits_rel_err'] is not None else float('nan'):>10.2e}  "
+                f"rejected: {g['reason']}"
+            )
             continue
         i = r["inference"]
         pre = f"{i['prefill_tok_s']['stock']:.4g}→{i['prefill_tok_s']['candidate']:.4g}"
         dec = f"{i['decode_tok_s']['stock']:.4g}→{i['decode_tok_s']['candidate']:.4g}"
         mem = f"{i['peak_memory']['stock'] / 1e6:.2f}→{i['peak_memory']['candidate'] / 1e6:.2f}"
-        say(f"{name:<15} {'yes':<8} {g['logits_rel_err']:>10.2e}  {fmt_ci(r['inference']):<24} "
+        say(
+            f"{name:<15} {'yes':<8} {g['logits_rel_err']:>10.2e}  {fmt_ci(r['inference']):<24} "
             f"{fmt_ci(r['training']):<24} {fmt_ci(r['combined']):<24} {pre:<20} {dec:<18} {mem:<18} "
-            f"{fmt_ci(i.get('cpu_time')):<24} {fmt_ci(r['training'].get('cpu_time'))}")
+            f"{fmt_ci(i.get('cpu_time')):<24} {fmt_ci(r['training'].get('cpu_time'))}"
+        )
 
     say()
     say("## Patch dispatch cost per linear call (graph building only; best of 40 interleaved runs of 500 calls)")
@@ -247,26 +298,38 @@ def main():
     stock_s, native_s = dispatch_cost(n0, k0, dtype)
     calls_per_token = sum(s["count"] for s in model_shapes)
     extra = (native_s - stock_s) * calls_per_token
-    result["dispatch"] = {"n": n0, "k": k0, "stock_s": stock_s, "native_s": native_s,
-                          "linear_calls_per_token": calls_per_token, "extra_s_per_token": extra}
-    say(f"({n0}, {k0}) M=1: stock {stock_s * 1e6:.2f} µs, native-patched {native_s * 1e6:.2f} µs "
+    result["dispatch"] = {
+        "n": n0,
+        "k": k0,
+        "stock_s": stock_s,
+        "native_s": native_s,
+        "linear_calls_per_token": calls_per_token,
+        "extra_s_per_token": extra,
+    }
+    say(
+        f"({n0}, {k0}) M=1: stock {stock_s * 1e6:.2f} µs, native-patched {native_s * 1e6:.2f} µs "
         f"(+{(native_s - stock_s) * 1e6:.2f} µs); x {calls_per_token} linear calls per token = "
-        f"+{extra * 1e6:.1f} µs of Python per decoded token")
+        f"+{extra * 1e6:.1f} µs of Python per decoded token"
+    )
     g = graph_build_cost(info["model_path"])
     g_stock, g_native = g["stock"], g["native"]
     result["dispatch"].update(graph_build_s=g)
-    say(f"graph build of one single-token forward (best of 30 rotating runs x 10): stock {g_stock * 1e3:.3f} ms, "
+    say(
+        f"graph build of one single-token forward (best of 30 rotating runs x 10): stock {g_stock * 1e3:.3f} ms, "
         f"native-patched {g_native * 1e3:.3f} ms, ratio {g_stock / g_native:.4f}; "
-        f"control stock/stock-copy {g_stock / g['stock2']:.4f}")
+        f"control stock/stock-copy {g_stock / g['stock2']:.4f}"
+    )
     nat = result["end_to_end"].get("native")
     if nat and nat["correct"]:
         step = 1.0 / nat["inference"]["decode_tok_s"]["stock"]
         bound = step / (step + max(extra, g_native - g_stock))
         result["dispatch"]["decode_step_s"] = step
         result["dispatch"]["overhead_bound_ratio"] = bound
-        say(f"decode step {step * 1e3:.2f} ms: even if graph building were fully serial with compute, the "
+        say(
+            f"decode step {step * 1e3:.2f} ms: even if graph building were fully serial with compute, the "
             f"patch's extra Python time bounds the native decode ratio at >= {bound:.4f} "
-            f"(mlx_lm builds the next step's graph while the current one runs)")
+            f"(mlx_lm builds the next step's graph while the current one runs)"
+        )
     if nat and nat["correct"]:
         say()
         for part in ("inference", "training", "combined"):
@@ -277,8 +340,10 @@ def main():
                 verdict = "met (median >= 0.99)"
             else:
                 verdict = "unclear (median < 0.99, interval reaches 0.99)"
-            say(f"native overhead goal (ratio >= 0.99), {part}: {verdict} — {fmt_ci(c)}"
-                + ("" if c["lo"] <= 1.0 <= c["hi"] else "  (interval excludes 1.0)"))
+            say(
+                f"native overhead goal (ratio >= 0.99), {part}: {verdict} — {fmt_ci(c)}"
+                + ("" if c["lo"] <= 1.0 <= c["hi"] else "  (interval excludes 1.0)")
+            )
             if part != "combined" and c.get("cpu_time"):
                 say(f"    same on process CPU time (less disturbed by other load): {fmt_ci(c['cpu_time'])}")
     say()

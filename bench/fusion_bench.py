@@ -177,8 +177,11 @@ def main():
     ap.add_argument("--quantize", type=int, default=0, help="nn.quantize both copies to this many bits")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--retarget", action="store_true", help="measure the policy on this (e.g. quantized) model")
-    ap.add_argument("--retarget-from", default=None,
-                    help="with --from-daemon --retarget: whose best to take (default: the model as loaded, before --quantize)")
+    ap.add_argument(
+        "--retarget-from",
+        default=None,
+        help="with --from-daemon --retarget: whose best to take (default: the model as loaded, before --quantize)",
+    )
     ap.add_argument("--only", default=",".join(WORKLOADS))
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--gen", type=int, default=128)
@@ -212,23 +215,43 @@ def main():
     rec = plugin.apply_to(tuned, source)
     apply_s = time.perf_counter() - tic
     peak_extra = mx.get_peak_memory() - active
-    env = {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "mlx": mx.__version__,
-           "backend": workloads.backend(), "device": workloads.device_name(), "python": sys.version.split()[0],
-           "machine": platform.machine(), "cpus": os.cpu_count(), "model": args.model,
-           "model_fingerprint": rec.model_fingerprint, "dtype": models.model_dtype(stock),
-           "quantize": args.quantize or None, "policy": note, "args": {k: str(v) for k, v in vars(args).items()}}
+    env = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "mlx": mx.__version__,
+        "backend": workloads.backend(),
+        "device": workloads.device_name(),
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "model": args.model,
+        "model_fingerprint": rec.model_fingerprint,
+        "dtype": models.model_dtype(stock),
+        "quantize": args.quantize or None,
+        "policy": note,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     report = {"env": env, "record": rec.as_dict(), "results": {}, "skipped": []}
-    say(f"# fusion_bench {args.tag}  {env['date_utc']}  mlx {env['mlx']} {env['backend']} ({env['device']})  "
-        f"model {args.model} {env['dtype']}{f' q{args.quantize}' if args.quantize else ''}  {rec.model_fingerprint}")
+    say(
+        f"# fusion_bench {args.tag}  {env['date_utc']}  mlx {env['mlx']} {env['backend']} ({env['device']})  "
+        f"model {args.model} {env['dtype']}{f' q{args.quantize}' if args.quantize else ''}  {rec.model_fingerprint}"
+    )
     say(f"# policy: {note}: {rec.source}, {rec.policy_hash}; {rec.reason}")
     calls = (fusion.count_linear_calls(stock, tokens=(0,)), fusion.count_linear_calls(tuned, tokens=(0,)))
     report["matmuls_per_token"] = calls
-    report["memory"] = {"stock_param_bytes": stock_bytes, "tuned_param_bytes": param_bytes(tuned),
-                        "peak_above_active_while_applying": peak_extra, "apply_s": apply_s}
-    say(f"# applied in {apply_s * 1e3:.0f} ms: {plugin.describe_fusion(rec.fusion) if rec.fusion else 'no fusion'}; "
-        f"{rec.patched_layers} layers patched; linear calls per token {calls[0]} -> {calls[1]}")
-    say(f"# parameters: stock {stock_bytes / 2**20:.1f} MiB, tuned {param_bytes(tuned) / 2**20:.1f} MiB; "
-        f"peak above active while applying {peak_extra / 2**20:.1f} MiB")
+    report["memory"] = {
+        "stock_param_bytes": stock_bytes,
+        "tuned_param_bytes": param_bytes(tuned),
+        "peak_above_active_while_applying": peak_extra,
+        "apply_s": apply_s,
+    }
+    say(
+        f"# applied in {apply_s * 1e3:.0f} ms: {plugin.describe_fusion(rec.fusion) if rec.fusion else 'no fusion'}; "
+        f"{rec.patched_layers} layers patched; linear calls per token {calls[0]} -> {calls[1]}"
+    )
+    say(
+        f"# parameters: stock {stock_bytes / 2**20:.1f} MiB, tuned {param_bytes(tuned) / 2**20:.1f} MiB; "
+        f"peak above active while applying {peak_extra / 2**20:.1f} MiB"
+    )
     if rec.source not in ("file", "daemon") or not rec.policy_hash:
         say("the plugin applied no policy: nothing to compare")
         (args.out / "fusion_bench.json").write_text(json.dumps(report, indent=1, default=str))
@@ -245,14 +268,22 @@ def main():
     mx.eval(p_dec, p_bat, p_pre, ids)
 
     s_log, t_log = last_logits(stock, p_dec[None]), last_logits(tuned, p_dec[None])
-    report["logits"] = {"rel_err": gate.rel_err(t_log, s_log), "bit_identical": bool(mx.array_equal(s_log, t_log).item())}
-    say(f"# last-position logits: relative error {report['logits']['rel_err']:.2e}, "
-        f"bit-identical {report['logits']['bit_identical']}")
+    report["logits"] = {
+        "rel_err": gate.rel_err(t_log, s_log),
+        "bit_identical": bool(mx.array_equal(s_log, t_log).item()),
+    }
+    say(
+        f"# last-position logits: relative error {report['logits']['rel_err']:.2e}, "
+        f"bit-identical {report['logits']['bit_identical']}"
+    )
 
     runs = {
         "decode1": (f"decode B=1 P{args.prompt} G{args.gen}", lambda m: decode1(m, p_dec, args.gen), args.gen - 1),
-        "decode8": (f"decode B={args.batch} P{args.prompt} G{args.batch_gen}",
-                    lambda m: decode_batch(m, p_bat, args.batch_gen), args.batch * args.batch_gen),
+        "decode8": (
+            f"decode B={args.batch} P{args.prompt} G{args.batch_gen}",
+            lambda m: decode_batch(m, p_bat, args.batch_gen),
+            args.batch * args.batch_gen,
+        ),
         "prefill": (f"prefill B=1 L{args.prefill} (time to first token)", lambda m: prefill(m, p_pre), None),
         "train": (f"training step B={args.train_batch} L{args.train_seq}", lambda m: train_step(m, batch), None),
     }
@@ -271,24 +302,38 @@ def main():
                 if "tokens" in out:
                     kept.setdefault(which, out.pop("tokens"))
                 return out
+
             return run
 
         t0 = time.perf_counter()
-        r = measure.interleaved({"stock": arm(stock, "stock"), "candidate": arm(tuned, "tuned")},
-                                args.pairs, args.warmup, seed=args.seed)
+        r = measure.interleaved(
+            {"stock": arm(stock, "stock"), "candidate": arm(tuned, "tuned")}, args.pairs, args.warmup, seed=args.seed
+        )
         med = {a: sorted(s["seconds"] for s in r["samples"] if s["arm"] == a) for a in ("stock", "candidate")}
         med = {a: v[len(v) // 2] for a, v in med.items()}
         same = kept.get("stock") == kept.get("tuned") if kept else None
-        row = {"workload": name, "label": label, "ratio": r["ratio"], "lo": r["lo"], "hi": r["hi"],
-               "n_pairs": r["n_pairs"], "stock_s": med["stock"], "tuned_s": med["candidate"],
-               "tokens_equal": same, "wall_s": time.perf_counter() - t0, "samples": r["samples"]}
+        row = {
+            "workload": name,
+            "label": label,
+            "ratio": r["ratio"],
+            "lo": r["lo"],
+            "hi": r["hi"],
+            "n_pairs": r["n_pairs"],
+            "stock_s": med["stock"],
+            "tuned_s": med["candidate"],
+            "tokens_equal": same,
+            "wall_s": time.perf_counter() - t0,
+            "samples": r["samples"],
+        }
         if tokens:
             row["stock_tok_s"] = tokens / med["stock"]
             row["tuned_tok_s"] = tokens / med["candidate"]
         report["results"][name] = row
         rows.append(row)
-        line = (f"{name:8s} {label:38s} {r['ratio']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]  "
-                f"stock {med['stock'] * 1e3:8.2f} ms  tuned {med['candidate'] * 1e3:8.2f} ms")
+        line = (
+            f"{name:8s} {label:38s} {r['ratio']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]  "
+            f"stock {med['stock'] * 1e3:8.2f} ms  tuned {med['candidate'] * 1e3:8.2f} ms"
+        )
         if tokens:
             line += f"  ({row['stock_tok_s']:.0f} -> {row['tuned_tok_s']:.0f} tok/s)"
         if same is not None:
@@ -299,8 +344,9 @@ def main():
     have = {r["workload"]: r for r in rows}
     if "decode1" in have and "train" in have:
         # The seed's objective: 0.7 x inference + 0.3 x training (decode B=1 stands for inference).
-        c = measure.combine({k: have["decode1"][k] for k in ("ratio", "lo", "hi")},
-                            {k: have["train"][k] for k in ("ratio", "lo", "hi")})
+        c = measure.combine(
+            {k: have["decode1"][k] for k in ("ratio", "lo", "hi")}, {k: have["train"][k] for k in ("ratio", "lo", "hi")}
+        )
         report["combined"] = c
         say(f"combined 0.7 x decode1 + 0.3 x train: {c['ratio']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]")
     report["total_s"] = time.perf_counter() - start

@@ -47,8 +47,12 @@ def aa_policy(kind, i):
         rules = [{"n": [999983, 999983], "plan": {"kind": "split", "tile_m": None, "tile_n": 64, "tile_k": None}}]
     else:
         rules = [{"plan": {"kind": "split", "tile_m": 1 << 20, "tile_n": 1 << 20, "tile_k": 1 << 20}}]
-    return {"schema": "tilewise.policy/1", "name": f"a/a {kind} {i}", "target": TARGET,
-            "matmul": {"rules": rules, "default": {"kind": "native"}}}
+    return {
+        "schema": "tilewise.policy/1",
+        "name": f"a/a {kind} {i}",
+        "target": TARGET,
+        "matmul": {"rules": rules, "default": {"kind": "native"}},
+    }
 
 
 def clopper_pearson(k, n, level=0.95):
@@ -56,7 +60,7 @@ def clopper_pearson(k, n, level=0.95):
     alpha = (1 - level) / 2
 
     def cdf(x, p):  # P(X <= x)
-        return sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(x + 1))
+        return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(x + 1))
 
     def solve(f, lo=0.0, hi=1.0):
         for _ in range(100):
@@ -74,14 +78,19 @@ def clopper_pearson(k, n, level=0.95):
 
 def one_session(daemon_bin, models_dir, kind, i, seed):
     home = Path(tempfile.mkdtemp(prefix="tw-aa-"))
-    env = dict(os.environ, TILEWISE_MODELS_DIR=str(models_dir),
-               TILEWISE_PYTHON=os.environ.get("TILEWISE_PYTHON", sys.executable))
+    env = dict(
+        os.environ,
+        TILEWISE_MODELS_DIR=str(models_dir),
+        TILEWISE_PYTHON=os.environ.get("TILEWISE_PYTHON", sys.executable),
+    )
     try:
         with daemon_client.LocalDaemon(daemon_bin, home, env=env) as d:
             with d.client(timeout=300) as c:
                 c.hello()
-                started = c.call("tuning.start", {"policies": [aa_policy(kind, i)], "seed": seed, "now": True,
-                                                  "budget": {"evaluations": 4}})
+                started = c.call(
+                    "tuning.start",
+                    {"policies": [aa_policy(kind, i)], "seed": seed, "now": True, "budget": {"evaluations": 4}},
+                )
             deadline = time.monotonic() + 900
             while True:
                 with d.client(timeout=30) as c:
@@ -97,9 +106,18 @@ def one_session(daemon_bin, models_dir, kind, i, seed):
     s = shown["session"]
     measurements = [c.get("measurement") or {} for c in shown.get("candidates", [])]
     m = measurements[0] if measurements else {}
-    return {"kind": kind, "i": i, "seed": seed, "state": s["state"], "promotions": len(history["promotions"]),
-            "evaluations": s["evaluations"], "ratio": m.get("ratio"), "lo": m.get("lo"), "hi": m.get("hi"),
-            "correct": m.get("correct")}
+    return {
+        "kind": kind,
+        "i": i,
+        "seed": seed,
+        "state": s["state"],
+        "promotions": len(history["promotions"]),
+        "evaluations": s["evaluations"],
+        "ratio": m.get("ratio"),
+        "lo": m.get("lo"),
+        "hi": m.get("hi"),
+        "correct": m.get("correct"),
+    }
 
 
 def main():
@@ -111,29 +129,40 @@ def main():
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     n = 8 if args.quick else args.sessions
-    daemon = Path(args.daemon) if args.daemon else next(
-        (p for p in (REPO / "target/release/tilewised", REPO / "target/debug/tilewised") if p.exists()), None)
+    daemon = (
+        Path(args.daemon)
+        if args.daemon
+        else next((p for p in (REPO / "target/release/tilewised", REPO / "target/debug/tilewised") if p.exists()), None)
+    )
     if daemon is None or not daemon.exists():
         sys.exit("no tilewised binary: cargo build -p tilewise --bins")
     models_dir = Path(os.environ.get("TILEWISE_MODELS_DIR") or tempfile.mkdtemp(prefix="tw-aa-models-"))
-    say(f"# integrity {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {n} A/A sessions through {daemon}, "
-        f"seeds {args.seed}.., load {os.getloadavg()[0]:.2f}")
+    say(
+        f"# integrity {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {n} A/A sessions through {daemon}, "
+        f"seeds {args.seed}.., load {os.getloadavg()[0]:.2f}"
+    )
     rows, t0 = [], time.monotonic()
     for i in range(n):
         kind = "unmatched" if i % 4 != 3 else "routed"
         row = one_session(daemon, models_dir, kind, i, args.seed + i)
         rows.append(row)
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        say(f"{i:4d} {kind:9s} {row['state']:9s} evaluations {row['evaluations']}  first {fmt(row['ratio'])} "
-            f"[{fmt(row['lo'])}, {fmt(row['hi'])}]  promotions {row['promotions']}")
+        say(
+            f"{i:4d} {kind:9s} {row['state']:9s} evaluations {row['evaluations']}  first {fmt(row['ratio'])} "
+            f"[{fmt(row['lo'])}, {fmt(row['hi'])}]  promotions {row['promotions']}"
+        )
     promoted = sum(1 for r in rows if r["promotions"] > 0)
     lo, hi = clopper_pearson(promoted, n)
     first_passed = sum(1 for r in rows if r["lo"] is not None and r["lo"] > 1.0)
-    say(f"sessions that promoted: {promoted} of {n} = {promoted / n:.3f}, 95 % interval [{lo:.4f}, {hi:.4f}]; "
+    say(
+        f"sessions that promoted: {promoted} of {n} = {promoted / n:.3f}, 95 % interval [{lo:.4f}, {hi:.4f}]; "
         f"first measurements with lo > 1: {first_passed} (each needed its confirmation); "
-        f"{time.monotonic() - t0:.0f} s; load {os.getloadavg()[0]:.2f}")
-    say(f"goal: at most 1 % of sessions promote — {'met' if promoted / n <= 0.01 else 'NOT met'} "
-        f"(the interval's upper end {hi:.3f} says how sure {n} sessions make it)")
+        f"{time.monotonic() - t0:.0f} s; load {os.getloadavg()[0]:.2f}"
+    )
+    say(
+        f"goal: at most 1 % of sessions promote — {'met' if promoted / n <= 0.01 else 'NOT met'} "
+        f"(the interval's upper end {hi:.3f} says how sure {n} sessions make it)"
+    )
     if args.out:
         args.out.write_text("\n".join(LINES) + "\n\n" + json.dumps(rows, indent=1) + "\n")
     if args.quick and promoted:

@@ -46,8 +46,13 @@ def garbage_endpoint(delay_s):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             count[0] += 1
             time.sleep(delay_s)
-            body = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                        "content": "I think you should try larger tiles, maybe."}}]}).encode()
+            body = json.dumps(
+                {
+                    "choices": [
+                        {"message": {"role": "assistant", "content": "I think you should try larger tiles, maybe."}}
+                    ]
+                }
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -71,8 +76,9 @@ def session(daemon_bin, seconds, seed, llm_url):
     with daemon_client.LocalDaemon(daemon_bin, home, env=env) as d:
         with d.client(timeout=120) as c:
             c.hello()
-            started = c.call("tuning.start", {"budget": {"seconds": seconds}, "seed": seed, "now": True,
-                                              "llm": bool(llm_url)})
+            started = c.call(
+                "tuning.start", {"budget": {"seconds": seconds}, "seed": seed, "now": True, "llm": bool(llm_url)}
+            )
         while True:
             with d.client(timeout=30) as c:
                 if c.status()["tuning"]["state"] == "idle":
@@ -81,9 +87,15 @@ def session(daemon_bin, seconds, seed, llm_url):
             time.sleep(0.5)
     s, search = shown["session"], shown.get("search") or {}
     verdicts = s["evaluations"] + s["failures"] + search.get("screened", 0)
-    return {"llm": bool(llm_url), "evaluations": s["evaluations"], "failures": s["failures"],
-            "screened": search.get("screened", 0), "verdicts_per_min": verdicts * 60.0 / seconds,
-            "generation": search.get("generation"), "llm_stats": search.get("llm")}
+    return {
+        "llm": bool(llm_url),
+        "evaluations": s["evaluations"],
+        "failures": s["failures"],
+        "screened": search.get("screened", 0),
+        "verdicts_per_min": verdicts * 60.0 / seconds,
+        "generation": search.get("generation"),
+        "llm_stats": search.get("llm"),
+    }
 
 
 def main():
@@ -98,9 +110,11 @@ def main():
     if not Path(args.daemon).exists():
         sys.exit(f"{args.daemon} not found: cargo build --release -p tilewise --bins")
     url, count, server = garbage_endpoint(args.delay_s)
-    say(f"# llm_overhead {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.rounds} rounds x (llm, none), "
+    say(
+        f"# llm_overhead {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.rounds} rounds x (llm, none), "
         f"{args.seconds} s sessions, seed {args.seed}, endpoint answers prose after {args.delay_s} s; "
-        f"load {os.getloadavg()[0]:.2f}")
+        f"load {os.getloadavg()[0]:.2f}"
+    )
     rows = []
     for r in range(args.rounds):
         order = (url, None) if r % 2 == 0 else (None, url)
@@ -110,15 +124,19 @@ def main():
             row["endpoint_requests"] = count[0] - before
             rows.append(row)
             st = row["llm_stats"] or {}
-            say(f"round {r} {'llm ' if row['llm'] else 'none'}: {row['verdicts_per_min']:.1f} verdicts/min "
+            say(
+                f"round {r} {'llm ' if row['llm'] else 'none'}: {row['verdicts_per_min']:.1f} verdicts/min "
                 f"({row['evaluations']} trials, {row['screened']} screened, generation {row['generation']}); "
-                f"requests {st.get('requests', 0)}, refused {st.get('refused', {})}, abandoned {st.get('abandoned', 0)}")
+                f"requests {st.get('requests', 0)}, refused {st.get('refused', {})}, abandoned {st.get('abandoned', 0)}"
+            )
     server.shutdown()
     with_llm = [r["verdicts_per_min"] for r in rows if r["llm"]]
     without = [r["verdicts_per_min"] for r in rows if not r["llm"]]
     ratio = statistics.median(with_llm) / statistics.median(without)
-    say(f"median verdicts/min: with the garbage endpoint {statistics.median(with_llm):.1f}, without "
-        f"{statistics.median(without):.1f}: ratio {ratio:.3f} (goal >= 0.90); load {os.getloadavg()[0]:.2f}")
+    say(
+        f"median verdicts/min: with the garbage endpoint {statistics.median(with_llm):.1f}, without "
+        f"{statistics.median(without):.1f}: ratio {ratio:.3f} (goal >= 0.90); load {os.getloadavg()[0]:.2f}"
+    )
     if args.out:
         args.out.write_text("\n".join(LINES) + "\n\n" + json.dumps(rows, indent=1) + "\n")
     return 0

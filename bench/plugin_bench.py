@@ -72,23 +72,28 @@ def seed_best_binary() -> Path:
     """daemon/examples/seed_best.rs (stores a best through the real store), built if missing."""
     exe = REPO / "target" / "debug" / "examples" / "seed_best"
     if not exe.is_file():
-        subprocess.run(["cargo", "build", "--locked", "-q", "-p", "tilewise", "--example", "seed_best"], cwd=REPO, check=True)
+        subprocess.run(
+            ["cargo", "build", "--locked", "-q", "-p", "tilewise", "--example", "seed_best"], cwd=REPO, check=True
+        )
     return exe
 
 
 def fetch_latency(args, model) -> dict:
     binary = Path(args.daemon) if args.daemon else daemon_client.find_daemon_binary()
     if binary is None:
-        raise SystemExit("no tilewised binary: build it (cargo build -p tilewise --bins) or pass --daemon / --no-daemon")
+        raise SystemExit(
+            "no tilewised binary: build it (cargo build -p tilewise --bins) or pass --daemon / --no-daemon"
+        )
     home = Path(tempfile.mkdtemp(prefix="tw-bench-"))  # short: AF_UNIX paths are limited to ~104 bytes
     os.environ["TILEWISE_HOME"] = str(home)
     os.environ.pop("TILEWISE_SOCKET", None)
     target = plugin.this_target(model)
     with daemon_client.LocalDaemon(binary, home) as d:
         doc = P.make_policy(
-            [{"m": [1, 16], "plan": {"kind": "native"}},
-             {"n": [1000, None], "plan": P.split_plan(None, 256, None)}],
-            target=dict(target, device=d.device_fingerprint), name="bench best")
+            [{"m": [1, 16], "plan": {"kind": "native"}}, {"n": [1000, None], "plan": P.split_plan(None, 256, None)}],
+            target=dict(target, device=d.device_fingerprint),
+            name="bench best",
+        )
         (home / "best.json").write_text(json.dumps(doc))
         subprocess.run([str(seed_best_binary()), str(home / "best.json")], check=True, capture_output=True)
         key = (target["model"], target["mlx"], target["backend"])
@@ -110,14 +115,22 @@ def fetch_latency(args, model) -> dict:
             raw_s.append(t3 - t2)
     shutil.rmtree(home, ignore_errors=True)
     say("## 1. policy fetch latency (real tilewised, stored best; alternated, %d each)" % args.fetches)
-    say(f"  plugin daemon path (connect+hello+status+policy.get+validate+cache upkeep): "
-        f"median {us(statistics.median(daemon_s))}  p99 {us(pct(daemon_s, 0.99))}")
-    say(f"  one bare policy.get round trip (connect+request+reply):                     "
-        f"median {us(statistics.median(raw_s))}  p99 {us(pct(raw_s, 0.99))}")
-    say(f"  plugin cache path (read file+parse+validate+re-hash):                        "
-        f"median {us(statistics.median(cache_s))}  p99 {us(pct(cache_s, 0.99))}")
-    say(f"  daemon / cache median ratio: {statistics.median(daemon_s) / statistics.median(cache_s):.2f}x"
-        f"   (timeout budget: {daemon_client.DEFAULT_TIMEOUT_S * 1e3:.0f} ms)")
+    say(
+        f"  plugin daemon path (connect+hello+status+policy.get+validate+cache upkeep): "
+        f"median {us(statistics.median(daemon_s))}  p99 {us(pct(daemon_s, 0.99))}"
+    )
+    say(
+        f"  one bare policy.get round trip (connect+request+reply):                     "
+        f"median {us(statistics.median(raw_s))}  p99 {us(pct(raw_s, 0.99))}"
+    )
+    say(
+        f"  plugin cache path (read file+parse+validate+re-hash):                        "
+        f"median {us(statistics.median(cache_s))}  p99 {us(pct(cache_s, 0.99))}"
+    )
+    say(
+        f"  daemon / cache median ratio: {statistics.median(daemon_s) / statistics.median(cache_s):.2f}x"
+        f"   (timeout budget: {daemon_client.DEFAULT_TIMEOUT_S * 1e3:.0f} ms)"
+    )
     return {"daemon_s": daemon_s, "cache_s": cache_s, "raw_policy_get_s": raw_s}
 
 
@@ -158,16 +171,20 @@ def _compare(args, model, label, setup_candidate) -> dict:
         say(f"  {arm:9s} median {med * 1e3:9.2f} ms per run ({tok / med:.0f} tok/s incl. prefill)")
     for clock, (ratio, lo, hi) in (("wall", (r["ratio"], r["lo"], r["hi"])), ("cpu ", cpu_ratio)):
         verdict = "meets" if ratio >= 0.99 else "BELOW"
-        say(f"  {clock} time ratio stock/candidate = {ratio:.4f}  95% CI [{lo:.4f}, {hi:.4f}]  "
-            f"({verdict} the >= 0.99 goal on the median)")
+        say(
+            f"  {clock} time ratio stock/candidate = {ratio:.4f}  95% CI [{lo:.4f}, {hi:.4f}]  "
+            f"({verdict} the >= 0.99 goal on the median)"
+        )
     out = {k: r[k] for k in ("ratio", "lo", "hi", "n_pairs", "ratios", "samples")}
     out["cpu"] = dict(zip(("ratio", "lo", "hi"), cpu_ratio))
     return out
 
 
 def generation_overhead(args, model) -> dict:
-    say(f"## 2. generation overhead vs stock mlx_lm ({args.pairs} interleaved pairs, {args.warmup} warmups; "
-        f"prompt {args.prompt_tokens}, generate {args.gen_tokens} tokens; ratio = stock time / candidate time)")
+    say(
+        f"## 2. generation overhead vs stock mlx_lm ({args.pairs} interleaved pairs, {args.warmup} warmups; "
+        f"prompt {args.prompt_tokens}, generate {args.gen_tokens} tokens; ratio = stock time / candidate time)"
+    )
     # (a) what the plugin does when native is in force: resolve it, and leave the model stock.
     target = plugin.this_target(model)
     with tempfile.TemporaryDirectory(prefix="tw-bench-native-") as tmp:
@@ -175,15 +192,25 @@ def generation_overhead(args, model) -> dict:
         path.write_text(json.dumps(P.make_policy(target=dict(target, device="*"), name="native")))
         record = plugin.apply_to(model, path)
     assert record.source == "file" and record.patched_layers == 0, record
-    a = _compare(args, model, "(a) the plugin with the native policy in force (it leaves the model stock: an A/A check)",
-                 lambda m: None)
+    a = _compare(
+        args,
+        model,
+        "(a) the plugin with the native policy in force (it leaves the model stock: an A/A check)",
+        lambda m: None,
+    )
     # (b) the dispatch machinery itself: every linear patched, every plan native (the worst case any
     #     policy that touches all layers pays before its plans do anything).
     native = patch.prepare(P.native())
-    b = _compare(args, model, "(b) the native policy forced through the patch on every linear (dispatch cost, worst case)",
-                 lambda m: patch.apply(m, native))
-    say(f"  noise floor: the A/A check (a) spans [{a['cpu']['lo']:.4f}, {a['cpu']['hi']:.4f}] (CPU time), "
-        f"[{a['lo']:.4f}, {a['hi']:.4f}] (wall): differences inside that are not resolved by this run")
+    b = _compare(
+        args,
+        model,
+        "(b) the native policy forced through the patch on every linear (dispatch cost, worst case)",
+        lambda m: patch.apply(m, native),
+    )
+    say(
+        f"  noise floor: the A/A check (a) spans [{a['cpu']['lo']:.4f}, {a['cpu']['hi']:.4f}] (CPU time), "
+        f"[{a['lo']:.4f}, {a['hi']:.4f}] (wall): differences inside that are not resolved by this run"
+    )
     return {"plugin_native": a, "forced_patch_native": b}
 
 
@@ -221,10 +248,18 @@ def call_overhead(args, n=64, k=64, calls=20000, pairs=41) -> dict:
     secs = {a: statistics.median(s["seconds"] for s in r["samples"] if s["arm"] == a) for a in ("stock", "candidate")}
     by = {(s["pair"], s["arm"]): s["seconds"] for s in r["samples"]}
     diffs = [by[(i, "candidate")] - by[(i, "stock")] for i in range(pairs)]
-    say(f"## 3. dispatch cost: Linear({k}->{n}) at M=1, graph building only, {calls} calls per sample, {pairs} pairs, "
+    say(
+        f"## 3. dispatch cost: Linear({k}->{n}) at M=1, graph building only, {calls} calls per sample, {pairs} pairs, "
         f"CPU time: stock {us(secs['stock']).strip()}/call, patched-native {us(secs['candidate']).strip()}/call; "
-        f"median per-pair difference {us(statistics.median(diffs)).strip()}/call")
-    return {"per_call_s": secs, "median_diff_s": statistics.median(diffs), "ratio": r["ratio"], "lo": r["lo"], "hi": r["hi"]}
+        f"median per-pair difference {us(statistics.median(diffs)).strip()}/call"
+    )
+    return {
+        "per_call_s": secs,
+        "median_diff_s": statistics.median(diffs),
+        "ratio": r["ratio"],
+        "lo": r["lo"],
+        "hi": r["hi"],
+    }
 
 
 def main():
@@ -244,10 +279,14 @@ def main():
     os.environ.setdefault("TILEWISE_MODELS_DIR", str(Path(tempfile.gettempdir()) / "tilewise-bench-models"))
     model, _, info = models.load_model(args.model, dtype=args.dtype)
     say(f"# plugin_bench — {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
-    say(f"# machine: {platform.machine()} {workloads.device_name()}, {os.cpu_count()} cores, backend "
-        f"{workloads.backend()}, mlx {mx.__version__}, python {platform.python_version()}")
-    say(f"# model: {args.model} ({info['dtype']}, {info['model_fingerprint']}); command: "
-        f"python bench/plugin_bench.py {' '.join(sys.argv[1:])}")
+    say(
+        f"# machine: {platform.machine()} {workloads.device_name()}, {os.cpu_count()} cores, backend "
+        f"{workloads.backend()}, mlx {mx.__version__}, python {platform.python_version()}"
+    )
+    say(
+        f"# model: {args.model} ({info['dtype']}, {info['model_fingerprint']}); command: "
+        f"python bench/plugin_bench.py {' '.join(sys.argv[1:])}"
+    )
     t0 = time.perf_counter()
     fp = models.fingerprint(model)
     say(f"# model fingerprint (computed once per load by the plugin): {(time.perf_counter() - t0) * 1e3:.1f} ms")
@@ -259,15 +298,20 @@ def main():
     # (b) predicted from (3), robust to machine noise: matmul calls per run x dispatch cost per call.
     patch.apply(model, P.native())
     patch.reset_call_counts()
-    workloads.run_inference(model, workloads.token_ids(workloads.vocab_size(model), args.prompt_tokens, 0), args.gen_tokens)
+    workloads.run_inference(
+        model, workloads.token_ids(workloads.vocab_size(model), args.prompt_tokens, 0), args.gen_tokens
+    )
     calls = sum(patch.call_counts().values())
     patch.remove(model)
     per_call = raw["call"]["median_diff_s"]
-    stock_run = statistics.median(s["cpu_seconds"] for s in raw["generation"]["forced_patch_native"]["samples"]
-                                  if s["arm"] == "stock")
+    stock_run = statistics.median(
+        s["cpu_seconds"] for s in raw["generation"]["forced_patch_native"]["samples"] if s["arm"] == "stock"
+    )
     predicted = stock_run / (stock_run + calls * per_call)
-    say(f"## (b) predicted from (3): {calls} patched matmul calls per run x {us(per_call).strip()} = "
-        f"{calls * per_call * 1e3:.3f} ms on a {stock_run * 1e3:.1f} ms (CPU) run -> ratio {predicted:.4f}")
+    say(
+        f"## (b) predicted from (3): {calls} patched matmul calls per run x {us(per_call).strip()} = "
+        f"{calls * per_call * 1e3:.3f} ms on a {stock_run * 1e3:.1f} ms (CPU) run -> ratio {predicted:.4f}"
+    )
     raw["predicted_forced_patch_ratio"] = predicted
     if args.out:
         out = Path(args.out)

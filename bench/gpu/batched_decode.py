@@ -148,7 +148,7 @@ def correctness(model, prompts, gen_tokens, prepared, reachable_only):
     patch.remove(model)
     s_logits, s_toks, _ = greedy()
     c_logits, c_toks, calls = with_policy(model, prepared, reachable_only, greedy)
-    same = (s_toks == c_toks)
+    same = s_toks == c_toks
     mx.eval(same)
     b = same.shape[0]
     # Steps (from the prefill's token on) until the first step where any sequence differs.
@@ -183,8 +183,12 @@ def main():
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="skip the remaining B values once this many seconds have passed since start")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="skip the remaining B values once this many seconds have passed since start",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -199,23 +203,43 @@ def main():
     t0 = time.perf_counter()
     model, _tok, info = models.load_model(args.model, dtype=args.dtype)
     print(f"loaded {args.model} ({info['model_fingerprint']}) in {time.perf_counter() - t0:.1f} s", flush=True)
-    target = {"device": W.device_name(), "model": info["model_fingerprint"], "mlx": mx.__version__,
-              "backend": "cuda" if args.policy == "tuned" else W.backend()}
+    target = {
+        "device": W.device_name(),
+        "model": info["model_fingerprint"],
+        "mlx": mx.__version__,
+        "backend": "cuda" if args.policy == "tuned" else W.backend(),
+    }
     doc, src, reachable_only = build_policy(args.policy, args.kernel_results, target)
     check_runnable(doc)
     rules = doc["matmul"]["rules"]
-    print(f"policy {args.policy}: {len(rules)} rules" + (f" from {src}" if src else "")
-          + f", reachable_only={reachable_only}", flush=True)
+    print(
+        f"policy {args.policy}: {len(rules)} rules"
+        + (f" from {src}" if src else "")
+        + f", reachable_only={reachable_only}",
+        flush=True,
+    )
     for r in rules:
         print(f"  m {r['m']} n {r['n'][0]} k {r['k'][0]}: {r['plan']}", flush=True)
     prepared = patch.prepare(doc)
 
-    env = {"device": W.device_name(), "backend": W.backend(), "mlx": mx.__version__,
-           "mlx_lm": getattr(mlx_lm, "__version__", None), "python": sys.version.split()[0],
-           "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    report = {"env": env, "args": {k: str(v) for k, v in vars(args).items()}, "model": info,
-              "policy": doc, "kernel_results": src, "reachable_only": reachable_only, "batches": {},
-              "skipped": []}
+    env = {
+        "device": W.device_name(),
+        "backend": W.backend(),
+        "mlx": mx.__version__,
+        "mlx_lm": getattr(mlx_lm, "__version__", None),
+        "python": sys.version.split()[0],
+        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    report = {
+        "env": env,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "model": info,
+        "policy": doc,
+        "kernel_results": src,
+        "reachable_only": reachable_only,
+        "batches": {},
+        "skipped": [],
+    }
     json_path = args.out / "batched_decode.json"
 
     for b in batches:
@@ -227,10 +251,12 @@ def main():
         prompts = prompt_batch(model, b, args.prompt_tokens, args.seed + b)
         mx.eval(prompts)
         corr = correctness(model, prompts, args.gen_tokens, prepared, reachable_only)
-        print(f"B={b}: calls per decode step {corr['calls_per_step']}, first-step logits rel err "
-              f"{corr['logits_rel_err']:.2e}, step-1 tokens equal {corr['step1_tokens_equal']}/{b}, "
-              f"greedy steps all equal {corr['greedy_steps_all_equal']}/{corr['greedy_steps_checked']}",
-              flush=True)
+        print(
+            f"B={b}: calls per decode step {corr['calls_per_step']}, first-step logits rel err "
+            f"{corr['logits_rel_err']:.2e}, step-1 tokens equal {corr['step1_tokens_equal']}/{b}, "
+            f"greedy steps all equal {corr['greedy_steps_all_equal']}/{corr['greedy_steps_checked']}",
+            flush=True,
+        )
 
         def stock(prompts=prompts):
             patch.remove(model)  # the same (untimed) bookkeeping walk as the policy arm's
@@ -248,9 +274,11 @@ def main():
         report["batches"][str(b)] = r
         report["total_s"] = time.perf_counter() - start
         json_path.write_text(json.dumps(report, indent=1, default=str))
-        print(f"B={b}: stock {r['stock_tok_s']:.0f} tok/s, {args.policy} {r['policy_tok_s']:.0f} tok/s, "
-              f"ratio {r['ratio']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] ({r['n_pairs']} pairs, {r['wall_s']:.1f} s)",
-              flush=True)
+        print(
+            f"B={b}: stock {r['stock_tok_s']:.0f} tok/s, {args.policy} {r['policy_tok_s']:.0f} tok/s, "
+            f"ratio {r['ratio']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] ({r['n_pairs']} pairs, {r['wall_s']:.1f} s)",
+            flush=True,
+        )
 
     report["total_s"] = time.perf_counter() - start
     json_path.write_text(json.dumps(report, indent=1, default=str))
@@ -277,7 +305,8 @@ def table(report, args):
             f"{b:>3} {r['stock_tok_s']:>12.0f} {r['policy_tok_s']:>12.0f} "
             f"{r['ratio']:>8.3f} [{r['lo']:.3f}, {r['hi']:.3f}] "
             f"{c['calls_per_step']['kernel']:>7} {c['calls_per_step']['native']:>7} {c['logits_rel_err']:>9.2e} "
-            f"{c['step1_tokens_equal']:>3}/{c['batch']:<3} {c['greedy_steps_all_equal']:>4}/{c['greedy_steps_checked']:<4}")
+            f"{c['step1_tokens_equal']:>3}/{c['batch']:<3} {c['greedy_steps_all_equal']:>4}/{c['greedy_steps_checked']:<4}"
+        )
     if report["skipped"]:
         lines.append(f"skipped (budget): B = {report['skipped']}")
     return "\n".join(lines)

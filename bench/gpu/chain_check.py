@@ -41,7 +41,11 @@ def run(mode, fn, xs, ws):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel-results", type=Path, default=Path(__file__).resolve().parents[2] / "results/h100/run8-kernels-full/kernel_bench.json")
+    ap.add_argument(
+        "--kernel-results",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "results/h100/run8-kernels-full/kernel_bench.json",
+    )
     ap.add_argument("--pairs", type=int, default=9)
     args = ap.parse_args()
     kres = json.loads(args.kernel_results.read_text())
@@ -64,14 +68,20 @@ def main():
                 order = ((native, tn), (kernel, tk)) if i % 2 == 0 else ((kernel, tk), (native, tn))
                 for f, acc in order:
                     acc.append(run(mode, f, xs, ws))
-            res[mode] = {"native_us": float(np.median(tn)) * 1e6, "kernel_us": float(np.median(tk)) * 1e6,
-                         "ratio": float(np.median([a / b for a, b in zip(tn, tk)]))}
+            res[mode] = {
+                "native_us": float(np.median(tn)) * 1e6,
+                "kernel_us": float(np.median(tk)) * 1e6,
+                "ratio": float(np.median([a / b for a, b in zip(tn, tk)])),
+            }
         rows.append(res)
         print(json.dumps(res), flush=True)
     print(f"\nq_proj/o_proj 896x896, chain of {CHAIN}, per-op wall us (native / kernel = ratio)")
     print(f"{'M':>5s}  {'independent':>24s}  {'mx.depends chain':>24s}  {'true data chain':>24s}  plan")
     for r in rows:
-        cells = [f"{r[m]['native_us']:6.1f} /{r[m]['kernel_us']:6.1f} = {r[m]['ratio']:5.2f}" for m in ("independent", "depends", "data")]
+        cells = [
+            f"{r[m]['native_us']:6.1f} /{r[m]['kernel_us']:6.1f} = {r[m]['ratio']:5.2f}"
+            for m in ("independent", "depends", "data")
+        ]
         print(f"{r['m']:5d}  " + "  ".join(f"{c:>24s}" for c in cells) + f"  {r['plan']}")
 
 

@@ -52,8 +52,12 @@ def main():
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--model", default="synthetic:qwen2.5-0.5b")
-    ap.add_argument("--gpu-time", type=Path, default=Path(__file__).resolve().parents[2] / "results/h100/gpu_time.json",
-                    help="gpu_time.json: also evaluate a policy of the plans that won on GPU time")
+    ap.add_argument(
+        "--gpu-time",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "results/h100/gpu_time.json",
+        help="gpu_time.json: also evaluate a policy of the plans that won on GPU time",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -64,7 +68,10 @@ def main():
     from tilewise import workloads as W
 
     candidates = [args.kernel_results] if args.kernel_results else []
-    candidates += [Path("/root/kb/kernel_bench.json"), Path(__file__).resolve().parents[2] / "results/h100/run8-kernels-full/kernel_bench.json"]
+    candidates += [
+        Path("/root/kb/kernel_bench.json"),
+        Path(__file__).resolve().parents[2] / "results/h100/run8-kernels-full/kernel_bench.json",
+    ]
     src = next((p for p in candidates if p and p.is_file()), None)
     if src is None:
         sys.exit("no kernel_bench.json found: run bench/gpu/kernel_bench.py first")
@@ -86,8 +93,12 @@ def main():
         for r in doc["matmul"]["rules"]:
             print(f"  {name}: m {r['m']} n {r['n'][0]} k {r['k'][0]}: {r['plan']}", flush=True)
 
-    report = {"kernel_results": str(src), "model": info, "policies": docs,
-              "defaults": {"inference": W.defaults("inference"), "training": W.defaults("training")}}
+    report = {
+        "kernel_results": str(src),
+        "model": info,
+        "policies": docs,
+        "defaults": {"inference": W.defaults("inference"), "training": W.defaults("training")},
+    }
     for name, doc in docs.items():
         t0 = time.perf_counter()
         res = E.evaluate(model, doc, dtype="bfloat16", pairs=args.pairs, warmup=args.warmup, seed=0)
@@ -96,8 +107,10 @@ def main():
         (args.out / "e2e_bench.json").write_text(json.dumps(report, indent=1, default=str))
         print(summary(name, res), flush=True)
     print()
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {W.device_name()}  mlx {mx.__version__}  "
-          f"{args.model} bf16  pairs {args.pairs}")
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {W.device_name()}  mlx {mx.__version__}  "
+        f"{args.model} bf16  pairs {args.pairs}"
+    )
     for name in docs:
         print(summary(name, report[name]))
 

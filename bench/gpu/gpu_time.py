@@ -41,10 +41,18 @@ def emit(kres):
 
     def mark(tag):
         if tag not in markers:
-            markers[tag] = mx.fast.cuda_kernel(name=f"twmark_{tag}", input_names=["a"], output_names=["b"],
-                                               source="if (threadIdx.x == 0) b[0] = a[0];")
-        mx.eval(markers[tag](inputs=[mx.zeros((1,))], grid=(32, 1, 1), threadgroup=(32, 1, 1),
-                             output_shapes=[(1,)], output_dtypes=[mx.float32])[0])
+            markers[tag] = mx.fast.cuda_kernel(
+                name=f"twmark_{tag}", input_names=["a"], output_names=["b"], source="if (threadIdx.x == 0) b[0] = a[0];"
+            )
+        mx.eval(
+            markers[tag](
+                inputs=[mx.zeros((1,))],
+                grid=(32, 1, 1),
+                threadgroup=(32, 1, 1),
+                output_shapes=[(1,)],
+                output_dtypes=[mx.float32],
+            )[0]
+        )
         mx.synchronize()
 
     for i, r in enumerate(kres["shapes"]):
@@ -79,7 +87,9 @@ def parse(raw_csv_text, kres, bw, peak):
         name = row["Kernel Name"]
         value = float(row["Metric Value"].replace(",", ""))
         unit = row.get("Metric Unit", "ns")
-        seconds = value * {"ns": 1e-9, "nsecond": 1e-9, "us": 1e-6, "usecond": 1e-6, "ms": 1e-3, "msecond": 1e-3}.get(unit, 1e-9)
+        seconds = value * {"ns": 1e-9, "nsecond": 1e-9, "us": 1e-6, "usecond": 1e-6, "ms": 1e-3, "msecond": 1e-3}.get(
+            unit, 1e-9
+        )
         if name.startswith("custom_kernel_twmark_") or "twmark_" in name:
             tag = name.split("twmark_", 1)[1].split("(")[0]
             idx, arm = tag.rsplit("_", 1)
@@ -96,14 +106,26 @@ def parse(raw_csv_text, kres, bw, peak):
         m, n, k = r["m"], r["n"], r["k"]
         bytes_min = (m * k + n * k + m * n) * 2
         floor = max(bytes_min / bw, 2 * m * n * k / peak)
-        table.append({"shape": r["shape"], "m": m, "n": n, "k": k, "plan": r["best_plan"],
-                      "native_gpu_s": rec["native"], "kernel_gpu_s": rec["kernel"],
-                      "gpu_ratio": rec["native"] / rec["kernel"] if rec["kernel"] else None,
-                      "native_roofline": floor / rec["native"] if rec["native"] else None,
-                      "kernel_roofline": floor / rec["kernel"] if rec["kernel"] else None,
-                      "bound": "mem" if bytes_min / bw >= 2 * m * n * k / peak else "flop",
-                      "native_kernels": rec["native_kernels"], "kernel_kernels": rec["kernel_kernels"],
-                      "wall_ratio": r.get("ratio"), "wall_lo": r.get("lo"), "wall_hi": r.get("hi")})
+        table.append(
+            {
+                "shape": r["shape"],
+                "m": m,
+                "n": n,
+                "k": k,
+                "plan": r["best_plan"],
+                "native_gpu_s": rec["native"],
+                "kernel_gpu_s": rec["kernel"],
+                "gpu_ratio": rec["native"] / rec["kernel"] if rec["kernel"] else None,
+                "native_roofline": floor / rec["native"] if rec["native"] else None,
+                "kernel_roofline": floor / rec["kernel"] if rec["kernel"] else None,
+                "bound": "mem" if bytes_min / bw >= 2 * m * n * k / peak else "flop",
+                "native_kernels": rec["native_kernels"],
+                "kernel_kernels": rec["kernel_kernels"],
+                "wall_ratio": r.get("ratio"),
+                "wall_lo": r.get("lo"),
+                "wall_hi": r.get("hi"),
+            }
+        )
     return table
 
 
@@ -124,15 +146,21 @@ def main():
         (args.out / "gpu_time.json").write_text(json.dumps(table, indent=1))
     from tilewise.kernels import describe
 
-    print(f"GPU time per op (ncu gpu__time_duration, caches flushed); roofline vs copy "
-          f"{c['copy_bytes_per_s']/1e12:.2f} TB/s and {c['bf16_flop_per_s']/1e12:.0f} TFLOP/s")
-    print(f"{'shape':14s} {'M':>5s} {'native us':>9s} {'kernel us':>9s} {'gpu ratio':>9s} {'nat roof':>8s} "
-          f"{'ker roof':>8s} {'bound':>5s} {'wall ratio':>10s}  plan / native kernels")
+    print(
+        f"GPU time per op (ncu gpu__time_duration, caches flushed); roofline vs copy "
+        f"{c['copy_bytes_per_s'] / 1e12:.2f} TB/s and {c['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s"
+    )
+    print(
+        f"{'shape':14s} {'M':>5s} {'native us':>9s} {'kernel us':>9s} {'gpu ratio':>9s} {'nat roof':>8s} "
+        f"{'ker roof':>8s} {'bound':>5s} {'wall ratio':>10s}  plan / native kernels"
+    )
     for t in table:
-        print(f"{t['shape']:14s} {t['m']:5d} {t['native_gpu_s']*1e6:9.2f} {t['kernel_gpu_s']*1e6:9.2f} "
-              f"{(t['gpu_ratio'] or float('nan')):9.3f} {(t['native_roofline'] or 0):8.2f} {(t['kernel_roofline'] or 0):8.2f} "
-              f"{t['bound']:>5s} {(t['wall_ratio'] or float('nan')):10.3f}  {describe(t['plan'])} / "
-              f"{','.join(s.split('(')[0][:40] for s in t['native_kernels'])}")
+        print(
+            f"{t['shape']:14s} {t['m']:5d} {t['native_gpu_s'] * 1e6:9.2f} {t['kernel_gpu_s'] * 1e6:9.2f} "
+            f"{(t['gpu_ratio'] or float('nan')):9.3f} {(t['native_roofline'] or 0):8.2f} {(t['kernel_roofline'] or 0):8.2f} "
+            f"{t['bound']:>5s} {(t['wall_ratio'] or float('nan')):10.3f}  {describe(t['plan'])} / "
+            f"{','.join(s.split('(')[0][:40] for s in t['native_kernels'])}"
+        )
 
 
 if __name__ == "__main__":

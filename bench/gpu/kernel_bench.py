@@ -48,8 +48,13 @@ from tilewise.kernels import (  # noqa: E402
 )
 
 # Qwen2.5-0.5B: hidden 896, intermediate 4864, 14 heads / 2 KV heads of 64, vocab 151936 (tied head).
-SHAPES = [("q_proj/o_proj", 896, 896), ("k_proj/v_proj", 128, 896), ("gate/up", 4864, 896),
-          ("down", 896, 4864), ("head", 151936, 896)]
+SHAPES = [
+    ("q_proj/o_proj", 896, 896),
+    ("k_proj/v_proj", 128, 896),
+    ("gate/up", 4864, 896),
+    ("down", 896, 4864),
+    ("head", 151936, 896),
+]
 MS = [1, 4, 16, 128, 512, 2048]
 L2_BYTES = 50 * 2**20
 DTYPE = mx.bfloat16
@@ -57,13 +62,21 @@ TOL = 1e-2  # bf16 correctness tolerance (the evaluator's gate uses the same ord
 
 
 def gemv(r, s, v=8):
-    return {"kind": "kernel", "backend": "cuda", "family": "gemv", "rows_per_block": r, "split_k": s,
-            "vector_width": v}
+    return {"kind": "kernel", "backend": "cuda", "family": "gemv", "rows_per_block": r, "split_k": s, "vector_width": v}
 
 
 def gemm(bm, bn, bk, w, s=1, v=8):
-    return {"kind": "kernel", "backend": "cuda", "family": "gemm", "block_m": bm, "block_n": bn,
-            "block_k": bk, "warps": w, "vector_width": v, "split_k": s}
+    return {
+        "kind": "kernel",
+        "backend": "cuda",
+        "family": "gemm",
+        "block_m": bm,
+        "block_n": bn,
+        "block_k": bk,
+        "warps": w,
+        "vector_width": v,
+        "split_k": s,
+    }
 
 
 def candidates(m, quick=False):
@@ -73,12 +86,30 @@ def candidates(m, quick=False):
         out = [gemv(r, s) for r in (1, 2, 4, 8, 16) for s in (1, 2, 4) if not (quick and s == 4)]
         out += [gemv(4, 1, 4), gemm(16, 64, 64, 4), gemm(16, 128, 32, 4)]
     else:
-        tiles = [(32, 64, 32, 2), (64, 64, 32, 4), (64, 64, 64, 4), (64, 128, 32, 4), (128, 64, 32, 4),
-                 (128, 128, 32, 8), (64, 256, 32, 8), (32, 128, 64, 4), (128, 32, 32, 4), (64, 64, 32, 2),
-                 (16, 64, 64, 4), (32, 32, 64, 2), (16, 128, 64, 4)]
+        tiles = [
+            (32, 64, 32, 2),
+            (64, 64, 32, 4),
+            (64, 64, 64, 4),
+            (64, 128, 32, 4),
+            (128, 64, 32, 4),
+            (128, 128, 32, 8),
+            (64, 256, 32, 8),
+            (32, 128, 64, 4),
+            (128, 32, 32, 4),
+            (64, 64, 32, 2),
+            (16, 64, 64, 4),
+            (32, 32, 64, 2),
+            (16, 128, 64, 4),
+        ]
         out = [gemm(*t) for t in tiles]
-        out += [gemm(64, 64, 32, 4, 2), gemm(64, 128, 32, 4, 2), gemm(128, 128, 32, 8, 2), gemm(64, 64, 64, 4, 4),
-                gemm(32, 64, 64, 4, 2), gemm(16, 64, 64, 4, 4)]
+        out += [
+            gemm(64, 64, 32, 4, 2),
+            gemm(64, 128, 32, 4, 2),
+            gemm(128, 128, 32, 8, 2),
+            gemm(64, 64, 64, 4, 4),
+            gemm(32, 64, 64, 4, 2),
+            gemm(16, 64, 64, 4, 4),
+        ]
     return [p for p in out if not plan_problems(p, "cuda", "bfloat16", m)]
 
 
@@ -266,18 +297,38 @@ def bench_shape(name, n, k, m, bw, peak, args, log):
         t_nat, t_ker = interleaved(prob, native, fn, args.pairs)
         ratios = [a / b for a, b in zip(t_nat, t_ker)]
         med, lo, hi = bootstrap_median(ratios)
-        rec.update(pairs_native_s=t_nat, pairs_kernel_s=t_ker, ratio=med, lo=lo, hi=hi,
-                   native_median_s=float(np.median(t_nat)), kernel_median_s=float(np.median(t_ker)))
+        rec.update(
+            pairs_native_s=t_nat,
+            pairs_kernel_s=t_ker,
+            ratio=med,
+            lo=lo,
+            hi=hi,
+            native_median_s=float(np.median(t_nat)),
+            kernel_median_s=float(np.median(t_ker)),
+        )
         finals.append(rec)
     best = max(finals, key=lambda r: r["ratio"]) if finals else None
     if best:
         # What the custom_function wrapper (the VJP) costs per call: wrapped vs bare kernel, interleaved.
         raw = raw_kernel_fn(best["plan"], prob.xs[0], prob.ws[0])
         t_wrap, t_raw = interleaved(prob, with_plan(best["plan"]), raw, 7)
-        best.update(raw_kernel_s=t_raw, wrapped_kernel_s=t_wrap, raw_median_s=float(np.median(t_raw)),
-                    wrapper_ratio=float(np.median([a / b for a, b in zip(t_wrap, t_raw)])))
-    out = {"shape": name, "m": m, "n": n, "k": k, "chunk": prob.chunk, "weight_copies": len(prob.ws),
-           "native_screen_s": t_native_screen, "candidates": rows, "best": best and best["label"]}
+        best.update(
+            raw_kernel_s=t_raw,
+            wrapped_kernel_s=t_wrap,
+            raw_median_s=float(np.median(t_raw)),
+            wrapper_ratio=float(np.median([a / b for a, b in zip(t_wrap, t_raw)])),
+        )
+    out = {
+        "shape": name,
+        "m": m,
+        "n": n,
+        "k": k,
+        "chunk": prob.chunk,
+        "weight_copies": len(prob.ws),
+        "native_screen_s": t_native_screen,
+        "candidates": rows,
+        "best": best and best["label"],
+    }
     t_nat = best["native_median_s"] if best else t_native_screen
     out["native_s"] = t_nat
     out["native_roofline"], out["bound"] = roofline(m, n, k, t_nat, bw, peak)
@@ -287,13 +338,21 @@ def bench_shape(name, n, k, m, bw, peak, args, log):
         out["kernel_s"] = best["kernel_median_s"]
         out["kernel_roofline"], _ = roofline(m, n, k, best["kernel_median_s"], bw, peak)
         out["raw_kernel_s"] = best["raw_median_s"]
-        out.update(ratio=best["ratio"], lo=best["lo"], hi=best["hi"], best_plan=best["plan"],
-                   best_rel_err=best["rel_err"], native_rel_err=best["native_rel_err"])
+        out.update(
+            ratio=best["ratio"],
+            lo=best["lo"],
+            hi=best["hi"],
+            best_plan=best["plan"],
+            best_rel_err=best["rel_err"],
+            native_rel_err=best["native_rel_err"],
+        )
     n_ok = sum(r.get("correct", False) for r in rows)
     out["all_correct"] = n_ok == len(rows)
-    log(f"{name:14s} M={m:5d} native {t_nat*1e6:9.1f} us  best {out.get('best')}  "
+    log(
+        f"{name:14s} M={m:5d} native {t_nat * 1e6:9.1f} us  best {out.get('best')}  "
         f"ratio {out.get('ratio', float('nan')):.3f} [{out.get('lo', float('nan')):.3f}, {out.get('hi', float('nan')):.3f}]  "
-        f"correct {n_ok}/{len(rows)}")
+        f"correct {n_ok}/{len(rows)}"
+    )
     del prob
     return out
 
@@ -325,10 +384,22 @@ def training_vjp(results, pairs, log):
                 f()
                 acc.append(time.perf_counter() - t0)
         med, lo, hi = bootstrap_median([a / b for a, b in zip(tn, tk)])
-        rec = {"shape": name, "m": m, "n": n, "k": k, "plan": plan, "native_s": tn, "kernel_s": tk,
-               "ratio": med, "lo": lo, "hi": hi}
-        log(f"train fwd+bwd {name:8s} M={m} plan {describe(plan)} native {np.median(tn)*1e6:.0f} us "
-            f"kernel {np.median(tk)*1e6:.0f} us ratio {med:.3f} [{lo:.3f}, {hi:.3f}]")
+        rec = {
+            "shape": name,
+            "m": m,
+            "n": n,
+            "k": k,
+            "plan": plan,
+            "native_s": tn,
+            "kernel_s": tk,
+            "ratio": med,
+            "lo": lo,
+            "hi": hi,
+        }
+        log(
+            f"train fwd+bwd {name:8s} M={m} plan {describe(plan)} native {np.median(tn) * 1e6:.0f} us "
+            f"kernel {np.median(tk) * 1e6:.0f} us ratio {med:.3f} [{lo:.3f}, {hi:.3f}]"
+        )
         out.append(rec)
     return out
 
@@ -336,8 +407,9 @@ def training_vjp(results, pairs, log):
 def nvidia_smi():
     try:
         q = "name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit,temperature.gpu"
-        return subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=20).stdout.strip()
+        return subprocess.run(
+            ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        ).stdout.strip()
     except Exception as e:  # not fatal: the card is also named by MLX
         return f"nvidia-smi unavailable: {e}"
 
@@ -351,10 +423,18 @@ def main():
     ap.add_argument("--finalists", type=int, default=3)
     ap.add_argument("--shapes", default="", help="comma-separated subset of shape names")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
-    ap.add_argument("--chain", choices=["data", "independent"], default="data",
-                    help="data: each matmul's input depends on the previous output (default)")
-    ap.add_argument("--budget-s", type=float, default=1e9,
-                    help="start no new shape after this many seconds (results so far are kept)")
+    ap.add_argument(
+        "--chain",
+        choices=["data", "independent"],
+        default="data",
+        help="data: each matmul's input depends on the previous output (default)",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=1e9,
+        help="start no new shape after this many seconds (results so far are kept)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.pairs, args.finalists = min(args.pairs, 7), min(args.finalists, 2)
@@ -368,15 +448,25 @@ def main():
 
     if machine_backend() != "cuda":
         sys.exit(f"kernel_bench needs MLX's CUDA backend; this process runs {machine_backend()}")
-    env = {"date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "nvidia_smi": nvidia_smi(),
-           "mlx": mx.__version__, "python": platform.python_version(),
-           "device": str(mx.device_info() if hasattr(mx, "device_info") else mx.default_device())}
+    env = {
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "nvidia_smi": nvidia_smi(),
+        "mlx": mx.__version__,
+        "python": platform.python_version(),
+        "device": str(mx.device_info() if hasattr(mx, "device_info") else mx.default_device()),
+    }
     log(json.dumps(env))
     tc = torch_ceilings()
     bw_mlx, peak_mlx = ceilings()
-    log(f"ceilings, MLX: copy {bw_mlx/1e12:.2f} TB/s (read+write, elementwise pass), bf16 8192^3 matmul "
-        f"{peak_mlx/1e12:.0f} TFLOP/s; PyTorch: " + (f"copy {tc['copy_bytes_per_s']/1e12:.2f} TB/s, matmul "
-        f"{tc['bf16_flop_per_s']/1e12:.0f} TFLOP/s" if tc else "unavailable"))
+    log(
+        f"ceilings, MLX: copy {bw_mlx / 1e12:.2f} TB/s (read+write, elementwise pass), bf16 8192^3 matmul "
+        f"{peak_mlx / 1e12:.0f} TFLOP/s; PyTorch: "
+        + (
+            f"copy {tc['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {tc['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s"
+            if tc
+            else "unavailable"
+        )
+    )
     # The roofline uses the best of each: the card's ceiling, not one framework's.
     bw = max(bw_mlx, tc["copy_bytes_per_s"] if tc else 0)
     peak = max(peak_mlx, tc["bf16_flop_per_s"] if tc else 0)
@@ -384,9 +474,14 @@ def main():
     names = set(filter(None, args.shapes.split(",")))
     ms = [int(v) for v in args.ms.split(",")]
     t_start = time.perf_counter()
-    doc = {"env": env, "ceilings": {"copy_bytes_per_s": bw, "bf16_flop_per_s": peak, "mlx": [bw_mlx, peak_mlx],
-                                    "torch": tc}, "shapes": results,
-           "training_vjp": [], "args": {k: str(v) for k, v in vars(args).items()}, "skipped": []}
+    doc = {
+        "env": env,
+        "ceilings": {"copy_bytes_per_s": bw, "bf16_flop_per_s": peak, "mlx": [bw_mlx, peak_mlx], "torch": tc},
+        "shapes": results,
+        "training_vjp": [],
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "skipped": [],
+    }
 
     def save():
         doc["wall_s"] = time.perf_counter() - t_start
@@ -408,20 +503,26 @@ def main():
     # The table, last (the device tool returns the tail of the output).
     log("")
     log(f"{env['date_utc']}  {env['nvidia_smi']}  mlx {env['mlx']}")
-    log(f"ceilings: copy {bw/1e12:.2f} TB/s, bf16 matmul {peak/1e12:.0f} TFLOP/s")
-    log(f"{'shape':14s} {'M':>5s} {'native us':>10s} {'kernel us':>10s} {'bare us':>8s} {'ratio':>6s} {'95% CI':>15s} "
-        f"{'nat roof':>8s} {'ker roof':>8s} {'bound':>5s} {'err':>8s} {'nat err':>8s} ok  best plan")
+    log(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+    log(
+        f"{'shape':14s} {'M':>5s} {'native us':>10s} {'kernel us':>10s} {'bare us':>8s} {'ratio':>6s} {'95% CI':>15s} "
+        f"{'nat roof':>8s} {'ker roof':>8s} {'bound':>5s} {'err':>8s} {'nat err':>8s} ok  best plan"
+    )
     for r in results:
         if "ratio" not in r:
-            log(f"{r['shape']:14s} {r['m']:5d} {r['native_s']*1e6:10.1f}  (no correct candidate)")
+            log(f"{r['shape']:14s} {r['m']:5d} {r['native_s'] * 1e6:10.1f}  (no correct candidate)")
             continue
-        log(f"{r['shape']:14s} {r['m']:5d} {r['native_s']*1e6:10.1f} {r['kernel_s']*1e6:10.1f} "
-            f"{r['raw_kernel_s']*1e6:8.1f} {r['ratio']:6.3f} "
+        log(
+            f"{r['shape']:14s} {r['m']:5d} {r['native_s'] * 1e6:10.1f} {r['kernel_s'] * 1e6:10.1f} "
+            f"{r['raw_kernel_s'] * 1e6:8.1f} {r['ratio']:6.3f} "
             f"[{r['lo']:.3f},{r['hi']:.3f}] {r['native_roofline']:8.2f} {r['kernel_roofline']:8.2f} {r['bound']:>5s} "
-            f"{r['best_rel_err']:8.1e} {r['native_rel_err']:8.1e} {'y' if r['all_correct'] else 'N'}   {r['best']}")
+            f"{r['best_rel_err']:8.1e} {r['native_rel_err']:8.1e} {'y' if r['all_correct'] else 'N'}   {r['best']}"
+        )
     for t in train:
-        log(f"train fwd+bwd {t['shape']} M={t['m']}: ratio {t['ratio']:.3f} [{t['lo']:.3f},{t['hi']:.3f}] "
-            f"({describe(t['plan'])}, backward = native matmuls)")
+        log(
+            f"train fwd+bwd {t['shape']} M={t['m']}: ratio {t['ratio']:.3f} [{t['lo']:.3f},{t['hi']:.3f}] "
+            f"({describe(t['plan'])}, backward = native matmuls)"
+        )
 
 
 if __name__ == "__main__":

@@ -12,9 +12,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "evaluator"))
 from tilewise.kernels import kernel_matmul_checked, plan_launch  # noqa: E402
 
 PLANS = [
-    ("bfloat16", 3, {"kind": "kernel", "backend": "cuda", "family": "gemv", "rows_per_block": 4, "split_k": 2, "vector_width": 8}),
-    ("bfloat16", 130, {"kind": "kernel", "backend": "cuda", "family": "gemm", "block_m": 64, "block_n": 64, "block_k": 32, "warps": 4, "vector_width": 8, "split_k": 2}),
-    ("float32", 130, {"kind": "kernel", "backend": "cuda", "family": "gemm", "block_m": 64, "block_n": 64, "block_k": 16, "warps": 4, "vector_width": 4, "split_k": 1}),
+    (
+        "bfloat16",
+        3,
+        {"kind": "kernel", "backend": "cuda", "family": "gemv", "rows_per_block": 4, "split_k": 2, "vector_width": 8},
+    ),
+    (
+        "bfloat16",
+        130,
+        {
+            "kind": "kernel",
+            "backend": "cuda",
+            "family": "gemm",
+            "block_m": 64,
+            "block_n": 64,
+            "block_k": 32,
+            "warps": 4,
+            "vector_width": 8,
+            "split_k": 2,
+        },
+    ),
+    (
+        "float32",
+        130,
+        {
+            "kind": "kernel",
+            "backend": "cuda",
+            "family": "gemm",
+            "block_m": 64,
+            "block_n": 64,
+            "block_k": 16,
+            "warps": 4,
+            "vector_width": 4,
+            "split_k": 1,
+        },
+    ),
 ]
 failed = 0
 for dtype, m, plan in PLANS:
@@ -32,6 +64,7 @@ for dtype, m, plan in PLANS:
         failed += 1
         traceback.print_exc()
         from tilewise.kernels import cuda_source
+
         launch = plan_launch(plan, m, n, k, dtype)
         print("---- header ----\n" + cuda_source.HEADER + "\n---- body ----\n" + launch.source)
 sys.exit(1 if failed else 0)

@@ -42,7 +42,8 @@ fn main() {
         Some("--serve-echo") => rt.block_on(serve_echo(PathBuf::from(&args[2]), args[3].parse().unwrap())),
         Some("--serve-daemon") => rt.block_on(serve_daemon(PathBuf::from(&args[2]))),
         _ => {
-            let iters = args.iter().position(|a| a == "--iters").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(10_000);
+            let iters =
+                args.iter().position(|a| a == "--iters").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(10_000);
             rt.block_on(orchestrate(iters))
         }
     }
@@ -130,7 +131,17 @@ async fn orchestrate(iters: usize) {
     let hash = Policy::from_value(&doc).unwrap().content_hash();
     Store::open(&paths.db_file)
         .unwrap()
-        .promote(&Promotion { key: key.clone(), policy: doc, hash, ratio: 1.1, lo: 1.05, hi: 1.15, session_id: None, candidate_id: None, summary: None })
+        .promote(&Promotion {
+            key: key.clone(),
+            policy: doc,
+            hash,
+            ratio: 1.1,
+            lo: 1.05,
+            hi: 1.15,
+            session_id: None,
+            candidate_id: None,
+            summary: None,
+        })
         .unwrap();
 
     let daemon = spawn_self(&["--serve-daemon", home.path().to_str().unwrap()]);
@@ -195,7 +206,20 @@ async fn orchestrate(iters: usize) {
     let home2 = tempfile::tempdir().unwrap();
     let paths2 = Paths::under_home(home2.path());
     paths2.ensure_dirs().unwrap();
-    Store::open(&paths2.db_file).unwrap().promote(&Promotion { key: key.clone(), policy: first.policy.to_value(), hash: first.hash.clone(), ratio: 1.1, lo: 1.05, hi: 1.15, session_id: None, candidate_id: None, summary: None }).unwrap();
+    Store::open(&paths2.db_file)
+        .unwrap()
+        .promote(&Promotion {
+            key: key.clone(),
+            policy: first.policy.to_value(),
+            hash: first.hash.clone(),
+            ratio: 1.1,
+            lo: 1.05,
+            hi: 1.15,
+            session_id: None,
+            candidate_id: None,
+            summary: None,
+        })
+        .unwrap();
     let state = Arc::new(DaemonState::open(paths2, Default::default()).unwrap());
     let mut reply_line = String::new();
     let t = Instant::now();
@@ -257,7 +281,13 @@ async fn orchestrate(iters: usize) {
         .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     println!("# tilewise bench_ipc — {}", tilewise::store::now());
-    println!("# machine: {} ({} cpus), {} {}", cpu, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), std::env::consts::OS, std::env::consts::ARCH);
+    println!(
+        "# machine: {} ({} cpus), {} {}",
+        cpu,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    );
     println!("# {} round trips each after {} warm-up, alternating blocks of {} (echo, policy.get, policy.get line only, hello + status + timed policy.get); separate processes, tokio multi-thread runtimes", t_rpc.len(), warmup, block);
     println!("# request {} bytes, reply {} bytes (echo moves the same bytes)", request_line.len() + 1, reply_len + 1);
     println!("{:<28} {:>10} {:>10}", "round trip (µs)", "p50", "p99");
@@ -273,5 +303,9 @@ async fn orchestrate(iters: usize) {
     println!("{:<28} {:>10.1}", "    (after hello + status)", server_hello_us);
     println!("{:<28} {:>10.1}", "  of which client decoding", client_us);
     println!("{:<28} {:>10.1}", "(a cache miss would add)", miss_us);
-    println!("goal: p50 ratio <= 1.50 -> {} (after hello+status, as the plugin: {})", if r50 / e50 <= 1.5 { "met" } else { "NOT met" }, if h50 / e50 <= 1.5 { "met" } else { "NOT met" });
+    println!(
+        "goal: p50 ratio <= 1.50 -> {} (after hello+status, as the plugin: {})",
+        if r50 / e50 <= 1.5 { "met" } else { "NOT met" },
+        if h50 / e50 <= 1.5 { "met" } else { "NOT met" }
+    );
 }

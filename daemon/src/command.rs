@@ -72,19 +72,10 @@ mod tests {
 
     #[test]
     fn missing_program_failure_and_timeout_are_none() {
-        assert_eq!(
-            run_stdout("tilewise-no-such-program", &[], COMMAND_TIMEOUT),
-            None
-        );
-        assert_eq!(
-            run_stdout("sh", &["-c", "echo x; exit 3"], COMMAND_TIMEOUT),
-            None
-        );
+        assert_eq!(run_stdout("tilewise-no-such-program", &[], COMMAND_TIMEOUT), None);
+        assert_eq!(run_stdout("sh", &["-c", "echo x; exit 3"], COMMAND_TIMEOUT), None);
         let start = Instant::now();
-        assert_eq!(
-            run_stdout("sleep", &["5"], Duration::from_millis(200)),
-            None
-        );
+        assert_eq!(run_stdout("sleep", &["5"], Duration::from_millis(200)), None);
         assert!(start.elapsed() < Duration::from_secs(3));
     }
 }

@@ -92,7 +92,12 @@ pub struct IdleConfig {
 
 impl Default for IdleConfig {
     fn default() -> Self {
-        IdleConfig { enabled: true, min_idle_s: 300, require_ac_power: true, block_in_low_power_mode: true, max_cpu_load: 0.5,
+        IdleConfig {
+            enabled: true,
+            min_idle_s: 300,
+            require_ac_power: true,
+            block_in_low_power_mode: true,
+            max_cpu_load: 0.5,
             max_thermal_level: 0,
             model: None,
             session_evaluations: 100,
@@ -112,7 +117,6 @@ pub struct LlmConfig {
     #[serde(default)]
     pub api_key_env: Option<String>,
 }
-
 
 /// One problem in the config file, located by its dotted key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -177,8 +181,8 @@ impl Config {
             Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
         };
         let mut table: toml::Table = text.parse().map_err(|e| invalid("(file)", format!("{e}")))?;
-        let new_value: toml::Value = serde_json::from_value(value.clone())
-            .map_err(|e| invalid(key, format!("not representable in TOML: {e}")))?;
+        let new_value: toml::Value =
+            serde_json::from_value(value.clone()).map_err(|e| invalid(key, format!("not representable in TOML: {e}")))?;
         let parts: Vec<&str> = key.split('.').collect();
         if parts.iter().any(|p| p.is_empty()) {
             return Err(invalid(key, "empty key segment".into()));

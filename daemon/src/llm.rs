@@ -68,11 +68,8 @@ pub fn prompt(space: &SearchSpace, engine: &Engine) -> Vec<Value> {
     let mut members: Vec<_> = engine.islands.iter().flatten().collect();
     members.sort_by(|a, b| b.fitness.total_cmp(&a.fitness));
     members.dedup_by(|a, b| a.key == b.key);
-    let best: Vec<Value> = members
-        .iter()
-        .take(5)
-        .map(|m| json!({"speedup": (m.fitness * 1000.0).round() / 1000.0, "policy": m.policy.to_value()}))
-        .collect();
+    let best: Vec<Value> =
+        members.iter().take(5).map(|m| json!({"speedup": (m.fitness * 1000.0).round() / 1000.0, "policy": m.policy.to_value()})).collect();
     let shapes: Vec<Value> = space.shapes.iter().map(|s| json!({"name": s.name, "N": s.n, "K": s.k, "layers": s.count})).collect();
     let groups: Vec<Value> = space.fusion.iter().map(|g| json!({"scope": g.scope, "members": g.members, "N": g.n, "K": g.k})).collect();
     let m_values: Vec<u64> = space.m_bands().iter().map(|b| b.0).collect();
@@ -349,7 +346,9 @@ mod tests {
             let got = parse_reply(code);
             assert!(matches!(&got[..], [Proposal::Refused { reason, .. }] if reason == CODE_REFUSED), "{code}: {got:?}");
         }
-        assert!(matches!(&parse_reply("I cannot help with that.")[..], [Proposal::Refused { reason, .. }] if reason.starts_with("neither")));
+        assert!(
+            matches!(&parse_reply("I cannot help with that.")[..], [Proposal::Refused { reason, .. }] if reason.starts_with("neither"))
+        );
         assert!(matches!(&parse_reply("```json\n{not json\n```")[..], [Proposal::Refused { reason, .. }] if reason == "bad JSON block"));
         assert!(matches!(&parse_reply(r#"{"policies": [{"matmul": {}}, 3]}"#)[..], [Proposal::Policy(_), Proposal::Refused { .. }]));
         assert_eq!(completions_url("http://h/v1/"), "http://h/v1/chat/completions");

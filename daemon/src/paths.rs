@@ -98,9 +98,7 @@ impl Paths {
             _ => data_dir.join("run"),
         };
         let logs_dir = if cfg!(target_os = "macos") {
-            directories::BaseDirs::new()
-                .map(|b| b.home_dir().join("Library/Logs/tilewise"))
-                .unwrap_or_else(|| data_dir.join("logs"))
+            directories::BaseDirs::new().map(|b| b.home_dir().join("Library/Logs/tilewise")).unwrap_or_else(|| data_dir.join("logs"))
         } else {
             data_dir.join("logs")
         };

@@ -86,11 +86,7 @@ pub enum Plan {
     /// MLX's own matmul, bit-identical to stock.
     Native,
     /// Graph-level tiling into MLX ops; `None` leaves that axis whole.
-    Split {
-        tile_m: Option<u32>,
-        tile_n: Option<u32>,
-        tile_k: Option<u32>,
-    },
+    Split { tile_m: Option<u32>, tile_n: Option<u32>, tile_k: Option<u32> },
     /// A custom kernel whose tiles the policy chooses.
     Kernel(KernelPlan),
 }
@@ -173,8 +169,7 @@ impl Fusion {
 pub fn scopes_overlap(a: &str, b: &str) -> bool {
     let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
     let (sa, sb): (Vec<&str>, Vec<&str>) = (a.split('.').collect(), b.split('.').collect());
-    sa.len() == sb.len()
-        && sa.iter().zip(&sb).all(|(x, y)| x == y || (*x == "*" && digits(y)) || (*y == "*" && digits(x)))
+    sa.len() == sb.len() && sa.iter().zip(&sb).all(|(x, y)| x == y || (*x == "*" && digits(y)) || (*y == "*" && digits(x)))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,8 +254,7 @@ impl Policy {
 
     /// Parses and fully validates a policy document (schema, types, cross-field checks).
     pub fn from_json_str(text: &str) -> Result<Policy, PolicyError> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| PolicyError::one("(root)", format!("not JSON: {e}")))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| PolicyError::one("(root)", format!("not JSON: {e}")))?;
         Policy::from_value(&value)
     }
 
@@ -342,10 +336,7 @@ impl Policy {
                     continue;
                 }
                 if let Some(m) = g.members.iter().find(|m| h.members.contains(m)) {
-                    push(
-                        format!("fusion.groups[{j}].members"),
-                        format!("{m} is already in fusion.groups[{i}] (a layer joins one group)"),
-                    );
+                    push(format!("fusion.groups[{j}].members"), format!("{m} is already in fusion.groups[{i}] (a layer joins one group)"));
                 }
             }
         }
@@ -426,7 +417,8 @@ mod tests {
 
     #[test]
     fn schema_errors_name_the_field() {
-        let v = base(json!([{"m": [1, 4], "plan": {"kind": "split", "tile_m": 0, "tile_n": null, "tile_k": null}}]), json!({"kind": "native"}));
+        let v =
+            base(json!([{"m": [1, 4], "plan": {"kind": "split", "tile_m": 0, "tile_n": null, "tile_k": null}}]), json!({"kind": "native"}));
         let err = Policy::from_value(&v).unwrap_err();
         assert!(err.errors.iter().any(|e| e.path.starts_with("matmul.rules[0].plan")), "{err}");
         let v = base(json!([]), json!({"kind": "warp-drive"}));

@@ -53,15 +53,9 @@ impl ServiceSpec {
         let exe = std::env::current_exe()?;
         let program = exe.with_file_name("tilewised");
         if !program.is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{} not found next to {}", program.display(), exe.display()),
-            ));
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{} not found next to {}", program.display(), exe.display())));
         }
-        let env = PASSED_ENV
-            .iter()
-            .filter_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()).map(|v| (k.to_string(), v)))
-            .collect();
+        let env = PASSED_ENV.iter().filter_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()).map(|v| (k.to_string(), v))).collect();
         Ok(ServiceSpec { program, args: Vec::new(), env, log_dir })
     }
 }
@@ -79,9 +73,7 @@ pub fn launchd_plist(spec: &ServiceSpec) -> String {
     let mut out = String::new();
     let s = |p: &Path| xml_escape(&p.to_string_lossy());
     out.push_str("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    out.push_str(
-        "<!DOCTYPE plist PUBLIC \"-//Apple//DTD PLIST 1.0//EN\" \"http://www.apple.com/DTDs/PropertyList-1.0.dtd\">\n",
-    );
+    out.push_str("<!DOCTYPE plist PUBLIC \"-//Apple//DTD PLIST 1.0//EN\" \"http://www.apple.com/DTDs/PropertyList-1.0.dtd\">\n");
     out.push_str("<plist version=\"1.0\">\n<dict>\n");
     let _ = writeln!(out, "\t<key>Label</key>\n\t<string>{LAUNCHD_LABEL}</string>");
     out.push_str("\t<key>ProgramArguments</key>\n\t<array>\n");
@@ -103,16 +95,8 @@ pub fn launchd_plist(spec: &ServiceSpec) -> String {
     let _ = writeln!(out, "\t<key>ThrottleInterval</key>\n\t<integer>{LAUNCHD_THROTTLE_S}</integer>");
     // Not "Background": launchd would throttle CPU and I/O, which distorts every measurement.
     out.push_str("\t<key>ProcessType</key>\n\t<string>Standard</string>\n");
-    let _ = writeln!(
-        out,
-        "\t<key>StandardOutPath</key>\n\t<string>{}</string>",
-        s(&spec.log_dir.join("tilewised.out.log"))
-    );
-    let _ = writeln!(
-        out,
-        "\t<key>StandardErrorPath</key>\n\t<string>{}</string>",
-        s(&spec.log_dir.join("tilewised.err.log"))
-    );
+    let _ = writeln!(out, "\t<key>StandardOutPath</key>\n\t<string>{}</string>", s(&spec.log_dir.join("tilewised.out.log")));
+    let _ = writeln!(out, "\t<key>StandardErrorPath</key>\n\t<string>{}</string>", s(&spec.log_dir.join("tilewised.err.log")));
     out.push_str("</dict>\n</plist>\n");
     out
 }
@@ -127,13 +111,7 @@ pub fn parse_launchctl_list(text: &str) -> RuntimeState {
         })
     };
     let pid = field("PID").map(|p| p as u32);
-    RuntimeState {
-        loaded: true,
-        running: pid.is_some(),
-        pid,
-        last_exit: field("LastExitStatus").map(|s| s as i32),
-        detail: None,
-    }
+    RuntimeState { loaded: true, running: pid.is_some(), pid, last_exit: field("LastExitStatus").map(|s| s as i32), detail: None }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -194,10 +172,7 @@ pub fn systemd_unit(spec: &ServiceSpec, features: SystemdFeatures) -> String {
     }
     let _ = writeln!(out, "Restart=on-failure\nRestartSec={SYSTEMD_RESTART_SEC}");
     if features.restart_backoff {
-        let _ = writeln!(
-            out,
-            "RestartSteps={SYSTEMD_RESTART_STEPS}\nRestartMaxDelaySec={SYSTEMD_RESTART_MAX_DELAY_S}"
-        );
+        let _ = writeln!(out, "RestartSteps={SYSTEMD_RESTART_STEPS}\nRestartMaxDelaySec={SYSTEMD_RESTART_MAX_DELAY_S}");
     }
     out.push_str("\n[Install]\nWantedBy=default.target\n");
     out
@@ -206,9 +181,7 @@ pub fn systemd_unit(spec: &ServiceSpec, features: SystemdFeatures) -> String {
 /// `systemctl --user show tilewised.service -p LoadState -p ActiveState -p SubState -p MainPID
 /// -p ExecMainStatus` (KEY=VALUE lines).
 pub fn parse_systemctl_show(text: &str) -> RuntimeState {
-    let get = |key: &str| {
-        text.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('='))).map(str::trim)
-    };
+    let get = |key: &str| text.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('='))).map(str::trim);
     let pid = get("MainPID").and_then(|p| p.parse::<u32>().ok()).filter(|p| *p != 0);
     let active = get("ActiveState").unwrap_or("unknown");
     let sub = get("SubState").unwrap_or("unknown");
@@ -330,11 +303,8 @@ impl Manager {
         match self {
             Manager::Launchd { .. } => launchd_plist(spec),
             Manager::Systemd { .. } => {
-                let version = runner
-                    .run("systemctl", &["--version"])
-                    .ok()
-                    .filter(|o| o.success)
-                    .and_then(|o| parse_systemd_version(&o.stdout));
+                let version =
+                    runner.run("systemctl", &["--version"]).ok().filter(|o| o.success).and_then(|o| parse_systemd_version(&o.stdout));
                 systemd_unit(spec, SystemdFeatures::for_version(version))
             }
         }
@@ -350,8 +320,7 @@ impl Manager {
         }
         if let Manager::Launchd { .. } = self {
             // launchd opens the log files itself and fails silently when their directory is missing.
-            std::fs::create_dir_all(&spec.log_dir)
-                .map_err(|source| ServiceError::Write { path: spec.log_dir.clone(), source })?;
+            std::fs::create_dir_all(&spec.log_dir).map_err(|source| ServiceError::Write { path: spec.log_dir.clone(), source })?;
         }
         write_atomically(&path, &content).map_err(|source| ServiceError::Write { path: path.clone(), source })?;
         match self {
@@ -405,7 +374,21 @@ impl Manager {
             },
             Manager::Systemd { .. } => match runner.run(
                 "systemctl",
-                &["--user", "show", SYSTEMD_UNIT, "-p", "LoadState", "-p", "ActiveState", "-p", "SubState", "-p", "MainPID", "-p", "ExecMainStatus"],
+                &[
+                    "--user",
+                    "show",
+                    SYSTEMD_UNIT,
+                    "-p",
+                    "LoadState",
+                    "-p",
+                    "ActiveState",
+                    "-p",
+                    "SubState",
+                    "-p",
+                    "MainPID",
+                    "-p",
+                    "ExecMainStatus",
+                ],
             ) {
                 Ok(o) if o.success => parse_systemctl_show(&o.stdout),
                 Ok(o) => RuntimeState { detail: Some(o.stderr.trim().to_owned()), ..RuntimeState::not_loaded() },

@@ -130,9 +130,8 @@ impl WorkerError {
 /// Out-of-memory shows up as SIGKILL (the kernel's OOM killer), SIGABRT/SIGSEGV after a failed
 /// allocation, or a Python `MemoryError`/`std::bad_alloc` in the stderr tail.
 pub fn classify_exit(code: Option<i32>, signal: Option<i32>, stderr_tail: &str) -> (bool, String) {
-    let oom_text = ["MemoryError", "bad_alloc", "Out of memory", "out of memory", "Cannot allocate memory"]
-        .iter()
-        .any(|s| stderr_tail.contains(s));
+    let oom_text =
+        ["MemoryError", "bad_alloc", "Out of memory", "out of memory", "Cannot allocate memory"].iter().any(|s| stderr_tail.contains(s));
     let status = match (code, signal) {
         (Some(c), _) => format!("exit status {c}"),
         (None, Some(s)) => format!("killed by signal {s} ({})", signal_name(s)),
@@ -213,11 +212,7 @@ impl Worker {
     /// Starts the child and waits for its `ready` line.
     pub async fn spawn(cfg: &WorkerConfig) -> Result<Worker, WorkerError> {
         let mut cmd = Command::new(&cfg.python);
-        cmd.args(["-u", "-m", "tilewise.worker"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        cmd.args(["-u", "-m", "tilewise.worker"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         // The child gets its own process group so a kill reaches anything it started (tabulate's
         // sandbox process) and a Ctrl-C at the CLI does not hit it twice.
         #[cfg(unix)]
@@ -228,10 +223,7 @@ impl Worker {
         if let Some(d) = &cfg.cwd {
             cmd.current_dir(d);
         }
-        let mut child = cmd.spawn().map_err(|e| WorkerError::Spawn {
-            python: cfg.python.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let mut child = cmd.spawn().map_err(|e| WorkerError::Spawn { python: cfg.python.display().to_string(), reason: e.to_string() })?;
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = FramedRead::new(child.stdout.take().expect("piped stdout"), LinesCodec::new_with_max_length(MAX_LINE_BYTES));
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
@@ -335,7 +327,10 @@ impl Worker {
             Value::Object(m) => m,
             Value::Null => Map::new(),
             other => {
-                return Err(WorkerError::Remote { code: "bad_request".into(), message: format!("request fields must be an object, got {other}") })
+                return Err(WorkerError::Remote {
+                    code: "bad_request".into(),
+                    message: format!("request fields must be an object, got {other}"),
+                })
             }
         };
         msg.insert("id".into(), json!(id));
@@ -540,7 +535,9 @@ mod tests {
     #[test]
     fn replies_are_parsed_per_id() {
         assert!(matches!(parse_reply(r#"{"id":3,"type":"progress","done":1}"#, 3), Ok(Some(Reply::Progress(_)))));
-        assert!(matches!(parse_reply(r#"{"id":3,"type":"result","result":{"pong":true}}"#, 3), Ok(Some(Reply::Result(v))) if v["pong"] == true));
+        assert!(
+            matches!(parse_reply(r#"{"id":3,"type":"result","result":{"pong":true}}"#, 3), Ok(Some(Reply::Result(v))) if v["pong"] == true)
+        );
         match parse_reply(r#"{"id":3,"type":"error","error":{"code":"no_model","message":"load first"}}"#, 3) {
             Ok(Some(Reply::Error { code, message })) => assert_eq!((code.as_str(), message.as_str()), ("no_model", "load first")),
             other => panic!("{other:?}"),

@@ -51,10 +51,8 @@ async fn hello_reports_daemon_and_protocol_versions() {
 async fn unknown_model_gets_native_with_a_reason() {
     let d = TestDaemon::start();
     let mut c = d.client().await;
-    let r = c
-        .policy_get(&PolicyGetParams { model: "no-such-model".into(), mlx: "0.32.4".into(), backend: None, device: None })
-        .await
-        .unwrap();
+    let r =
+        c.policy_get(&PolicyGetParams { model: "no-such-model".into(), mlx: "0.32.4".into(), backend: None, device: None }).await.unwrap();
     assert_eq!(r.source, PolicySource::Native);
     assert_eq!(r.hash, Policy::native().content_hash());
     assert_eq!(r.policy.to_value(), Policy::native().to_value());
@@ -87,7 +85,17 @@ async fn a_stored_best_is_served_only_for_its_exact_key() {
         // Written through the store, on the same file, while the daemon runs (WAL).
         let store = Store::open(&d.paths.db_file).unwrap();
         store
-            .promote(&Promotion { key: key.clone(), policy: doc.clone(), hash: hash.clone(), ratio: 1.12, lo: 1.05, hi: 1.2, session_id: None, candidate_id: None, summary: None })
+            .promote(&Promotion {
+                key: key.clone(),
+                policy: doc.clone(),
+                hash: hash.clone(),
+                ratio: 1.12,
+                lo: 1.05,
+                hi: 1.2,
+                session_id: None,
+                candidate_id: None,
+                summary: None,
+            })
             .unwrap();
     }
     let get = |mlx: &str| PolicyGetParams { model: "model-a".into(), mlx: mlx.into(), backend: Some("cpu".into()), device: None };
@@ -112,7 +120,17 @@ async fn a_stored_best_is_served_only_for_its_exact_key() {
     bad["matmul"]["rules"][0]["m"] = json!([900, 10]);
     Store::open(&d.paths.db_file)
         .unwrap()
-        .promote(&Promotion { key: bad_key, policy: bad, hash: "sha256:bogus".into(), ratio: 2.0, lo: 1.9, hi: 2.1, session_id: None, candidate_id: None, summary: None })
+        .promote(&Promotion {
+            key: bad_key,
+            policy: bad,
+            hash: "sha256:bogus".into(),
+            ratio: 2.0,
+            lo: 1.9,
+            hi: 2.1,
+            session_id: None,
+            candidate_id: None,
+            summary: None,
+        })
         .unwrap();
     let r = c
         .policy_get(&PolicyGetParams { model: "model-b".into(), mlx: "0.32.4".into(), backend: Some("cpu".into()), device: None })
@@ -131,7 +149,17 @@ fn other_policy(key: &BestKey, tile_m: u32) -> Value {
 
 fn promotion(key: &BestKey, doc: &Value, ratio: f64) -> (Promotion, String) {
     let hash = Policy::from_value(doc).unwrap().content_hash();
-    let p = Promotion { key: key.clone(), policy: doc.clone(), hash: hash.clone(), ratio, lo: ratio - 0.05, hi: ratio + 0.05, session_id: None, candidate_id: None, summary: None };
+    let p = Promotion {
+        key: key.clone(),
+        policy: doc.clone(),
+        hash: hash.clone(),
+        ratio,
+        lo: ratio - 0.05,
+        hi: ratio + 0.05,
+        session_id: None,
+        candidate_id: None,
+        summary: None,
+    };
     (p, hash)
 }
 
@@ -450,7 +478,8 @@ except (ConnectionResetError, BrokenPipeError):
     print("closed")
 "#;
     use std::os::unix::process::CommandExt;
-    let out = std::process::Command::new("python3").args(["-c", script]).arg(&d.paths.socket).uid(65534).gid(65534).output().expect("python3");
+    let out =
+        std::process::Command::new("python3").args(["-c", script]).arg(&d.paths.socket).uid(65534).gid(65534).output().expect("python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout.trim(), "closed", "another user got an answer: {stdout}");
@@ -504,7 +533,11 @@ async fn config_set_persists_valid_changes_and_refuses_bad_ones() {
     let on_disk = std::fs::read_to_string(&file).unwrap();
     assert!(!tilewise::config::Config::load(&file).unwrap().idle.enabled, "{on_disk}");
     // An unknown key and an out-of-range value are refused; file and running config unchanged.
-    for bad in [r#"{"key":"idle.no_such_key","value":1}"#, r#"{"key":"worker.request_timeout_s","value":0}"#, r#"{"key":"idle.enabled.x","value":1}"#] {
+    for bad in [
+        r#"{"key":"idle.no_such_key","value":1}"#,
+        r#"{"key":"worker.request_timeout_s","value":0}"#,
+        r#"{"key":"idle.enabled.x","value":1}"#,
+    ] {
         let reply = raw.call(&format!(r#"{{"jsonrpc":"2.0","id":3,"method":"config.set","params":{bad}}}"#));
         assert_eq!(code(&reply), codes::INVALID_PARAMS, "{bad}: {reply}");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), on_disk, "{bad} changed the file");
@@ -525,16 +558,15 @@ async fn the_daemon_prunes_client_hello_events_older_than_30_days() {
         let e = |kind: &str| store.append_event(kind, None, &json!({})).unwrap().id;
         let ids = (e("client.hello"), e("session.started"), e("client.hello"));
         let raw = rusqlite::Connection::open(&paths.db_file).unwrap();
-        let forty_days_ago = humantime::format_rfc3339_millis(std::time::SystemTime::now() - Duration::from_secs(40 * 24 * 3600)).to_string();
+        let forty_days_ago =
+            humantime::format_rfc3339_millis(std::time::SystemTime::now() - Duration::from_secs(40 * 24 * 3600)).to_string();
         for id in [ids.0, ids.1] {
             raw.execute("UPDATE events SET at = ?1 WHERE id = ?2", rusqlite::params![forty_days_ago, id]).unwrap();
         }
         ids
     };
     let d = TestDaemon::start_in(home);
-    let ids = || -> Vec<i64> {
-        Store::open(&d.paths.db_file).unwrap().events_since(0, None, 1000).unwrap().iter().map(|e| e.id).collect()
-    };
+    let ids = || -> Vec<i64> { Store::open(&d.paths.db_file).unwrap().events_since(0, None, 1000).unwrap().iter().map(|e| e.id).collect() };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while ids().contains(&old_hello) {
         assert!(std::time::Instant::now() < deadline, "the 40-day-old hello was not pruned: {:?}", ids());
@@ -617,7 +649,12 @@ async fn a_fusion_policys_summary_is_served_and_printed() {
     assert_eq!(h.promotions[0].summary.as_ref(), Some(&summary));
 
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(TILEWISE).args(args).env("TILEWISE_HOME", d.home.path()).env_remove("TILEWISE_SOCKET").output().unwrap();
+        let out = std::process::Command::new(TILEWISE)
+            .args(args)
+            .env("TILEWISE_HOME", d.home.path())
+            .env_remove("TILEWISE_SOCKET")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };

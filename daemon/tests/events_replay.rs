@@ -84,8 +84,7 @@ async fn tilewise_events_prints_the_newest() {
         .args(["events", "--limit", "2", "--json"])
         .output()
         .unwrap();
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     assert!(lines[0]["id"].as_i64() < lines[1]["id"].as_i64());
 }

@@ -63,7 +63,11 @@ fn fake_server(replies: Vec<Reply>) -> (String, Arc<Mutex<Vec<Value>>>) {
                     (200, json!({"choices": [{"message": {"content": "too late"}}]}).to_string())
                 }
             };
-            let _ = write!(stream, "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                text.len()
+            );
         }
     });
     (url, seen)
@@ -183,7 +187,12 @@ async fn a_session_measures_what_the_llm_proposed_and_runs_none_of_its_code() {
     }
     let examples = llm["examples"].as_array().unwrap();
     assert!(!examples.is_empty() && examples.len() <= 5, "{llm}");
-    assert!(examples.iter().any(|e| e["reason"] == "code proposals are not run" && e["detail"].as_str().unwrap().contains("def choose_tile_size")), "{llm}");
+    assert!(
+        examples
+            .iter()
+            .any(|e| e["reason"] == "code proposals are not run" && e["detail"].as_str().unwrap().contains("def choose_tile_size")),
+        "{llm}"
+    );
     assert!(!marker.exists(), "a function in an LLM reply was run");
     let from_llm: Vec<&Value> = shown["candidates"].as_array().unwrap().iter().filter(|c| c["origin"] == "llm").collect();
     assert_eq!(from_llm.len(), 1, "{}", shown["candidates"]);

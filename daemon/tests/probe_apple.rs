@@ -3,9 +3,7 @@
 //! Every field the probe reports is checked against the exact value of that machine.
 
 use std::path::PathBuf;
-use tilewise::probe::apple::{
-    device_from_facts, parse_brand, parse_ioreg_gpu, parse_sysctl, IoregGpu, SysctlFacts,
-};
+use tilewise::probe::apple::{device_from_facts, parse_brand, parse_ioreg_gpu, parse_sysctl, IoregGpu, SysctlFacts};
 use tilewise::probe::{Backend, Device, PerfLevel, Variant};
 
 const KIB: u64 = 1024;
@@ -13,14 +11,7 @@ const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 
 fn fixture(name: &str, file: &str) -> String {
-    let path: PathBuf = [
-        env!("CARGO_MANIFEST_DIR"),
-        "tests/fixtures/probe",
-        name,
-        file,
-    ]
-    .iter()
-    .collect();
+    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests/fixtures/probe", name, file].iter().collect();
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -137,10 +128,7 @@ fn expected() -> Vec<Expected> {
             chip: "Apple M5",
             family: "M5",
             variant: Variant::Base,
-            levels: vec![
-                level("Super", 4, 128 * KIB, 16 * MIB, Some(4)),
-                e(6, 6 * MIB, 6),
-            ],
+            levels: vec![level("Super", 4, 128 * KIB, 16 * MIB, Some(4)), e(6, 6 * MIB, 6)],
             memory: 24 * GIB,
             gpu_cores: 10,
             bandwidth: 153.0,
@@ -173,11 +161,7 @@ fn every_apple_fixture_parses_to_its_exact_device() {
         assert_eq!(d.cache_line_bytes, Some(128), "{ctx}");
         assert_eq!(d.page_size_bytes, Some(16384), "{ctx}");
         assert_eq!(d.gpu_cores, Some(x.gpu_cores), "{ctx}");
-        assert_eq!(
-            d.memory_bandwidth_gbs,
-            Some(x.bandwidth),
-            "{ctx}: bandwidth"
-        );
+        assert_eq!(d.memory_bandwidth_gbs, Some(x.bandwidth), "{ctx}: bandwidth");
         assert_eq!(d.backend, Backend::Metal, "{ctx}");
         assert_eq!(d.nvidia, None, "{ctx}");
     }
@@ -229,11 +213,7 @@ fn brand_strings_parse_into_family_and_variant() {
     ];
     for (brand, want) in cases {
         let got = parse_brand(brand);
-        assert_eq!(
-            got.as_ref().map(|(f, v)| (f.as_str(), *v)),
-            want,
-            "{brand:?}"
-        );
+        assert_eq!(got.as_ref().map(|(f, v)| (f.as_str(), *v)), want, "{brand:?}");
     }
 }
 

@@ -4,8 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use tilewise::probe::linux::{
-    device_from_facts, parse_cache_size, parse_cpu_list, parse_cpuinfo_model, perf_levels,
-    read_sysfs_cpus, LinuxFacts, SysfsCache,
+    device_from_facts, parse_cache_size, parse_cpu_list, parse_cpuinfo_model, perf_levels, read_sysfs_cpus, LinuxFacts, SysfsCache,
 };
 use tilewise::probe::nvidia::parse_nvidia_smi;
 use tilewise::probe::{Backend, NvidiaGpu, PerfLevel};
@@ -15,9 +14,7 @@ const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 
 fn fixture_dir(name: &str) -> PathBuf {
-    [env!("CARGO_MANIFEST_DIR"), "tests/fixtures/probe", name]
-        .iter()
-        .collect()
+    [env!("CARGO_MANIFEST_DIR"), "tests/fixtures/probe", name].iter().collect()
 }
 
 fn sysfs(name: &str) -> PathBuf {
@@ -47,10 +44,7 @@ fn this_ci_machine_sysfs_reads_exactly() {
     let cpus = read_sysfs_cpus(&sysfs("linux-xeon-2vcpu"));
     assert_eq!(cpus.iter().map(|c| c.id).collect::<Vec<_>>(), [0, 1]);
     let c1 = &cpus[1];
-    assert_eq!(
-        (c1.package, c1.core, c1.max_freq_khz),
-        (Some(0), Some(1), None)
-    );
+    assert_eq!((c1.package, c1.core, c1.max_freq_khz), (Some(0), Some(1), None));
     let cache = |level, kind: &str, size, shared: Vec<u32>| SysfsCache {
         level,
         kind: kind.to_string(),
@@ -102,11 +96,7 @@ fn this_ci_machine_becomes_its_exact_device() {
 #[test]
 fn h100_host_becomes_its_exact_device() {
     let dir = fixture_dir("linux-h100-16vcpu");
-    let f = facts(
-        "linux-h100-16vcpu",
-        135_148_564_480,
-        &read(&dir.join("nvidia-smi.csv")),
-    );
+    let f = facts("linux-h100-16vcpu", 135_148_564_480, &read(&dir.join("nvidia-smi.csv")));
     assert_eq!(f.cpus.len(), 16);
     let d = device_from_facts(&f);
     assert_eq!(d.chip.as_deref(), Some("Intel(R) Xeon(R) Processor"));
@@ -156,10 +146,7 @@ fn hybrid_intel_splits_into_performance_and_efficiency_levels() {
     let f = facts("linux-hybrid-i7-12700h", 16 * GIB, "");
     assert_eq!(f.cpus.len(), 20);
     let d = device_from_facts(&f);
-    assert_eq!(
-        d.chip.as_deref(),
-        Some("12th Gen Intel(R) Core(TM) i7-12700H")
-    );
+    assert_eq!(d.chip.as_deref(), Some("12th Gen Intel(R) Core(TM) i7-12700H"));
     let expected = vec![
         PerfLevel {
             name: "Performance".into(),
@@ -199,26 +186,16 @@ fn offline_cpus_are_skipped_and_a_missing_root_gives_nothing() {
     std::fs::write(root.join("online"), "0\n").unwrap();
     let cpus = read_sysfs_cpus(root);
     assert_eq!(cpus.len(), 1);
-    assert_eq!(
-        (cpus[0].id, cpus[0].core, cpus[0].package),
-        (0, Some(3), None)
-    );
+    assert_eq!((cpus[0].id, cpus[0].core, cpus[0].package), (0, Some(3), None));
     assert!(cpus[0].caches.is_empty());
 
     assert!(read_sysfs_cpus(&root.join("absent")).is_empty());
     // No sysfs at all: sysinfo's counts stand in, caches stay unknown.
-    let d = device_from_facts(&LinuxFacts {
-        arch: "aarch64".into(),
-        fallback_cores: Some((4, 8)),
-        ..Default::default()
-    });
+    let d = device_from_facts(&LinuxFacts { arch: "aarch64".into(), fallback_cores: Some((4, 8)), ..Default::default() });
     assert_eq!((d.p_cores, d.e_cores), (4, 0));
     assert_eq!(d.perf_levels[0].logical_cores, 8);
     assert_eq!(d.perf_levels[0].l1d_bytes, None);
-    assert_eq!(
-        (d.chip, d.cache_line_bytes, d.memory_bytes),
-        (None, None, None)
-    );
+    assert_eq!((d.chip, d.cache_line_bytes, d.memory_bytes), (None, None, None));
     assert_eq!(d.backend, Backend::Cpu);
 }
 
@@ -238,15 +215,9 @@ fn cpu_lists_and_cache_sizes_parse() {
 
 #[test]
 fn cpuinfo_model_name_falls_back_to_arm_board_fields() {
-    assert_eq!(
-        parse_cpuinfo_model(&read(&fixture_dir("linux-xeon-2vcpu").join("cpuinfo"))).as_deref(),
-        Some("Intel(R) Xeon(R) Processor")
-    );
+    assert_eq!(parse_cpuinfo_model(&read(&fixture_dir("linux-xeon-2vcpu").join("cpuinfo"))).as_deref(), Some("Intel(R) Xeon(R) Processor"));
     let arm = "processor\t: 0\nBogoMIPS\t: 48.00\nCPU part\t: 0xd08\n\nHardware\t: BCM2835\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n";
-    assert_eq!(
-        parse_cpuinfo_model(arm).as_deref(),
-        Some("Raspberry Pi 4 Model B Rev 1.4")
-    );
+    assert_eq!(parse_cpuinfo_model(arm).as_deref(), Some("Raspberry Pi 4 Model B Rev 1.4"));
     assert_eq!(parse_cpuinfo_model("processor\t: 0\nmodel name\t:\n"), None);
     assert_eq!(parse_cpuinfo_model(""), None);
 }
@@ -289,9 +260,6 @@ fn an_nvidia_gpu_makes_the_backend_cuda_and_enters_the_fingerprint() {
     let without = device_from_facts(&facts("linux-xeon-2vcpu", 24 * GIB, ""));
     let with = device_from_facts(&facts("linux-xeon-2vcpu", 24 * GIB, &h100));
     assert_eq!(with.backend, Backend::Cuda);
-    assert_eq!(
-        with.nvidia.as_ref().map(|g| g.name.as_str()),
-        Some("NVIDIA H100 80GB HBM3")
-    );
+    assert_eq!(with.nvidia.as_ref().map(|g| g.name.as_str()), Some("NVIDIA H100 80GB HBM3"));
     assert_ne!(with.fingerprint(), without.fingerprint());
 }

@@ -19,11 +19,7 @@ fn detect_describes_this_machine() {
         if cfg!(target_arch = "x86_64") {
             assert!(d.chip.is_some(), "x86 /proc/cpuinfo has a model name");
         }
-        let expected = if d.nvidia.is_some() {
-            Backend::Cuda
-        } else {
-            Backend::Cpu
-        };
+        let expected = if d.nvidia.is_some() { Backend::Cuda } else { Backend::Cpu };
         assert_eq!(d.backend, expected);
         assert_eq!(d.gpu_cores, None);
     }

@@ -44,8 +44,7 @@ fn hid_idle_time_of_other_entries_is_ignored() {
 fn hid_idle_time_errors_say_what_is_wrong() {
     let none = macos::parse_hid_idle("+-o IOHIDSystem  <class IOHIDSystem>\n").unwrap_err();
     assert!(none.to_string().contains("no IOHIDSystem entry with HIDIdleTime"), "{none}");
-    let bad = macos::parse_hid_idle("+-o IOHIDSystem  <class IOHIDSystem>\n  \"HIDIdleTime\" = oops\n")
-        .unwrap_err();
+    let bad = macos::parse_hid_idle("+-o IOHIDSystem  <class IOHIDSystem>\n  \"HIDIdleTime\" = oops\n").unwrap_err();
     assert!(bad.to_string().contains("oops"), "{bad}");
     assert!(macos::parse_hid_idle("").is_err());
 }

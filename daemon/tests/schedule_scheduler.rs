@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tilewise::schedule::activity::ActivityFile;
-use tilewise::schedule::{
-    Activity, ActivityError, ActivitySource, Decision, FileSource, Gate, Gates, Scheduler, SchedulerOptions,
-};
+use tilewise::schedule::{Activity, ActivityError, ActivitySource, Decision, FileSource, Gate, Gates, Scheduler, SchedulerOptions};
 use tokio::sync::{watch, Notify};
 
 fn gates(idle_seconds: f64) -> Gates {
@@ -20,11 +18,7 @@ fn options() -> SchedulerOptions {
 }
 
 /// Waits until the published decision satisfies `pred`; returns how long it took.
-async fn wait_for(
-    rx: &mut watch::Receiver<Decision>,
-    within: Duration,
-    pred: impl Fn(&Decision) -> bool,
-) -> Duration {
+async fn wait_for(rx: &mut watch::Receiver<Decision>, within: Duration, pred: impl Fn(&Decision) -> bool) -> Duration {
     let start = Instant::now();
     let reached = matches!(tokio::time::timeout(within, rx.wait_for(|d| pred(d))).await, Ok(Ok(_)));
     match reached {

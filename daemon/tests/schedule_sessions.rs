@@ -39,8 +39,7 @@ fn rig(home: &Path, initial: ActivityFile) -> Rig {
     initial.write_to(&activity).unwrap();
     let gates = Gates { idle_seconds: 1.0, max_load_1m: None, ..Gates::default() };
     let (gates_tx, gates_rx) = watch::channel(gates);
-    let scheduler =
-        Scheduler::spawn(Arc::new(FileSource::new(&activity).unwrap()), gates_rx, SchedulerOptions::default());
+    let scheduler = Scheduler::spawn(Arc::new(FileSource::new(&activity).unwrap()), gates_rx, SchedulerOptions::default());
     let store: SharedStore = Arc::new(Mutex::new(Store::open(&home.join("tilewise.db")).unwrap()));
     let bus = EventBus::new(store.clone());
     let events = bus.subscribe();
@@ -189,10 +188,7 @@ async fn activity_pauses_the_measurement_within_a_second_and_idle_resumes_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_battery_nothing_runs() {
     let home = tempfile::tempdir().unwrap();
-    let mut r = rig(
-        home.path(),
-        ActivityFile { user_idle_s: 3600.0, on_ac_power: false, battery_percent: Some(64), ..Default::default() },
-    );
+    let mut r = rig(home.path(), ActivityFile { user_idle_s: 3600.0, on_ac_power: false, battery_percent: Some(64), ..Default::default() });
     let params = StartParams { policies: Some(policies(2)), pairs: Some(4), warmup: Some(1), ..Default::default() };
     let (sid, _) = r.manager.start(params).await.unwrap();
     let paused = next_event(&mut r.events, "session.paused", Duration::from_secs(60)).await;

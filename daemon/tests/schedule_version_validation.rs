@@ -82,7 +82,17 @@ async fn policy_get_serves_the_best_only_for_its_exact_key() {
     let hash = Policy::from_value(&doc).unwrap().content_hash();
     Store::open(&d.paths.db_file)
         .unwrap()
-        .promote(&Promotion { key: k.clone(), policy: doc, hash: hash.clone(), ratio: 1.1, lo: 1.04, hi: 1.15, session_id: None, candidate_id: None, summary: None })
+        .promote(&Promotion {
+            key: k.clone(),
+            policy: doc,
+            hash: hash.clone(),
+            ratio: 1.1,
+            lo: 1.04,
+            hi: 1.15,
+            session_id: None,
+            candidate_id: None,
+            summary: None,
+        })
         .unwrap();
     let get = |model: &str, mlx: &str, backend: &str, device: Option<&str>| PolicyGetParams {
         model: model.into(),
@@ -133,7 +143,17 @@ async fn changed_weights_are_a_new_target_without_the_old_best() {
     let store = Store::open(&home.path().join("tilewise.db")).unwrap();
     let k1 = BestKey { model: fp1.clone(), ..key() };
     store
-        .promote(&Promotion { key: k1.clone(), policy: proven(&k1), hash: "sha256:old".into(), ratio: 1.1, lo: 1.05, hi: 1.2, session_id: None, candidate_id: None, summary: None })
+        .promote(&Promotion {
+            key: k1.clone(),
+            policy: proven(&k1),
+            hash: "sha256:old".into(),
+            ratio: 1.1,
+            lo: 1.05,
+            hi: 1.2,
+            session_id: None,
+            candidate_id: None,
+            summary: None,
+        })
         .unwrap();
 
     let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tilewise::service::{
-    launchd_plist, parse_launchctl_list, parse_systemctl_show, parse_systemd_version, systemd_unit, CommandOutput,
-    CommandRunner, Manager, ServiceError, ServiceSpec, SystemdFeatures,
+    launchd_plist, parse_launchctl_list, parse_systemctl_show, parse_systemd_version, systemd_unit, CommandOutput, CommandRunner, Manager,
+    ServiceError, ServiceSpec, SystemdFeatures,
 };
 
 fn fixture_path(name: &str) -> PathBuf {
@@ -204,14 +204,7 @@ fn systemd_install_status_uninstall_round_trip() {
 
     assert_eq!(m.install(&spec, &r).unwrap(), unit);
     assert_eq!(std::fs::read_to_string(&unit).unwrap(), fixture("tilewised-systemd252.service"));
-    assert_eq!(
-        r.calls(),
-        vec![
-            "systemctl --version",
-            "systemctl --user daemon-reload",
-            "systemctl --user enable --now tilewised.service"
-        ]
-    );
+    assert_eq!(r.calls(), vec!["systemctl --version", "systemctl --user daemon-reload", "systemctl --user enable --now tilewised.service"]);
 
     let st = m.status(&spec, &r);
     assert!(st.installed && !st.stale && st.runtime.running, "{st:?}");
@@ -224,10 +217,7 @@ fn systemd_install_status_uninstall_round_trip() {
     r.calls.borrow_mut().clear();
     assert!(m.uninstall(&r).unwrap());
     assert!(!unit.exists());
-    assert_eq!(
-        r.calls(),
-        vec!["systemctl --user disable --now tilewised.service", "systemctl --user daemon-reload"]
-    );
+    assert_eq!(r.calls(), vec!["systemctl --user disable --now tilewised.service", "systemctl --user daemon-reload"]);
     assert!(!m.uninstall(&r).unwrap(), "uninstalling twice is fine");
 }
 
@@ -259,10 +249,7 @@ fn launchd_install_status_uninstall_round_trip() {
     assert_eq!(std::fs::read_to_string(&plist).unwrap(), launchd_plist(&spec));
     assert!(spec.log_dir.is_dir(), "log directory created for launchd");
     let p = plist.display();
-    assert_eq!(
-        r.calls(),
-        vec!["launchctl bootout gui/501/dev.tilewise.daemon".to_string(), format!("launchctl bootstrap gui/501 {p}")]
-    );
+    assert_eq!(r.calls(), vec!["launchctl bootout gui/501/dev.tilewise.daemon".to_string(), format!("launchctl bootstrap gui/501 {p}")]);
     let st = m.status(&spec, &r);
     assert!(st.installed && !st.stale && st.runtime.running);
     assert_eq!(st.manager, "launchd");

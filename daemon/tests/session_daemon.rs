@@ -18,7 +18,8 @@ async fn a_short_session_ends_with_the_best_that_policy_get_serves() {
     let home = tempfile::tempdir().unwrap();
     let d = Daemon::start(home.path(), &[]);
     let mut c = d.client().await;
-    let started = call(&mut c, "tuning.start", json!({"budget": {"evaluations": 4}, "seed": 11, "pairs": 4, "warmup": 1, "shape_pairs": 3})).await;
+    let started =
+        call(&mut c, "tuning.start", json!({"budget": {"evaluations": 4}, "seed": 11, "pairs": 4, "warmup": 1, "shape_pairs": 3})).await;
     let sid = started["session_id"].as_i64().unwrap();
     assert_eq!(started["resumed"], false);
     // Starting again while it runs attaches to it.

@@ -31,7 +31,8 @@ async fn kill_9_twenty_times_loses_no_committed_trial_and_the_session_completes(
     let mut d = Daemon::start(home.path(), &[]);
     let sid = {
         let mut c = d.client().await;
-        let r = call(&mut c, "tuning.start", json!({"budget": {"evaluations": 14}, "seed": 21, "pairs": 3, "warmup": 0, "shape_pairs": 2})).await;
+        let r = call(&mut c, "tuning.start", json!({"budget": {"evaluations": 14}, "seed": 21, "pairs": 3, "warmup": 0, "shape_pairs": 2}))
+            .await;
         let sid = r["session_id"].as_i64().unwrap();
         // The first start synthesizes the tiny model (once per home); the kills are meant for the
         // session, so they begin once it has committed its first shape timings.
@@ -90,17 +91,15 @@ async fn kill_9_twenty_times_loses_no_committed_trial_and_the_session_completes(
         assert!(*n <= 2, "candidate {cand} measured {n} times");
         if *n == 2 {
             // The only reason for a second measurement: the first passed and needed confirmation.
-            let lo: f64 = conn
-                .query_row("SELECT lo FROM measurements WHERE candidate_id = ?1 ORDER BY id LIMIT 1", [cand], |r| r.get(0))
-                .unwrap();
+            let lo: f64 =
+                conn.query_row("SELECT lo FROM measurements WHERE candidate_id = ?1 ORDER BY id LIMIT 1", [cand], |r| r.get(0)).unwrap();
             assert!(lo > 1.0, "candidate {cand} re-measured although its first interval did not pass ({lo})");
         }
     }
     // Every restart resumed the same session instead of starting another.
     let sessions: i64 = conn.query_row("SELECT count(*) FROM sessions", [], |r| r.get(0)).unwrap();
     assert_eq!(sessions, 1);
-    let resumed: i64 = conn
-        .query_row("SELECT count(*) FROM events WHERE kind = 'session.resumed' AND session_id = ?1", [sid], |r| r.get(0))
-        .unwrap();
+    let resumed: i64 =
+        conn.query_row("SELECT count(*) FROM events WHERE kind = 'session.resumed' AND session_id = ?1", [sid], |r| r.get(0)).unwrap();
     assert!(resumed >= 1, "restarts resumed the session");
 }

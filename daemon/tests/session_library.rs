@@ -122,7 +122,14 @@ async fn a_raced_loser_stops_early_and_is_stored_as_measured() {
     for race in [true, false] {
         let home = tempfile::tempdir().unwrap();
         let (m, store, _) = manager(home.path());
-        let params = StartParams { policies: Some(vec![slow.clone()]), pairs: Some(8), warmup: Some(1), seed: Some(1), race: Some(race), ..Default::default() };
+        let params = StartParams {
+            policies: Some(vec![slow.clone()]),
+            pairs: Some(8),
+            warmup: Some(1),
+            seed: Some(1),
+            race: Some(race),
+            ..Default::default()
+        };
         let (sid, _) = m.start(params).await.unwrap();
         m.wait().await;
         let shown = m.show(sid).unwrap();

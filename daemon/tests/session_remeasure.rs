@@ -42,7 +42,8 @@ async fn tiny_key(home: &std::path::Path) -> BestKey {
     let (m, store) = manager(home, &[]);
     let native = json!({"schema": "tilewise.policy/1", "target": {"device": "*", "model": "*", "mlx": "*", "backend": "*"},
                         "matmul": {"rules": [], "default": {"kind": "native"}}});
-    let (sid, _) = m.start(StartParams { policies: Some(vec![native]), pairs: Some(2), warmup: Some(0), ..Default::default() }).await.unwrap();
+    let (sid, _) =
+        m.start(StartParams { policies: Some(vec![native]), pairs: Some(2), warmup: Some(0), ..Default::default() }).await.unwrap();
     m.wait().await;
     let s = store.lock().unwrap().session(sid).unwrap().unwrap();
     BestKey { device: s.device, model: s.model, mlx: s.mlx, backend: s.backend }
@@ -82,7 +83,8 @@ fn promote(store: &SharedStore, key: &BestKey, doc: &serde_json::Value, ratio: f
 
 async fn remeasure(home: &std::path::Path, env: &[(&str, &str)]) -> (String, SharedStore) {
     let (m, store) = manager(home, env);
-    let (sid, resumed) = m.start(StartParams { remeasure: Some(true), pairs: Some(8), warmup: Some(0), ..Default::default() }).await.unwrap();
+    let (sid, resumed) =
+        m.start(StartParams { remeasure: Some(true), pairs: Some(8), warmup: Some(0), ..Default::default() }).await.unwrap();
     assert!(!resumed);
     m.wait().await;
     let s = store.lock().unwrap().session(sid).unwrap().unwrap();

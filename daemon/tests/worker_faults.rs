@@ -82,10 +82,7 @@ async fn hang_crash_garbage_and_oom_are_survived_with_their_reason() {
         ("oom", LONG, "out of memory"),
     ];
     for (i, (fault, timeout, text)) in cases.into_iter().enumerate() {
-        let e = sup
-            .request("ping", json!({"inject_fault": fault}), timeout, None, |_| {})
-            .await
-            .expect_err(fault);
+        let e = sup.request("ping", json!({"inject_fault": fault}), timeout, None, |_| {}).await.expect_err(fault);
         assert_eq!(e.kind(), fault, "{fault}: {e}");
         assert!(e.is_fatal());
         assert!(e.to_string().contains(text), "{fault}: {e}");

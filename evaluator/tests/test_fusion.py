@@ -12,16 +12,24 @@ from mlx_lm.utils import _get_classes
 from tilewise import evaluate, fusion, gate, models, patch, workloads
 from tilewise import policy as P
 
-BASE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-            num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=256)
+BASE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=256,
+)
 ARCHS = {
     "qwen2": dict(tie_word_embeddings=True),
     "llama": dict(tie_word_embeddings=False),
     "mistral": dict(tie_word_embeddings=False),
     "gemma2": dict(head_dim=16),
     "phi3": dict(),
-    "qwen2_moe": dict(num_experts_per_tok=2, num_experts=4, moe_intermediate_size=32,
-                      shared_expert_intermediate_size=64),
+    "qwen2_moe": dict(
+        num_experts_per_tok=2, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64
+    ),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
 }
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -121,7 +129,9 @@ def test_lora_wrapped_layers_are_left_unfused():
     groups = fusion.groups_of(model)
     # Only layer 0 (count 1) has plain siblings.
     assert [(g["scope"], tuple(g["members"]), g["count"]) for g in groups] == [
-        ("model.layers.*.self_attn", QKV, 1), ("model.layers.*.mlp", GATE_UP, 1)], groups
+        ("model.layers.*.self_attn", QKV, 1),
+        ("model.layers.*.mlp", GATE_UP, 1),
+    ], groups
     x = ids()
     ref = logits(model, x)
     fused = fusion.fuse(model, policy_for(model, groups))
@@ -169,8 +179,9 @@ def test_inference_only_fusion_runs_members_alone_in_training_mode():
     model = build("qwen2")
     x = ids()
     ref = logits(model, x)
-    doc = P.make_policy(fusion={"groups": [{"scope": "model.layers.*.self_attn", "members": list(QKV)}],
-                                "training": False})
+    doc = P.make_policy(
+        fusion={"groups": [{"scope": "model.layers.*.self_attn", "members": list(QKV)}], "training": False}
+    )
     fusion.fuse(model, doc)
     assert fusion.count_linear_calls(model) == 15 - 2 * 2
     model.train()
@@ -201,10 +212,16 @@ def test_quantized_siblings_fuse_when_bits_and_groups_agree():
 
     # Members quantized differently stay separate, with the reason.
     model = build("qwen2")
-    nn.quantize(model, group_size=32, bits=4,
-                class_predicate=lambda path, m: isinstance(m, nn.Linear) and not path.endswith("k_proj"))
+    nn.quantize(
+        model,
+        group_size=32,
+        bits=4,
+        class_predicate=lambda path, m: isinstance(m, nn.Linear) and not path.endswith("k_proj"),
+    )
     nn.quantize(model, group_size=32, bits=8, class_predicate=lambda path, m: path.endswith("k_proj"))
-    fused = fusion.fuse(model, P.make_policy(fusion={"groups": [{"scope": "model.layers.*.self_attn", "members": list(QKV)}]}))
+    fused = fusion.fuse(
+        model, P.make_policy(fusion={"groups": [{"scope": "model.layers.*.self_attn", "members": list(QKV)}]})
+    )
     assert not fused.instances
     assert len(fused.skipped) == 2 and "differ in quantization" in fused.skipped[0][2], fused.skipped
 
@@ -236,11 +253,15 @@ def test_bad_groups_stay_unfused_with_the_reason_and_change_nothing():
     x = ids()
     ref = logits(model, x)
     model.model.layers[1].self_attn.k_proj.set_dtype(mx.float16)
-    doc = P.make_policy(fusion={"groups": [
-        {"scope": "model.layers.*.self_attn", "members": list(QKV)},
-        {"scope": "model.layers.*.mlp", "members": ["gate_proj", "missing_proj"]},
-        {"scope": "model.encoder.*.attn", "members": ["q", "k"]},
-    ]})
+    doc = P.make_policy(
+        fusion={
+            "groups": [
+                {"scope": "model.layers.*.self_attn", "members": list(QKV)},
+                {"scope": "model.layers.*.mlp", "members": ["gate_proj", "missing_proj"]},
+                {"scope": "model.encoder.*.attn", "members": ["q", "k"]},
+            ]
+        }
+    )
     fused = fusion.fuse(model, doc)
     reasons = {(m, tuple(g)): r for m, g, r in fused.skipped}
     assert len(fused.instances) == 1  # layer 0's attention
@@ -312,8 +333,15 @@ def test_the_gate_rejects_a_planted_wrong_fusion(tiny):
 
 def test_evaluate_measures_the_fusion_and_reports_it(tiny):
     model, _, info = tiny
-    r = evaluate.evaluate(model, policy_for(model), dtype=info["dtype"], pairs=2, warmup=0,
-                          inference={"prompt_tokens": 16, "gen_tokens": 4}, training={"batch": 1, "seq": 16})
+    r = evaluate.evaluate(
+        model,
+        policy_for(model),
+        dtype=info["dtype"],
+        pairs=2,
+        warmup=0,
+        inference={"prompt_tokens": 16, "gen_tokens": 4},
+        training={"batch": 1, "seq": 16},
+    )
     assert r["correct"], r["gate"]
     assert r["fusion"]["instances"] == 4 and r["fusion"]["calls_saved_per_forward"] == 6
     assert r["gate"]["grad_rel_err"] < 1e-5

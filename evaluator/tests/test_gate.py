@@ -47,16 +47,26 @@ def test_a_candidate_that_raises_is_incorrect_not_a_crash(model):
 
 
 def test_a_kernel_plan_that_cannot_run_here_is_rejected(model):
-    kernel = {"kind": "kernel", "backend": "cuda", "family": "gemm", "block_m": 32, "block_n": 32,
-              "block_k": 16, "warps": 4, "vector_width": 4, "split_k": 1}
+    kernel = {
+        "kind": "kernel",
+        "backend": "cuda",
+        "family": "gemm",
+        "block_m": 32,
+        "block_n": 32,
+        "block_k": 16,
+        "warps": 4,
+        "vector_width": 4,
+        "split_k": 1,
+    }
     ok, g = run_gate(model, P.make_policy(default=kernel))  # target "*": schema-valid anywhere
     assert not ok and "kernel" in g["reason"]
 
 
 def test_incorrect_candidate_gets_no_timing(model):
     patch.plant_bug("drop_last_k_tile")
-    r = E.evaluate(model, P.make_policy(default=P.split_plan(None, None, 32)), dtype="float32",
-                   pairs=2, warmup=0, **SMALL)
+    r = E.evaluate(
+        model, P.make_policy(default=P.split_plan(None, None, 32)), dtype="float32", pairs=2, warmup=0, **SMALL
+    )
     assert r["correct"] is False
     assert r["inference"] is None and r["training"] is None and r["combined"] is None
     assert r["calls"]["split"] > 0
@@ -75,19 +85,32 @@ def test_a_a_interval_contains_one(model):
     one misses too ON THE SAME SIDE for the same workload: a real bias of the patch is one-sided and
     shows in both runs, while CI once saw noise miss both ways (inference 0.964 [0.910, 0.985],
     then 1.028 [1.005, 1.076])."""
+
     # Longer samples than SMALL: they are less at the mercy of other processes on a shared machine.
     # Every layer patched (reachable_only=False): the candidate really runs through the patch.
     def run(seed):
         stages = []
-        r = E.evaluate(model, P.native(), dtype="float32", pairs=PAIRS, warmup=2, seed=seed,
-                       inference={"prompt_tokens": 64, "gen_tokens": 32}, training={"batch": 4, "seq": 64},
-                       progress=lambda *a: stages.append(a), reachable_only=False)
+        r = E.evaluate(
+            model,
+            P.native(),
+            dtype="float32",
+            pairs=PAIRS,
+            warmup=2,
+            seed=seed,
+            inference={"prompt_tokens": 64, "gen_tokens": 32},
+            training={"batch": 4, "seq": 64},
+            progress=lambda *a: stages.append(a),
+            reachable_only=False,
+        )
         return r, stages
 
     def misses(r):
         """{workload: +1 if the interval lies above 1.0, -1 if below} for those that miss it."""
-        return {w: (1 if r[w]["lo"] > 1.0 else -1) for w in ("inference", "training", "combined")
-                if not r[w]["lo"] <= 1.0 <= r[w]["hi"]}
+        return {
+            w: (1 if r[w]["lo"] > 1.0 else -1)
+            for w in ("inference", "training", "combined")
+            if not r[w]["lo"] <= 1.0 <= r[w]["hi"]
+        }
 
     def show(r):
         return {w: (r[w]["ratio"], r[w]["lo"], r[w]["hi"]) for w in ("inference", "training", "combined")}

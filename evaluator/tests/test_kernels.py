@@ -36,20 +36,41 @@ def kernel_schema():
 
 
 def gemv(r=4, s=1, v=8, backend="cuda"):
-    return {"kind": "kernel", "backend": backend, "family": "gemv", "rows_per_block": r, "split_k": s,
-            "vector_width": v}
+    return {
+        "kind": "kernel",
+        "backend": backend,
+        "family": "gemv",
+        "rows_per_block": r,
+        "split_k": s,
+        "vector_width": v,
+    }
 
 
 def gemm(bm=64, bn=64, bk=32, w=4, v=8, s=1, backend="cuda"):
-    return {"kind": "kernel", "backend": backend, "family": "gemm", "block_m": bm, "block_n": bn,
-            "block_k": bk, "warps": w, "vector_width": v, "split_k": s}
+    return {
+        "kind": "kernel",
+        "backend": backend,
+        "family": "gemm",
+        "block_m": bm,
+        "block_n": bn,
+        "block_k": bk,
+        "warps": w,
+        "vector_width": v,
+        "split_k": s,
+    }
 
 
 def test_parameter_values_are_the_schemas():
     props = kernel_schema()["properties"]
-    for name, values in [("rows_per_block", plans.ROWS_PER_BLOCK), ("block_m", plans.BLOCK_M),
-                         ("block_n", plans.BLOCK_N), ("block_k", plans.BLOCK_K), ("warps", plans.WARPS),
-                         ("vector_width", plans.VECTOR_WIDTH), ("split_k", plans.SPLIT_K)]:
+    for name, values in [
+        ("rows_per_block", plans.ROWS_PER_BLOCK),
+        ("block_m", plans.BLOCK_M),
+        ("block_n", plans.BLOCK_N),
+        ("block_k", plans.BLOCK_K),
+        ("warps", plans.WARPS),
+        ("vector_width", plans.VECTOR_WIDTH),
+        ("split_k", plans.SPLIT_K),
+    ]:
         assert tuple(props[name]["enum"]) == values, name
     assert tuple(props["backend"]["enum"]) == plans.BACKENDS
     assert tuple(props["family"]["enum"]) == plans.FAMILIES
@@ -139,8 +160,10 @@ def test_kernel_matmul_refuses_a_plan_for_a_backend_this_machine_lacks():
 def test_plan_selection_in_a_policy_and_refusal_by_backend():
     decode, prefill = gemv(r=8, s=2), gemm(bm=128, bn=64, bk=32, w=4)
     doc = policy.make_policy(
-        [{"m": [1, 16], "n": [896, 896], "k": [4864, 4864], "plan": decode},
-         {"m": [128, None], "n": [4864, 4864], "plan": prefill}],
+        [
+            {"m": [1, 16], "n": [896, 896], "k": [4864, 4864], "plan": decode},
+            {"m": [128, None], "n": [4864, 4864], "plan": prefill},
+        ],
         target={"device": "h100", "model": "qwen", "mlx": "0.32.4", "backend": "cuda"},
     )
     assert policy.plan_for(doc, 1, 896, 4864) == decode
@@ -199,8 +222,9 @@ def test_every_launch_is_well_formed(backend):
         # Each backend's body uses only its own barriers and intrinsics.
         if backend == "cuda":
             assert "threadgroup_barrier" not in src and "simd_sum" not in src
-            assert launch.body == ("gemv" if plan["family"] == "gemv" else
-                                   "gemm_tc" if dtype != "float32" else "gemm_simt")
+            assert launch.body == (
+                "gemv" if plan["family"] == "gemv" else "gemm_tc" if dtype != "float32" else "gemm_simt"
+            )
         else:
             assert "__syncthreads" not in src and "__shfl" not in src and "wmma" not in src
             assert launch.body in metal_source.SOURCES

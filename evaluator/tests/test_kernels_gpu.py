@@ -20,13 +20,28 @@ TOL = {"bfloat16": 1e-2, "float16": 2e-3, "float32": 1e-5}
 
 
 def gemv(r, s, v):
-    return {"kind": "kernel", "backend": BACKEND, "family": "gemv", "rows_per_block": r, "split_k": s,
-            "vector_width": v}
+    return {
+        "kind": "kernel",
+        "backend": BACKEND,
+        "family": "gemv",
+        "rows_per_block": r,
+        "split_k": s,
+        "vector_width": v,
+    }
 
 
 def gemm(bm, bn, bk, warps, v, s):
-    return {"kind": "kernel", "backend": BACKEND, "family": "gemm", "block_m": bm, "block_n": bn,
-            "block_k": bk, "warps": warps, "vector_width": v, "split_k": s}
+    return {
+        "kind": "kernel",
+        "backend": BACKEND,
+        "family": "gemm",
+        "block_m": bm,
+        "block_n": bn,
+        "block_k": bk,
+        "warps": warps,
+        "vector_width": v,
+        "split_k": s,
+    }
 
 
 def rel_err(out, x, w):
@@ -49,8 +64,11 @@ ODD = [(1, 129, 37), (3, 100, 1000), (16, 257, 999), (5, 896, 4864)]
 
 @pytest.mark.parametrize("dtype", list(DT))
 @pytest.mark.parametrize("m,n,k", ODD)
-@pytest.mark.parametrize("plan", [gemv(1, 1, 8), gemv(4, 2, 4), gemv(16, 1, 2), gemv(2, 8, 8), gemv(8, 4, 1)],
-                         ids=lambda p: f"r{p['rows_per_block']}s{p['split_k']}v{p['vector_width']}")
+@pytest.mark.parametrize(
+    "plan",
+    [gemv(1, 1, 8), gemv(4, 2, 4), gemv(16, 1, 2), gemv(2, 8, 8), gemv(8, 4, 1)],
+    ids=lambda p: f"r{p['rows_per_block']}s{p['split_k']}v{p['vector_width']}",
+)
 def test_gemv_correct_on_odd_shapes(plan, m, n, k, dtype):
     x, w = fresh(m, n, k, dtype, seed=m * 7 + n + k)
     out = kernel_matmul_checked(x, w, plan)
@@ -59,13 +77,23 @@ def test_gemv_correct_on_odd_shapes(plan, m, n, k, dtype):
     assert err < TOL[dtype], err
 
 
-GEMMS = [gemm(16, 16, 16, 1, 8, 1), gemm(64, 64, 32, 4, 8, 1), gemm(128, 128, 32, 8, 8, 1),
-         gemm(32, 64, 64, 2, 4, 2), gemm(64, 128, 32, 4, 8, 4), gemm(128, 64, 16, 8, 2, 8)]
+GEMMS = [
+    gemm(16, 16, 16, 1, 8, 1),
+    gemm(64, 64, 32, 4, 8, 1),
+    gemm(128, 128, 32, 8, 8, 1),
+    gemm(32, 64, 64, 2, 4, 2),
+    gemm(64, 128, 32, 4, 8, 4),
+    gemm(128, 64, 16, 8, 2, 8),
+]
 
 
 @pytest.mark.parametrize("dtype", list(DT))
 @pytest.mark.parametrize("m,n,k", [(17, 129, 37), (130, 77, 999), (257, 300, 520), (64, 896, 896), (33, 4864, 136)])
-@pytest.mark.parametrize("plan", GEMMS, ids=lambda p: f"{p['block_m']}x{p['block_n']}x{p['block_k']}w{p['warps']}v{p['vector_width']}s{p['split_k']}")
+@pytest.mark.parametrize(
+    "plan",
+    GEMMS,
+    ids=lambda p: f"{p['block_m']}x{p['block_n']}x{p['block_k']}w{p['warps']}v{p['vector_width']}s{p['split_k']}",
+)
 def test_gemm_correct_on_odd_shapes(plan, m, n, k, dtype):
     from tilewise.kernels import plan_problems
 
@@ -89,8 +117,9 @@ def test_plans_across_the_space_are_correct_for_a_decode_and_a_prefill_shape():
             assert err < TOL["bfloat16"], (plan, err)
 
 
-@pytest.mark.parametrize("plan", [gemm(16, 32, 16, 2, 4, 2), gemm(32, 32, 16, 4, 4, 1), gemv(2, 2, 4)],
-                         ids=["gemm-split2", "gemm", "gemv"])
+@pytest.mark.parametrize(
+    "plan", [gemm(16, 32, 16, 2, 4, 2), gemm(32, 32, 16, 4, 4, 1), gemv(2, 2, 4)], ids=["gemm-split2", "gemm", "gemv"]
+)
 @pytest.mark.parametrize("lead", [(2, 7), (1, 1, 5)])
 def test_leading_dims_bias_and_gradients_match_native(plan, lead):
     m = int(np.prod(lead))

@@ -67,7 +67,7 @@ def _cases():
         for dtype in DTYPES:
             rng = random.Random(f"{m}-{n}-{k}-{dtype}")
             space = kernel_space("metal", m, n, k, dtype)
-            for plan in (space if os.environ.get("TILEWISE_METAL_EMU_ALL") else _pick(space, rng)):
+            for plan in space if os.environ.get("TILEWISE_METAL_EMU_ALL") else _pick(space, rng):
                 cases.append((plan, m, n, k, lead, dtype, len(cases) % 2 == 1))
     for m, n, k, lead in TINY:
         for dtype in ("bfloat16", "float32"):
@@ -83,8 +83,11 @@ CASES = _cases()
 
 def _label(case):
     plan, m, n, k, lead, dtype, bias = case
-    fam = (f"gemv-r{plan['rows_per_block']}s{plan['split_k']}v{plan['vector_width']}" if plan["family"] == "gemv"
-           else f"gemm-{plan['block_m']}x{plan['block_n']}x{plan['block_k']}w{plan['warps']}s{plan['split_k']}")
+    fam = (
+        f"gemv-r{plan['rows_per_block']}s{plan['split_k']}v{plan['vector_width']}"
+        if plan["family"] == "gemv"
+        else f"gemm-{plan['block_m']}x{plan['block_n']}x{plan['block_k']}w{plan['warps']}s{plan['split_k']}"
+    )
     return f"{fam}-{'x'.join(map(str, lead))}x{k}-n{n}-{dtype}{'-bias' if bias else ''}"
 
 
@@ -131,8 +134,9 @@ def _check(launch, arrays, out, dtype, k):
     assert y.shape == ref.shape
     assert not np.isnan(y).any(), f"{int(np.isnan(y).sum())} output elements never written (NaN)"
     bad = np.abs(y - ref) > tol
-    assert not bad.any(), (f"{int(bad.sum())} of {y.size} elements off; first at {np.argwhere(bad)[0]}: "
-                           f"{y[bad][0]} vs {ref[bad][0]}")
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {y.size} elements off; first at {np.argwhere(bad)[0]}: {y[bad][0]} vs {ref[bad][0]}"
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_label(c) for c in CASES])
@@ -159,8 +163,14 @@ def test_sample_covers_the_brief():
 def test_tiny_w_in_constant_address_space_compiles():
     """Regression: the GEMV read w through `const device T* wr = w + ...`; MLX passes w with fewer than 8
     elements as `const constant T*`, and Metal (like the emulation) refuses that conversion."""
-    plan = {"kind": "kernel", "backend": "metal", "family": "gemv", "rows_per_block": 1, "vector_width": 1,
-            "split_k": 1}
+    plan = {
+        "kind": "kernel",
+        "backend": "metal",
+        "family": "gemv",
+        "rows_per_block": 1,
+        "vector_width": 1,
+        "split_k": 1,
+    }
     launch = plan_launch(plan, 1, 1, 5, "float32")
     tu = emu.launch_translation_unit(launch, [(1, 5), (1, 5)])
     assert "const volatile float* w" not in tu and "const constant float* w" in tu
@@ -177,14 +187,36 @@ def test_conversions_round_like_mlx():
     """The emulated bfloat16_t and half round float -> 16 bits exactly as MLX does (nearest even; NaN,
     infinities, overflow, subnormals), checked by converting through a kernel body and comparing bits."""
     mx = pytest.importorskip("mlx.core")
-    vals = np.array([0.0, -0.0, 1.0, 1.00390625, 1.005859375, 1.0078125 + 2**-9, 3.14159265, -2.5e-3, 65504.0,
-                     65520.0, 1e5, 3.4e38, 1e-8, 6e-8, 2**-130, float("inf"), -float("inf"), float("nan"),
-                     *np.random.default_rng(1).normal(0, 100, 200)], dtype=np.float32)
+    vals = np.array(
+        [
+            0.0,
+            -0.0,
+            1.0,
+            1.00390625,
+            1.005859375,
+            1.0078125 + 2**-9,
+            3.14159265,
+            -2.5e-3,
+            65504.0,
+            65520.0,
+            1e5,
+            3.4e38,
+            1e-8,
+            6e-8,
+            2**-130,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            *np.random.default_rng(1).normal(0, 100, 200),
+        ],
+        dtype=np.float32,
+    )
     src = "  uint i = thread_position_in_grid.x;\n  if (i < x_shape[0]) y[i] = static_cast<OutT>(x[i]);\n"
     for dtype, mxd in (("bfloat16", mx.bfloat16), ("float16", mx.float16)):
         body = f"  using OutT = {emu.TYPE_NAMES[dtype]};\n" + src
-        out = emu.emulate(f"cvt_{dtype}", body, [("x", "float32", vals)], ("y", dtype), vals.shape,
-                          (256, 1, 1), (64, 1, 1))
+        out = emu.emulate(
+            f"cvt_{dtype}", body, [("x", "float32", vals)], ("y", dtype), vals.shape, (256, 1, 1), (64, 1, 1)
+        )
         want = np.array(mx.array(vals).astype(mxd).view(mx.uint16))
         got = out.view(np.uint16)
         nan = np.isnan(vals)
@@ -195,13 +227,29 @@ def test_conversions_round_like_mlx():
 
 # ---- the emulator has teeth: each deliberately broken body must fail, with the right diagnosis ----
 
+
 def _case(family, split=1, dtype="float32", m=3, n=45, k=77):
     if family == "gemv":
-        plan = {"kind": "kernel", "backend": "metal", "family": "gemv", "rows_per_block": 2, "vector_width": 2,
-                "split_k": split}
+        plan = {
+            "kind": "kernel",
+            "backend": "metal",
+            "family": "gemv",
+            "rows_per_block": 2,
+            "vector_width": 2,
+            "split_k": split,
+        }
     else:
-        plan = {"kind": "kernel", "backend": "metal", "family": "gemm", "block_m": 16, "block_n": 32,
-                "block_k": 16, "warps": 2, "vector_width": 4, "split_k": split}
+        plan = {
+            "kind": "kernel",
+            "backend": "metal",
+            "family": "gemm",
+            "block_m": 16,
+            "block_n": 32,
+            "block_k": 16,
+            "warps": 2,
+            "vector_width": 4,
+            "split_k": split,
+        }
     return _inputs((plan, m, n, k, (m,), dtype, True))
 
 
@@ -283,8 +331,11 @@ def test_unmasked_store_is_caught():
 def test_split_k_bias_on_every_split_is_caught():
     launch, arrays = _case("gemm", split=2)
     assert launch.reduce_splits and "z == 0 ?" in launch.source
-    why = _runs_clean(launch, arrays, _mutant(launch, "(z == 0 ? static_cast<float>(bias[col]) : 0.0f)",
-                                              "static_cast<float>(bias[col])"))
+    why = _runs_clean(
+        launch,
+        arrays,
+        _mutant(launch, "(z == 0 ? static_cast<float>(bias[col]) : 0.0f)", "static_cast<float>(bias[col])"),
+    )
     assert why and "wrong result" in why, why
 
 

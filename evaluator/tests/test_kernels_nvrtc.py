@@ -66,8 +66,17 @@ def translation_unit(launch) -> str:
         if f"{name}_shape" in launch.source:
             params.append(f"const __grid_constant__ Shape {name}_shape")
     params.append(f"{CUDA_TYPES[launch.out_dtype]}* y")
-    return (SHAPE_STANDIN + cuda_source.HEADER + "namespace mlx::core::cu {\n__global__ void custom_kernel_"
-            + launch.kernel_name + "(" + ", ".join(params) + ") {\n" + launch.source + "\n}\n}\n")
+    return (
+        SHAPE_STANDIN
+        + cuda_source.HEADER
+        + "namespace mlx::core::cu {\n__global__ void custom_kernel_"
+        + launch.kernel_name
+        + "("
+        + ", ".join(params)
+        + ") {\n"
+        + launch.source
+        + "\n}\n}\n"
+    )
 
 
 def _launches():
@@ -77,8 +86,7 @@ def _launches():
         for m, lead in ((4, (1, 4)), (300, (300,))):
             space = kernel_space("cuda", m, 896, 4864, dtype)
             for i, plan in enumerate(space[:: max(1, len(space) // 5)]):
-                out.append(pytest.param(plan, m, lead, dtype, i % 2 == 1,
-                                        id=f"{dtype}-m{m}-{plan['family']}-{i}"))
+                out.append(pytest.param(plan, m, lead, dtype, i % 2 == 1, id=f"{dtype}-m{m}-{plan['family']}-{i}"))
     return out
 
 

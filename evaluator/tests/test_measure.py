@@ -14,17 +14,26 @@ def sleeper(seconds, log, name):
         t = time.perf_counter()
         time.sleep(seconds)
         return {"seconds": time.perf_counter() - t}
+
     return run
 
 
 def test_arms_alternate_which_goes_first_and_every_sample_is_kept():
     log = []
-    r = measure.interleaved({"stock": sleeper(0.001, log, "s"), "candidate": sleeper(0.001, log, "c")},
-                            pairs=4, warmup=2)
+    r = measure.interleaved(
+        {"stock": sleeper(0.001, log, "s"), "candidate": sleeper(0.001, log, "c")}, pairs=4, warmup=2
+    )
     assert log == ["s", "c", "c", "s"] + ["s", "c", "c", "s", "s", "c", "c", "s"]
     assert [(s["pair"], s["arm"]) for s in r["samples"]] == [
-        (0, "stock"), (0, "candidate"), (1, "candidate"), (1, "stock"),
-        (2, "stock"), (2, "candidate"), (3, "candidate"), (3, "stock")]
+        (0, "stock"),
+        (0, "candidate"),
+        (1, "candidate"),
+        (1, "stock"),
+        (2, "stock"),
+        (2, "candidate"),
+        (3, "candidate"),
+        (3, "stock"),
+    ]
     assert r["n_pairs"] == 4 and len(r["ratios"]) == 4
     assert set(r["peak_memory"]) == {"stock", "candidate"}
 
@@ -32,8 +41,9 @@ def test_arms_alternate_which_goes_first_and_every_sample_is_kept():
 def test_a_real_difference_is_detected_with_a_tight_interval():
     """Candidate sleeps twice as long: ratio ~0.5, and the interval excludes 1.0."""
     log = []
-    r = measure.interleaved({"stock": sleeper(0.010, log, "s"), "candidate": sleeper(0.020, log, "c")},
-                            pairs=8, warmup=1)
+    r = measure.interleaved(
+        {"stock": sleeper(0.010, log, "s"), "candidate": sleeper(0.020, log, "c")}, pairs=8, warmup=1
+    )
     assert r["hi"] < 1.0
     assert 0.3 < r["ratio"] < 0.8  # 0.5 plus sleep overshoot on a loaded machine
     assert r["lo"] <= r["ratio"] <= r["hi"]
@@ -71,8 +81,12 @@ def test_cancel_stops_at_a_sample_boundary():
     log = []
     calls = iter(range(100))
     with pytest.raises(measure.Cancelled):
-        measure.interleaved({"stock": sleeper(0, log, "s"), "candidate": sleeper(0, log, "c")},
-                            pairs=10, warmup=0, should_stop=lambda: next(calls) >= 3)
+        measure.interleaved(
+            {"stock": sleeper(0, log, "s"), "candidate": sleeper(0, log, "c")},
+            pairs=10,
+            warmup=0,
+            should_stop=lambda: next(calls) >= 3,
+        )
     assert len(log) == 3
 
 
@@ -189,8 +203,9 @@ def simulated_first_measurement(effect, seed, extend, pairs=10, noise=0.03):
     stock = list(effect * (1 + rng.normal(0, noise, 400)))
     cand = list(1 + rng.normal(0, noise, 400))
     race = measure.Race(["inference"], max_pairs=60) if extend else None
-    return measure.interleaved({"stock": timed(stock), "candidate": timed(cand)}, pairs=pairs, warmup=0,
-                               seed=seed, race=race)
+    return measure.interleaved(
+        {"stock": timed(stock), "candidate": timed(cand)}, pairs=pairs, warmup=0, seed=seed, race=race
+    )
 
 
 def test_extension_does_not_make_a_lucky_a_a_pass_more_often():
@@ -198,8 +213,10 @@ def test_extension_does_not_make_a_lucky_a_a_pass_more_often():
     across 400 seeded A/A first measurements it passes about as often as without extension (the
     'until lo > 1' rule passed 14.5 % of them), and a real 4 % win still passes nearly always."""
     runs = 400
-    passed = {ext: sum(simulated_first_measurement(1.0, s, ext)["lo"] > 1.0 for s in range(runs)) / runs
-              for ext in (False, True)}
+    passed = {
+        ext: sum(simulated_first_measurement(1.0, s, ext)["lo"] > 1.0 for s in range(runs)) / runs
+        for ext in (False, True)
+    }
     assert passed[True] <= passed[False] + 0.02, passed
     assert passed[True] < 0.08, passed
     wins = sum(simulated_first_measurement(1.04, s, True)["lo"] > 1.0 for s in range(100)) / 100
@@ -227,6 +244,7 @@ class PhaseTimer:
             elif name == "candidate":
                 t *= 1 / 1.04 if self.phase == 0 else 1.04
             return {"seconds": t}
+
         return run
 
 
@@ -259,7 +277,6 @@ def test_pairs_correlated_in_time_get_a_block_interval():
     phased = [1.04 if (i // 8) % 2 == 0 else 1 / 1.04 for i in range(40)]
     assert measure.block_length(phased) > 1
 
-
     def single_pair_interval(ratios, seed):
         r = np.asarray(ratios)
         meds = np.median(r[np.random.default_rng(seed).integers(0, r.size, size=(2000, r.size))], axis=1)
@@ -279,13 +296,15 @@ def test_pairs_correlated_in_time_get_a_block_interval():
 def test_extension_never_runs_for_a_loser_or_past_max_pairs():
     # A loser (median below 1) is not extended.
     race = measure.Race(["inference"], max_pairs=50)
-    r = measure.interleaved({"stock": timed(noisy(1.0, 0.05, 3)), "candidate": timed(noisy(1.02, 0.05, 4))},
-                            pairs=10, warmup=0, race=race)
+    r = measure.interleaved(
+        {"stock": timed(noisy(1.0, 0.05, 3)), "candidate": timed(noisy(1.02, 0.05, 4))}, pairs=10, warmup=0, race=race
+    )
     assert r["extended"] == 0 and r["n_pairs"] <= 10
     # A tie stays unresolved: it is extended at most to max_pairs.
     race = measure.Race(["inference"], max_pairs=24)
-    r = measure.interleaved({"stock": timed(noisy(1.0, 0.2, 5)), "candidate": timed(noisy(1.0, 0.2, 6))},
-                            pairs=10, warmup=0, race=race)
+    r = measure.interleaved(
+        {"stock": timed(noisy(1.0, 0.2, 5)), "candidate": timed(noisy(1.0, 0.2, 6))}, pairs=10, warmup=0, race=race
+    )
     assert r["n_pairs"] <= 24
     with pytest.raises(ValueError, match="max_pairs"):
         measure.Race(["inference"], max_pairs=1)

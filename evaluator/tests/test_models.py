@@ -28,8 +28,9 @@ def test_tokenizer_round_trips_and_fits_the_vocab(tiny):
     assert len(ids) < len(text.encode())  # real merges, not one token per byte
     assert max(ids) < model.args.vocab_size
     assert len(tokenizer.get_vocab()) <= model.args.vocab_size
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
-                                         add_generation_prompt=True, tokenize=False)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.eos_token_ids == {tokenizer.convert_tokens_to_ids("<|im_end|>")}
 
@@ -69,8 +70,7 @@ def test_qwen25_05b_architecture_shapes():
 
     model = qwen2.Model(qwen2.ModelArgs.from_dict(models.QWEN25_05B_CONFIG))
     shapes = {(s["n"], s["k"]): s["count"] for s in models.model_shapes(model)}
-    assert shapes == {(896, 896): 48, (128, 896): 48, (4864, 896): 48, (896, 4864): 24,
-                      (151936, 896): 1}
+    assert shapes == {(896, 896): 48, (128, 896): 48, (4864, 896): 48, (896, 4864): 24, (151936, 896): 1}
 
 
 def test_hugging_face_cache_entry_is_found(tiny, tmp_path, monkeypatch):

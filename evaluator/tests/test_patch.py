@@ -19,8 +19,7 @@ def forward(model, m=PROMPT_LEN, seed=3):
 
 
 def linear_layers(model):
-    return [(n, m) for n, m in model.named_modules()
-            if type(m) in patch.PATCHED or type(m) in patch.PATCHED.values()]
+    return [(n, m) for n, m in model.named_modules() if type(m) in patch.PATCHED or type(m) in patch.PATCHED.values()]
 
 
 def test_instance_attribute_patching_does_nothing(model):
@@ -38,8 +37,10 @@ def test_instance_attribute_patching_does_nothing(model):
 def test_patch_is_reached_and_counts_calls_per_plan_kind(model):
     # head (N = vocab) split; gate/up (N = 128) native; everything else split along K.
     doc = P.make_policy(
-        rules=[{"n": [1024, 1024], "plan": P.split_plan(None, 256, None)},
-               {"n": [128, 128], "plan": {"kind": "native"}}],
+        rules=[
+            {"n": [1024, 1024], "plan": P.split_plan(None, 256, None)},
+            {"n": [128, 128], "plan": {"kind": "native"}},
+        ],
         default=P.split_plan(None, None, 32),
     )
     handle = patch.apply(model, doc)
@@ -55,8 +56,9 @@ def test_patch_is_reached_and_counts_calls_per_plan_kind(model):
     counts = patch.call_counts()
     assert counts["native"] == 4 * 6 and counts["split"] == 11 * 6, counts
     # M is decided per call: a rule on M picks the plan at call time.
-    patch.apply(model, P.make_policy(rules=[{"m": [1, 1], "plan": {"kind": "native"}}],
-                                     default=P.split_plan(2, None, None)))
+    patch.apply(
+        model, P.make_policy(rules=[{"m": [1, 1], "plan": {"kind": "native"}}], default=P.split_plan(2, None, None))
+    )
     patch.reset_call_counts()
     forward(model, m=1)
     forward(model, m=3)
@@ -83,13 +85,16 @@ def test_native_is_bit_identical_to_stock(model):
         assert mx.array_equal(g, ref[name]).item(), name
 
 
-@pytest.mark.parametrize("plan", [
-    P.split_plan(2, None, None),      # M tiles
-    P.split_plan(None, 16, None),     # N tiles (through q/k/v biases)
-    P.split_plan(None, None, 16),     # K tiles: partial products summed
-    P.split_plan(3, 7, 24),           # uneven tiles on every axis
-    P.split_plan(1048576, 1048576, 1048576),  # tiles larger than the matrix: no split
-])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        P.split_plan(2, None, None),  # M tiles
+        P.split_plan(None, 16, None),  # N tiles (through q/k/v biases)
+        P.split_plan(None, None, 16),  # K tiles: partial products summed
+        P.split_plan(3, 7, 24),  # uneven tiles on every axis
+        P.split_plan(1048576, 1048576, 1048576),  # tiles larger than the matrix: no split
+    ],
+)
 def test_split_is_within_tolerance(model, plan):
     stock = forward(model, m=7)
     patch.apply(model, P.make_policy(default=plan))
@@ -163,8 +168,17 @@ def test_quantized_layers_and_quantized_tied_head(tiny):
 def test_kernel_plan_on_quantized_weights_is_a_plan_error(tiny):
     model, _, _ = models.load_model(info_path(tiny))
     nn.quantize(model, group_size=32, bits=4)
-    kernel = {"kind": "kernel", "backend": "cuda", "family": "gemm", "block_m": 32, "block_n": 32,
-              "block_k": 16, "warps": 4, "vector_width": 4, "split_k": 1}
+    kernel = {
+        "kind": "kernel",
+        "backend": "cuda",
+        "family": "gemm",
+        "block_m": 32,
+        "block_n": 32,
+        "block_k": 16,
+        "warps": 4,
+        "vector_width": 4,
+        "split_k": 1,
+    }
     patch.apply(model, P.make_policy(default=kernel))
     with pytest.raises(patch.PlanError):
         forward(model)
@@ -188,8 +202,17 @@ def test_kernel_plans_route_to_kernel_matmul_with_weight_and_bias(model, monkeyp
         return y + bias if bias is not None else y
 
     monkeypatch.setattr(tilewise.kernels, "kernel_matmul", reference_kernel)
-    gemm = {"kind": "kernel", "backend": "cuda", "family": "gemm", "block_m": 32, "block_n": 32,
-            "block_k": 16, "warps": 4, "vector_width": 4, "split_k": 1}
+    gemm = {
+        "kind": "kernel",
+        "backend": "cuda",
+        "family": "gemm",
+        "block_m": 32,
+        "block_n": 32,
+        "block_k": 16,
+        "warps": 4,
+        "vector_width": 4,
+        "split_k": 1,
+    }
     stock = forward(model, m=6)
     patch.apply(model, P.make_policy(default=gemm))
     out = forward(model, m=6)
@@ -206,12 +229,12 @@ def test_reachable_only_leaves_layers_that_stay_native_stock(model):
     assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
     assert patch.apply(model, P.native(), reachable_only=True).layers == []
     # A native rule covering every M for (128, 64) shields gate/up from a split default.
-    shielded = P.make_policy(rules=[{"n": [128, 128], "k": [64, 64], "plan": {"kind": "native"}}],
-                             default=P.split_plan(None, None, 32))
+    shielded = P.make_policy(
+        rules=[{"n": [128, 128], "k": [64, 64], "plan": {"kind": "native"}}], default=P.split_plan(None, None, 32)
+    )
     assert len(patch.apply(model, shielded, reachable_only=True).layers) == 15 - 4
     # A native rule for M=1 only does not: larger M still reaches the split default.
-    decode_only = P.make_policy(rules=[{"m": [1, 1], "plan": {"kind": "native"}}],
-                                default=P.split_plan(None, None, 32))
+    decode_only = P.make_policy(rules=[{"m": [1, 1], "plan": {"kind": "native"}}], default=P.split_plan(None, None, 32))
     assert len(patch.apply(model, decode_only, reachable_only=True).layers) == 15
     # Re-applying replaces the previous policy entirely.
     assert len(patch.apply(model, P.make_policy(rules=[head]), reachable_only=True).layers) == 1

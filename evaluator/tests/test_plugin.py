@@ -61,11 +61,15 @@ def mixed_policy(target, name="mixed"):
     """q_proj/o_proj (N = K = 64): native at M = 1 (decode), split along N at larger M (prefill);
     the head (N = vocab 1024) split along N always; everything else native. All splits are along N,
     so outputs are exact. Patches 2 x 2 + 1 = 5 layers."""
-    return P.make_policy([
-        {"m": [1, 1], "n": [64, 64], "k": [64, 64], "plan": {"kind": "native"}},
-        {"n": [64, 64], "k": [64, 64], "plan": P.split_plan(None, 32, None)},
-        {"n": [1024, None], "plan": P.split_plan(None, 256, None)},
-    ], target=target, name=name)
+    return P.make_policy(
+        [
+            {"m": [1, 1], "n": [64, 64], "k": [64, 64], "plan": {"kind": "native"}},
+            {"n": [64, 64], "k": [64, 64], "plan": P.split_plan(None, 32, None)},
+            {"n": [1024, None], "plan": P.split_plan(None, 256, None)},
+        ],
+        target=target,
+        name=name,
+    )
 
 
 def write_json(path, doc):
@@ -189,8 +193,13 @@ def test_only_layers_a_policy_can_change_are_patched(tiny_dir, tmp_path):
     plugin.enable_optimizations(write_json(tmp_path / "p.json", mixed_policy(target_of(stock_model))))
     model, tok = load_tiny(tiny_dir)
     patched = sorted(n for n, m in model.named_modules() if type(m) in patch.PATCHED.values())
-    assert patched == ["model.embed_tokens", "model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.q_proj",
-                       "model.layers.1.self_attn.o_proj", "model.layers.1.self_attn.q_proj"]
+    assert patched == [
+        "model.embed_tokens",
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.o_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
     assert plugin.status().models[-1].patched_layers == 5
     text = str(plugin.status())  # what a user reads
     assert "from file: policy sha256:" in text and "(mixed)" in text and "5 layers patched" in text
@@ -202,40 +211,72 @@ def test_only_layers_a_policy_can_change_are_patched(tiny_dir, tmp_path):
     assert calls["native"] > 0 and calls["split"] > 0 and calls["native"] % 4 == 0, calls
 
 
-@pytest.mark.parametrize("rules, default, expected", [
-    ([], {"kind": "native"}, False),
-    ([], P.split_plan(2, None, None), True),
-    ([{"n": [1, 10], "plan": P.split_plan(2, None, None)}], {"kind": "native"}, False),  # other N
-    ([{"n": [64, 64], "plan": P.split_plan(2, None, None)}], {"kind": "native"}, True),
-    ([{"m": [1, 1], "plan": {"kind": "native"}}], P.split_plan(2, None, None), True),  # M > 1 splits
-    ([{"m": [1, None], "plan": {"kind": "native"}}], P.split_plan(2, None, None), False),  # every M native
-    ([{"plan": {"kind": "native"}}, {"plan": P.split_plan(2, None, None)}], {"kind": "native"}, False),
-    ([{"k": [65, None], "plan": P.split_plan(2, None, None)}], {"kind": "native"}, False),  # other K
-])
+@pytest.mark.parametrize(
+    "rules, default, expected",
+    [
+        ([], {"kind": "native"}, False),
+        ([], P.split_plan(2, None, None), True),
+        ([{"n": [1, 10], "plan": P.split_plan(2, None, None)}], {"kind": "native"}, False),  # other N
+        ([{"n": [64, 64], "plan": P.split_plan(2, None, None)}], {"kind": "native"}, True),
+        ([{"m": [1, 1], "plan": {"kind": "native"}}], P.split_plan(2, None, None), True),  # M > 1 splits
+        ([{"m": [1, None], "plan": {"kind": "native"}}], P.split_plan(2, None, None), False),  # every M native
+        ([{"plan": {"kind": "native"}}, {"plan": P.split_plan(2, None, None)}], {"kind": "native"}, False),
+        ([{"k": [65, None], "plan": P.split_plan(2, None, None)}], {"kind": "native"}, False),  # other K
+    ],
+)
 def test_may_leave_native(rules, default, expected):
     doc = P.make_policy(rules, default)
     assert P.may_leave_native(doc, 64, 64) is expected
 
 
 BAD_POLICIES = {
-    "schema": (lambda t: {"schema": "tilewise.policy/1", "target": t,
-                          "matmul": {"rules": [], "default": {"kind": "split", "tile_m": 0, "tile_n": None, "tile_k": None}}},
-               "matmul.default.tile_m"),
-    "unknown plan kind": (lambda t: {"schema": "tilewise.policy/1", "target": t,
-                                     "matmul": {"rules": [], "default": {"kind": "turbo"}}}, "unknown plan kind"),
-    "range lo > hi": (lambda t: {"schema": "tilewise.policy/1", "target": t, "matmul": {
-        "rules": [{"m": [9, 3], "plan": {"kind": "native"}}], "default": {"kind": "native"}}}, "lo > hi"),
+    "schema": (
+        lambda t: {
+            "schema": "tilewise.policy/1",
+            "target": t,
+            "matmul": {"rules": [], "default": {"kind": "split", "tile_m": 0, "tile_n": None, "tile_k": None}},
+        },
+        "matmul.default.tile_m",
+    ),
+    "unknown plan kind": (
+        lambda t: {"schema": "tilewise.policy/1", "target": t, "matmul": {"rules": [], "default": {"kind": "turbo"}}},
+        "unknown plan kind",
+    ),
+    "range lo > hi": (
+        lambda t: {
+            "schema": "tilewise.policy/1",
+            "target": t,
+            "matmul": {"rules": [{"m": [9, 3], "plan": {"kind": "native"}}], "default": {"kind": "native"}},
+        },
+        "lo > hi",
+    ),
     "not an object": (lambda t: [1, 2], "policy"),
-    "other model": (lambda t: split_head_policy(dict(t, model="mdl-00000000000000000000000000000000")),
-                    "targets model mdl-0000"),
+    "other model": (
+        lambda t: split_head_policy(dict(t, model="mdl-00000000000000000000000000000000")),
+        "targets model mdl-0000",
+    ),
     "other mlx": (lambda t: split_head_policy(dict(t, mlx="0.1.0")), "targets mlx 0.1.0"),
     "other backend": (lambda t: split_head_policy(dict(t, backend="metal")), "policy is for metal"),
-    "kernels for another backend": (lambda t: P.make_policy(
-        [{"m": [1, 8], "plan": {"kind": "kernel", "backend": "cuda", "family": "gemv", "rows_per_block": 4,
-                                "vector_width": 4, "split_k": 1}}], target=dict(t, backend="*")),
-        "kernel backend cuda not available on cpu"),
-    "unverifiable device": (lambda t: split_head_policy(dict(t, device="dev-someone-elses")),
-                            "fingerprint is unknown"),
+    "kernels for another backend": (
+        lambda t: P.make_policy(
+            [
+                {
+                    "m": [1, 8],
+                    "plan": {
+                        "kind": "kernel",
+                        "backend": "cuda",
+                        "family": "gemv",
+                        "rows_per_block": 4,
+                        "vector_width": 4,
+                        "split_k": 1,
+                    },
+                }
+            ],
+            target=dict(t, backend="*"),
+        ),
+        "kernel backend cuda not available on cpu",
+    ),
+    "unverifiable device": (lambda t: split_head_policy(dict(t, device="dev-someone-elses")), "fingerprint is unknown"),
 }
 
 
@@ -307,8 +348,13 @@ def test_all_native_policy_leaves_the_model_stock(tiny_dir, tmp_path):
 
 def seed_cache(model, doc, device="dev-here", fetched_at=None):
     key = (models.fingerprint(model), mx.__version__, workloads.backend())
-    answer = {"policy": doc, "hash": P.content_hash(doc), "source": "best", "reason": "proven 1.05x",
-              "evidence": {"ratio": 1.05, "lo": 1.02, "hi": 1.08}}
+    answer = {
+        "policy": doc,
+        "hash": P.content_hash(doc),
+        "source": "best",
+        "reason": "proven 1.05x",
+        "evidence": {"ratio": 1.05, "lo": 1.02, "hi": 1.08},
+    }
     plugin._write_cache(key, device, answer, time.time() if fetched_at is None else fetched_at)
     return plugin.cache_path(key)
 
@@ -336,8 +382,10 @@ def _tamper(path, fn):
 CACHE_DEFECTS = {
     "expired": (lambda e: e.update(fetched_at=time.time() - plugin.DEFAULT_CACHE_MAX_AGE_S - 10), "beyond"),
     "other host": (lambda e: e.update(host="0" * 24), "another machine"),
-    "tampered policy": (lambda e: e["policy"]["matmul"]["default"].update(kind="split", tile_m=2, tile_n=None,
-                                                                          tile_k=None), "content hash"),
+    "tampered policy": (
+        lambda e: e["policy"]["matmul"]["default"].update(kind="split", tile_m=2, tile_n=None, tile_k=None),
+        "content hash",
+    ),
     "policy for another device": (lambda e: e.update(device_fingerprint="dev-other"), "targets device"),
     "wrong key": (lambda e: e["key"].update(mlx="0.0.1"), "another model"),
     "schema-invalid policy": (lambda e: e["policy"].update(schema="nope"), "not usable"),
@@ -376,8 +424,7 @@ def test_corrupt_cache_file_falls_back_to_native(content, tiny_dir):
 
 def test_cache_max_age_is_configurable(tiny_dir, monkeypatch):
     stock_model, _ = load_tiny(tiny_dir)
-    seed_cache(stock_model, split_head_policy(target_of(stock_model, device="dev-here")),
-               fetched_at=time.time() - 120)
+    seed_cache(stock_model, split_head_policy(target_of(stock_model, device="dev-here")), fetched_at=time.time() - 120)
     monkeypatch.setenv("TILEWISE_POLICY_CACHE_MAX_AGE_S", "60")
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
@@ -467,11 +514,16 @@ class AnsweringDaemon(MisbehavingDaemon):
             threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
 
     def _talk(self, conn):
-        results = {"hello": {"daemon": "tilewised", "version": "0", "protocol": 1, "pid": os.getpid()},
-                   "status": {"device_fingerprint": self.device}, "policy.get": self.answer}
+        results = {
+            "hello": {"daemon": "tilewised", "version": "0", "protocol": 1, "pid": os.getpid()},
+            "status": {"device_fingerprint": self.device},
+            "policy.get": self.answer,
+        }
         for line in conn.makefile("rb"):
             req = json.loads(line)
-            conn.sendall(json.dumps({"jsonrpc": "2.0", "id": req["id"], "result": results[req["method"]]}).encode() + b"\n")
+            conn.sendall(
+                json.dumps({"jsonrpc": "2.0", "id": req["id"], "result": results[req["method"]]}).encode() + b"\n"
+            )
 
 
 def _answer(doc, **over):
@@ -481,15 +533,23 @@ def _answer(doc, **over):
 
 
 DAEMON_ANSWERS = {
-    "policy for another model": (lambda t: _answer(split_head_policy(dict(t, model="mdl-" + "1" * 32))),
-                                 "targets model mdl-1111"),
-    "policy for another device": (lambda t: _answer(split_head_policy(dict(t, device="dev-other"))),
-                                  "targets device dev-other, this is dev-here"),
+    "policy for another model": (
+        lambda t: _answer(split_head_policy(dict(t, model="mdl-" + "1" * 32))),
+        "targets model mdl-1111",
+    ),
+    "policy for another device": (
+        lambda t: _answer(split_head_policy(dict(t, device="dev-other"))),
+        "targets device dev-other, this is dev-here",
+    ),
     "policy for another mlx": (lambda t: _answer(split_head_policy(dict(t, mlx="9.9.9"))), "targets mlx 9.9.9"),
     "hash mismatch": (lambda t: _answer(split_head_policy(t), hash="sha256:" + "0" * 64), "content hash"),
-    "schema-invalid": (lambda t: _answer({"schema": "tilewise.policy/1", "target": t,
-                                          "matmul": {"rules": "all", "default": {"kind": "native"}}},
-                                         hash=None), "matmul.rules"),
+    "schema-invalid": (
+        lambda t: _answer(
+            {"schema": "tilewise.policy/1", "target": t, "matmul": {"rules": "all", "default": {"kind": "native"}}},
+            hash=None,
+        ),
+        "matmul.rules",
+    ),
 }
 
 
@@ -547,8 +607,14 @@ def test_stale_socket_file_is_unavailable_not_an_error(tiny_dir):
 def run_cli(args, home, timeout=120):
     env = dict(os.environ, TILEWISE_HOME=str(home))
     env.pop("TILEWISE_SOCKET", None)
-    return subprocess.run([sys.executable, "-m", "tilewise.mlx_lm", *args], cwd=EVALUATOR, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tilewise.mlx_lm", *args],
+        cwd=EVALUATOR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_generate_with_a_policy_file(tiny_dir, tmp_path, fresh_plugin):
@@ -578,9 +644,24 @@ def test_cli_server_serves_with_the_policy(tiny_dir, tmp_path, fresh_plugin):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, TILEWISE_HOME=str(fresh_plugin))
-    proc = subprocess.Popen([sys.executable, "-m", "tilewise.mlx_lm", "--policy", str(path), "server",
-                             "--model", str(tiny_dir), "--port", str(port)],
-                            cwd=EVALUATOR, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tilewise.mlx_lm",
+            "--policy",
+            str(path),
+            "server",
+            "--model",
+            str(tiny_dir),
+            "--port",
+            str(port),
+        ],
+        cwd=EVALUATOR,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # the server loads its model at start; the plugin announces what it applied
         line = ""
@@ -592,8 +673,9 @@ def test_cli_server_serves_with_the_policy(tiny_dir, tmp_path, fresh_plugin):
         body = json.dumps({"prompt": "hello", "max_tokens": 4}).encode()
         for _ in range(100):
             try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+                )
                 with urllib.request.urlopen(req, timeout=30) as resp:
                     reply = json.loads(resp.read())
                 break
@@ -608,14 +690,14 @@ def test_cli_server_serves_with_the_policy(tiny_dir, tmp_path, fresh_plugin):
 # ---------------------------------------------------------------------------------------------
 # OpenEvolve programs (mlx_lm_openevolve.enable_optimizations(path), the seed's integration line)
 
-SPLIT_HEAD_PROGRAM = '''
+SPLIT_HEAD_PROGRAM = """
 def choose_tile_size(M, N, K, device_info):
     # the shape of an evolved program: consults device_info, splits the big output head along N
     assert device_info["backend"] in ("cpu", "cuda", "metal")
     if N >= 1000:
         return (None, 256, None)
     return None
-'''
+"""
 
 
 def test_openevolve_program_is_tabulated_and_applied(tiny_dir, tmp_path):
@@ -638,12 +720,15 @@ def test_openevolve_program_is_tabulated_and_applied(tiny_dir, tmp_path):
     assert plugin.status().calls["split"] > 0
 
 
-@pytest.mark.parametrize("program, expected", [
-    ("def choose_tile_size(M, N, K, device_info):\n    raise RuntimeError('evolved badly')\n", "evolved badly"),
-    ("def something_else():\n    pass\n", "does not define choose_tile_size"),
-    ("def choose_tile_size(M, N, K, device_info):\n    return 'big'\n", "choose_tile_size"),
-    ("this is not python(\n", "SyntaxError"),
-])
+@pytest.mark.parametrize(
+    "program, expected",
+    [
+        ("def choose_tile_size(M, N, K, device_info):\n    raise RuntimeError('evolved badly')\n", "evolved badly"),
+        ("def something_else():\n    pass\n", "does not define choose_tile_size"),
+        ("def choose_tile_size(M, N, K, device_info):\n    return 'big'\n", "choose_tile_size"),
+        ("this is not python(\n", "SyntaxError"),
+    ],
+)
 def test_broken_openevolve_programs_fall_back_to_native(program, expected, tiny_dir, tmp_path):
     import mlx_lm_openevolve
 
@@ -665,12 +750,20 @@ def test_an_unchanged_daemon_answer_does_not_rewrite_the_cache_but_a_changed_one
     path = seed_cache(stock_model, doc)
     written = path.stat().st_mtime_ns
     time.sleep(0.01)
-    plugin._write_cache(key, "dev-here", _answer(doc, reason="proven 1.05x",
-                                                 evidence={"ratio": 1.05, "lo": 1.02, "hi": 1.08}), time.time())
+    plugin._write_cache(
+        key,
+        "dev-here",
+        _answer(doc, reason="proven 1.05x", evidence={"ratio": 1.05, "lo": 1.02, "hi": 1.08}),
+        time.time(),
+    )
     assert path.stat().st_mtime_ns == written
     _tamper(path, lambda e: e["policy"].update(name="tampered"))  # same hash field, different policy
-    plugin._write_cache(key, "dev-here", _answer(doc, reason="proven 1.05x",
-                                                 evidence={"ratio": 1.05, "lo": 1.02, "hi": 1.08}), time.time())
+    plugin._write_cache(
+        key,
+        "dev-here",
+        _answer(doc, reason="proven 1.05x", evidence={"ratio": 1.05, "lo": 1.02, "hi": 1.08}),
+        time.time(),
+    )
     entry, problem = plugin._read_cache(key)
     assert problem is None and entry["policy"] == doc
 
@@ -756,13 +849,25 @@ def test_plugin_command_shows_what_would_be_applied(tiny_dir, tmp_path, fresh_pl
     doc = mixed_policy(target_of(stock_model))
     path = write_json(tmp_path / "p.json", doc)
     env = dict(os.environ, TILEWISE_HOME=str(fresh_plugin))
-    out = subprocess.run([sys.executable, "-m", "tilewise.plugin", str(tiny_dir), "--policy", str(path), "--json"],
-                         cwd=EVALUATOR, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "tilewise.plugin", str(tiny_dir), "--policy", str(path), "--json"],
+        cwd=EVALUATOR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout)["models"][0]
     assert (m["source"], m["policy_hash"], m["patched_layers"]) == ("file", P.content_hash(doc), 5)
-    out = subprocess.run([sys.executable, "-m", "tilewise.plugin", str(tiny_dir)],
-                         cwd=EVALUATOR, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "tilewise.plugin", str(tiny_dir)],
+        cwd=EVALUATOR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "native (model left stock)" in out.stdout and "daemon not running" in out.stdout
 
 
@@ -800,9 +905,14 @@ def test_quantized_models_get_the_policy_on_the_right_shapes(tiny_dir, tmp_path)
 
 
 def fusion_policy(target, name="fuse siblings", groups=None, **fusion_fields):
-    groups = groups if groups is not None else [
-        {"scope": "model.layers.*.self_attn", "members": ["q_proj", "k_proj", "v_proj"]},
-        {"scope": "model.layers.*.mlp", "members": ["gate_proj", "up_proj"]}]
+    groups = (
+        groups
+        if groups is not None
+        else [
+            {"scope": "model.layers.*.self_attn", "members": ["q_proj", "k_proj", "v_proj"]},
+            {"scope": "model.layers.*.mlp", "members": ["gate_proj", "up_proj"]},
+        ]
+    )
     return P.make_policy(target=target, name=name, fusion={"groups": groups, **fusion_fields})
 
 
@@ -895,11 +1005,15 @@ def test_fusion_groups_the_model_lacks_are_skipped_with_the_reason(tiny_dir, tmp
 
     stock_model, tok = load_tiny(tiny_dir)
     stock_text = mlx_lm.generate(stock_model, tok, "hello", max_tokens=4)
-    groups = [{"scope": "model.layers.*.self_attn", "members": ["q_proj", "o_proj"]},  # not same input
-              {"scope": "transformer.h.*.attn", "members": ["c_attn", "c_proj"]}]
+    groups = [
+        {"scope": "model.layers.*.self_attn", "members": ["q_proj", "o_proj"]},  # not same input
+        {"scope": "transformer.h.*.attn", "members": ["c_attn", "c_proj"]},
+    ]
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        plugin.enable_optimizations(write_json(tmp_path / "p.json", fusion_policy(target_of(stock_model), groups=groups)))
+        plugin.enable_optimizations(
+            write_json(tmp_path / "p.json", fusion_policy(target_of(stock_model), groups=groups))
+        )
         model, tok = load_tiny(tiny_dir)
     assert not tilewise_warnings(w)
     rec = plugin.status().models[-1]

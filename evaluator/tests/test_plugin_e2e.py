@@ -40,11 +40,17 @@ print(json.dumps({"status": st.as_dict(), "text": text, "streamed": streamed}))
 @pytest.fixture(scope="module")
 def binaries():
     """tilewised and the seed_best example of this checkout, built if needed (cargo is incremental)."""
-    build = subprocess.run(["cargo", "build", "--locked", "-q", "-p", "tilewise", "--bin", "tilewised", "--example", "seed_best"],
-                           cwd=REPO, capture_output=True, text=True)
+    build = subprocess.run(
+        ["cargo", "build", "--locked", "-q", "-p", "tilewise", "--bin", "tilewised", "--example", "seed_best"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, f"cannot build the daemon for the e2e test:\n{build.stderr[-3000:]}"
-    return {"daemon": REPO / "target" / "debug" / "tilewised",
-            "seed_best": REPO / "target" / "debug" / "examples" / "seed_best"}
+    return {
+        "daemon": REPO / "target" / "debug" / "tilewised",
+        "seed_best": REPO / "target" / "debug" / "examples" / "seed_best",
+    }
 
 
 @pytest.fixture
@@ -64,8 +70,14 @@ def run_user(home, model_dir, *, timeout=180):
     # (test_plugin.py shows the default bounds a silent daemon's cost)
     env = dict(os.environ, TILEWISE_HOME=str(home), TILEWISE_PLUGIN_TIMEOUT_S="5")
     env.pop("TILEWISE_SOCKET", None)
-    out = subprocess.run([sys.executable, "-c", USER_PROGRAM, str(model_dir)], cwd=EVALUATOR, env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-c", USER_PROGRAM, str(model_dir)],
+        cwd=EVALUATOR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["warnings"] = out.stderr.count("TilewiseWarning")
@@ -77,8 +89,12 @@ def seed_best(binaries, home, doc, ratio=1.07):
     path = home / "best.json"
     path.write_text(json.dumps(doc))
     env = dict(os.environ, TILEWISE_HOME=str(home))
-    out = subprocess.run([str(binaries["seed_best"]), str(path), "--ratio", str(ratio), "--lo", "1.03", "--hi", "1.1"],
-                         env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(binaries["seed_best"]), str(path), "--ratio", str(ratio), "--lo", "1.03", "--hi", "1.1"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)["hash"]
 
@@ -88,11 +104,15 @@ def best_policy(device, model_fp, name="e2e best"):
     (N = vocab 1024) split along N always; the rest native (those layers stay stock). All splits are
     along N, so outputs are exact. 2 x 2 + 1 = 5 layers patched."""
     target = {"device": device, "model": model_fp, "mlx": mx.__version__, "backend": workloads.backend()}
-    return P.make_policy([
-        {"m": [1, 1], "n": [64, 64], "k": [64, 64], "plan": {"kind": "native"}},
-        {"n": [64, 64], "k": [64, 64], "plan": P.split_plan(None, 32, None)},
-        {"n": [1000, None], "plan": P.split_plan(None, 256, None)},
-    ], target=target, name=name)
+    return P.make_policy(
+        [
+            {"m": [1, 1], "n": [64, 64], "k": [64, 64], "plan": {"kind": "native"}},
+            {"n": [64, 64], "k": [64, 64], "plan": P.split_plan(None, 32, None)},
+            {"n": [1000, None], "plan": P.split_plan(None, 256, None)},
+        ],
+        target=target,
+        name=name,
+    )
 
 
 def test_daemon_then_cache_then_native(binaries, home, tiny):
@@ -150,9 +170,11 @@ def test_a_new_promotion_reaches_the_next_process_and_replaces_the_cache(binarie
     with daemon_client.LocalDaemon(binaries["daemon"], home) as d:
         first = seed_best(binaries, home, best_policy(d.device_fingerprint, info["model_fingerprint"], "first"))
         assert run_user(home, info["model_path"])["status"]["models"][0]["policy_hash"] == first
-        doc2 = P.make_policy([{"m": [1, 1], "plan": P.split_plan(None, 512, None)}],
-                             target=best_policy(d.device_fingerprint, info["model_fingerprint"])["target"],
-                             name="second")
+        doc2 = P.make_policy(
+            [{"m": [1, 1], "plan": P.split_plan(None, 512, None)}],
+            target=best_policy(d.device_fingerprint, info["model_fingerprint"])["target"],
+            name="second",
+        )
         second = seed_best(binaries, home, doc2, ratio=1.12)
         r = run_user(home, info["model_path"])
     m = r["status"]["models"][0]
@@ -166,9 +188,27 @@ def test_cli_wrapper_gets_the_daemons_policy(binaries, home, tiny):
     with daemon_client.LocalDaemon(binaries["daemon"], home) as d:
         stored = seed_best(binaries, home, best_policy(d.device_fingerprint, info["model_fingerprint"]))
         env = dict(os.environ, TILEWISE_HOME=str(home))
-        out = subprocess.run([sys.executable, "-m", "tilewise.mlx_lm", "--timeout", "5", "generate", "--model", info["model_path"],
-                              "--prompt", "hello", "--max-tokens", "4"],
-                             cwd=EVALUATOR, env=env, capture_output=True, text=True, timeout=180)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tilewise.mlx_lm",
+                "--timeout",
+                "5",
+                "generate",
+                "--model",
+                info["model_path"],
+                "--prompt",
+                "hello",
+                "--max-tokens",
+                "4",
+            ],
+            cwd=EVALUATOR,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
     assert out.returncode == 0, out.stderr
     assert f"tilewise: daemon, policy {stored}, 5 layers patched" in out.stderr
     assert "Generation:" in out.stdout
@@ -208,8 +248,15 @@ def test_a_default_session_finds_fusion_and_mlx_lm_processes_get_it(binaries, ho
         tried = []
         for seed in (3, 4, 5):
             answer, session = run_session(d, info, seed)
-            tried.append((answer["reason"], [(c.get("origin"), c.get("status"), c.get("ratio"), c.get("lo"))
-                                             for c in session.get("candidates", [])][:10]))
+            tried.append(
+                (
+                    answer["reason"],
+                    [
+                        (c.get("origin"), c.get("status"), c.get("ratio"), c.get("lo"))
+                        for c in session.get("candidates", [])
+                    ][:10],
+                )
+            )
             if answer["source"] == "best":
                 break
         assert answer["source"] == "best", tried
@@ -225,7 +272,12 @@ def test_a_default_session_finds_fusion_and_mlx_lm_processes_get_it(binaries, ho
     m = r["status"]["models"][0]
     assert m["source"] == "daemon" and m["policy_hash"] == answer["hash"], m["reason"]
     assert m["fusion"]["instances"] > 0 and m["fusion"]["matmuls_per_token"][1] < 15, m["fusion"]
-    stock = subprocess.run([sys.executable, "-c", USER_PROGRAM.replace("tilewise.enable_optimizations()", ""),
-                            info["model_path"]], cwd=EVALUATOR, capture_output=True, text=True, timeout=180)
+    stock = subprocess.run(
+        [sys.executable, "-c", USER_PROGRAM.replace("tilewise.enable_optimizations()", ""), info["model_path"]],
+        cwd=EVALUATOR,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert stock.returncode == 0, stock.stderr[-2000:]
     assert json.loads(stock.stdout.strip().splitlines()[-1])["text"] == r["text"]

@@ -117,8 +117,7 @@ def test_cross_field_checks_match_docs_policy_md():
         P.validate(base([{"m": [9, 4], "plan": {"kind": "native"}}], {"kind": "native"}))
     assert e.value.errors == [("matmul.rules[0].m", "lo > hi (9 > 4)")]
 
-    gemv = {"kind": "kernel", "backend": "cuda", "family": "gemv", "rows_per_block": 4,
-            "vector_width": 8, "split_k": 1}
+    gemv = {"kind": "kernel", "backend": "cuda", "family": "gemv", "rows_per_block": 4, "vector_width": 8, "split_k": 1}
     # gemv as default (unbounded M) is refused; in a rule with m <= 16 it is fine.
     with pytest.raises(P.PolicyError) as e:
         P.validate(base([], gemv))
@@ -140,8 +139,17 @@ def test_cross_field_checks_match_docs_policy_md():
     assert ("matmul.rules[0].plan.backend", "kernel backend cuda not available on metal") in e.value.errors
     P.validate_for_backend(ok, "cuda")
 
-    metal_on_cuda = {"kind": "kernel", "backend": "metal", "family": "gemm", "block_m": 32,
-                     "block_n": 32, "block_k": 16, "warps": 4, "vector_width": 4, "split_k": 1}
+    metal_on_cuda = {
+        "kind": "kernel",
+        "backend": "metal",
+        "family": "gemm",
+        "block_m": 32,
+        "block_n": 32,
+        "block_k": 16,
+        "warps": 4,
+        "vector_width": 4,
+        "split_k": 1,
+    }
     with pytest.raises(P.PolicyError) as e:
         P.validate(base([], metal_on_cuda))
     assert "not available on cuda" in e.value.errors[0][1]
@@ -149,8 +157,12 @@ def test_cross_field_checks_match_docs_policy_md():
     gemm_missing = {"kind": "kernel", "backend": "cuda", "family": "gemm", "vector_width": 4, "split_k": 1}
     with pytest.raises(P.PolicyError) as e:
         P.validate(base([], gemm_missing))
-    assert paths(e) == ["matmul.default.block_m", "matmul.default.block_n",
-                        "matmul.default.block_k", "matmul.default.warps"]
+    assert paths(e) == [
+        "matmul.default.block_m",
+        "matmul.default.block_n",
+        "matmul.default.block_k",
+        "matmul.default.warps",
+    ]
 
 
 def test_wildcard_target_runs_anywhere():
@@ -170,19 +182,27 @@ def test_native_returns_a_fresh_copy():
 
 def test_fusion_groups_validate_with_the_rust_messages():
     """Same paths and texts as policy.rs `fusion_groups_validate_and_a_layer_joins_one_group`."""
-    doc = P.make_policy(fusion={"groups": [
-        {"scope": "model.layers.*.self_attn", "members": ["q_proj", "k_proj", "v_proj"]},
-        {"scope": "model.layers.*.mlp", "members": ["gate_proj", "up_proj"]}]})
+    doc = P.make_policy(
+        fusion={
+            "groups": [
+                {"scope": "model.layers.*.self_attn", "members": ["q_proj", "k_proj", "v_proj"]},
+                {"scope": "model.layers.*.mlp", "members": ["gate_proj", "up_proj"]},
+            ]
+        }
+    )
     assert len(P.fusion_groups(doc)) == 2 and P.is_all_native(doc) and not P.is_stock(doc)
     doc["fusion"]["groups"][1] = {"scope": "model.layers.3.self_attn", "members": ["v_proj", "o_proj"]}
     with pytest.raises(P.PolicyError) as e:
         P.validate(doc)
-    assert e.value.errors == [("fusion.groups[1].members",
-                               "v_proj is already in fusion.groups[0] (a layer joins one group)")]
-    for bad in ({"scope": "model.layers.*.mlp", "members": ["gate_proj"]},
-                {"scope": "model..mlp", "members": ["a", "b"]},
-                {"scope": "m", "members": ["a b", "c"]},
-                {"scope": "m", "members": ["a", "a"]}):
+    assert e.value.errors == [
+        ("fusion.groups[1].members", "v_proj is already in fusion.groups[0] (a layer joins one group)")
+    ]
+    for bad in (
+        {"scope": "model.layers.*.mlp", "members": ["gate_proj"]},
+        {"scope": "model..mlp", "members": ["a", "b"]},
+        {"scope": "m", "members": ["a b", "c"]},
+        {"scope": "m", "members": ["a", "a"]},
+    ):
         doc["fusion"] = {"groups": [bad]}
         with pytest.raises(P.PolicyError):
             P.validate(doc)

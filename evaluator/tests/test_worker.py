@@ -29,8 +29,12 @@ def choose_tile_size(M, N, K, device_info):
 class Worker:
     def __init__(self, env=None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tilewise.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+            [sys.executable, "-m", "tilewise.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+        )
         self.lines = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
         self.ready = self.next_json(timeout=60)
@@ -96,8 +100,14 @@ def error_code(msg):
 
 
 def test_ready_ping_shutdown(worker):
-    assert worker.ready == {"id": 0, "type": "ready", "protocol": 1, "mlx": "0.32.4",
-                            "backend": "cpu", "pid": worker.proc.pid}
+    assert worker.ready == {
+        "id": 0,
+        "type": "ready",
+        "protocol": 1,
+        "mlx": "0.32.4",
+        "backend": "cpu",
+        "pid": worker.proc.pid,
+    }
     assert worker.call(5, "ping") == {"id": 5, "type": "result", "result": {"pong": True}}
     assert worker.call(6, "shutdown")["result"] == {"bye": True}
     assert worker.proc.wait(timeout=30) == 0
@@ -110,7 +120,12 @@ def test_load_reports_model_and_shapes(worker, tiny):
     assert r["dtype"] == "float32" and r["backend"] == "cpu" and r["mlx"] == "0.32.4"
     assert r["config"]["hidden_size"] == 64 and r["device_name"]
     assert {(s["n"], s["k"]): s["count"] for s in r["shapes"]} == {
-        (64, 64): 4, (32, 64): 4, (128, 64): 4, (64, 128): 2, (1024, 64): 1}
+        (64, 64): 4,
+        (32, 64): 4,
+        (128, 64): 4,
+        (64, 128): 2,
+        (1024, 64): 1,
+    }
     bf16 = worker.call(3, "load", model=r["model_path"], dtype="bfloat16")["result"]
     assert bf16["dtype"] == "bfloat16" and bf16["model_fingerprint"] != r["model_fingerprint"]
 
@@ -136,10 +151,13 @@ def test_bad_requests_get_error_lines_and_the_worker_lives_on(worker):
     assert error_code(worker.call(16, "load", model="synthetic:nope")) == "model_not_found"
     assert error_code(worker.call(17, "load", model="synthetic:tiny", dtype="int3")) == "bad_request"
     assert error_code(worker.call(18, "shapes", items=[])) == "bad_request"
-    assert error_code(worker.call(19, "shapes", items=[{"m": 0, "n": 1, "k": 1, "dtype": "float32",
-                                                        "plan": {"kind": "native"}}])) == "bad_request"
-    bad_plan = worker.call(20, "shapes", items=[{"m": 1, "n": 8, "k": 8, "dtype": "float32",
-                                                  "plan": P.split_plan(0)}])
+    assert (
+        error_code(
+            worker.call(19, "shapes", items=[{"m": 0, "n": 1, "k": 1, "dtype": "float32", "plan": {"kind": "native"}}])
+        )
+        == "bad_request"
+    )
+    bad_plan = worker.call(20, "shapes", items=[{"m": 1, "n": 8, "k": 8, "dtype": "float32", "plan": P.split_plan(0)}])
     assert error_code(bad_plan) == "invalid_policy"
     assert "items[0]: invalid policy: matmul.rules[0].plan.tile_m" in bad_plan["error"]["message"]
     assert error_code(worker.call(21, "cancel")) == "bad_request"
@@ -189,8 +207,9 @@ def test_evaluate_reports_gate_timing_and_calls(loaded):
     stages = [(p["stage"], p["done"]) for p in progress]
     assert stages[:2] == [("gate", 0), ("gate", 1)] and ("inference", 3) in stages and stages[-1] == ("training", 3)
 
-    only_inf = loaded.call(41, "evaluate", policy=P.native(), pairs=2, warmup=0, training=None,
-                           inference=SMALL["inference"])["result"]
+    only_inf = loaded.call(
+        41, "evaluate", policy=P.native(), pairs=2, warmup=0, training=None, inference=SMALL["inference"]
+    )["result"]
     assert only_inf["training"] is None and only_inf["combined"]["ratio"] == only_inf["inference"]["ratio"]
 
 
@@ -198,8 +217,9 @@ def test_planted_wrong_plan_is_reported_incorrect(tiny):
     w = Worker(env={"TILEWISE_PLANT_BUG": "drop_last_k_tile"})
     try:
         assert w.call(1, "load", model="synthetic:tiny")["type"] == "result"
-        r = w.call(2, "evaluate", policy=P.make_policy(default=P.split_plan(None, None, 32)),
-                   pairs=2, **SMALL)["result"]
+        r = w.call(2, "evaluate", policy=P.make_policy(default=P.split_plan(None, None, 32)), pairs=2, **SMALL)[
+            "result"
+        ]
         assert r["correct"] is False and "logits relative error" in r["gate"]["reason"]
         assert r["inference"] is None and r["training"] is None and r["combined"] is None
     finally:
@@ -207,8 +227,17 @@ def test_planted_wrong_plan_is_reported_incorrect(tiny):
 
 
 def test_cancel_stops_a_running_evaluation(loaded):
-    loaded.send({"id": 50, "op": "evaluate", "policy": P.native(), "pairs": 10000, "warmup": 0,
-                 "training": None, "inference": SMALL["inference"]})
+    loaded.send(
+        {
+            "id": 50,
+            "op": "evaluate",
+            "policy": P.native(),
+            "pairs": 10000,
+            "warmup": 0,
+            "training": None,
+            "inference": SMALL["inference"],
+        }
+    )
     while True:  # wait until timing is under way
         msg = loaded.next_json()
         if msg.get("stage") == "inference":
@@ -225,8 +254,14 @@ def test_cancel_stops_a_running_evaluation(loaded):
 
 
 def test_shapes_microbenchmark(loaded):
-    kernel = {"kind": "kernel", "backend": "cuda", "family": "gemv", "rows_per_block": 4,
-              "vector_width": 4, "split_k": 1}
+    kernel = {
+        "kind": "kernel",
+        "backend": "cuda",
+        "family": "gemv",
+        "rows_per_block": 4,
+        "vector_width": 4,
+        "split_k": 1,
+    }
     items = [
         {"m": 1, "n": 256, "k": 128, "dtype": "float32", "plan": P.split_plan(None, 64, None)},
         {"m": 8, "n": 128, "k": 256, "dtype": "bfloat16", "plan": P.split_plan(None, None, 64)},
@@ -235,7 +270,9 @@ def test_shapes_microbenchmark(loaded):
     ]
     r = loaded.call(60, "shapes", items=items, pairs=3, warmup=1)["result"]["items"]
     for got, want in zip(r[:3], items):
-        assert (got["m"], got["n"], got["k"], got["dtype"], got["plan"]) == tuple(want[f] for f in ("m", "n", "k", "dtype", "plan"))
+        assert (got["m"], got["n"], got["k"], got["dtype"], got["plan"]) == tuple(
+            want[f] for f in ("m", "n", "k", "dtype", "plan")
+        )
         assert got["correct"] is True and got["error"] is None, got
         assert len(got["native_s"]) == len(got["plan_s"]) == 3
         assert got["lo"] <= got["ratio"] <= got["hi"] and got["plan_hash"].startswith("sha256:")
@@ -324,15 +361,15 @@ def test_closing_stdin_ends_the_worker(worker):
 
 def test_evaluate_race_stops_losers_early_and_reports_it(loaded):
     # Against a bar of 100x every candidate is a loser: each workload stops at min_pairs.
-    r = loaded.call(60, "evaluate", policy=P.native(), pairs=6, warmup=0,
-                    race={"bar": 100.0, "min_pairs": 2}, **SMALL)["result"]
+    r = loaded.call(60, "evaluate", policy=P.native(), pairs=6, warmup=0, race={"bar": 100.0, "min_pairs": 2}, **SMALL)[
+        "result"
+    ]
     assert r["inference"]["n_pairs"] == 2 and r["training"]["n_pairs"] == 2
     assert r["inference"]["stopped_early"] and len(r["training"]["samples"]) == 4
     assert r["race"]["stopped_early"] is True and r["race"]["stopped_in"] == "inference"
     assert r["race"]["pairs_taken"] == {"inference": 2, "training": 2}
     # Against a bar no ratio is under, every pair is run.
-    r = loaded.call(61, "evaluate", policy=P.native(), pairs=3, warmup=0,
-                    race={"bar": 0.001}, **SMALL)["result"]
+    r = loaded.call(61, "evaluate", policy=P.native(), pairs=3, warmup=0, race={"bar": 0.001}, **SMALL)["result"]
     assert r["inference"]["n_pairs"] == 3 and r["training"]["n_pairs"] == 3
     assert r["race"]["stopped_early"] is False
     # Without `race` nothing is raced and the result has no race field.

@@ -38,8 +38,15 @@ def test_evaluate_passes_the_stop_into_generation(tiny):
         return len(calls) > 3
 
     with pytest.raises(measure.Cancelled) as raised:
-        E.evaluate(model, P.native(), dtype="float32", pairs=2, warmup=0,
-                   inference={"prompt_tokens": 8, "gen_tokens": 50}, skip_training=True,
-                   should_stop=should_stop)
+        E.evaluate(
+            model,
+            P.native(),
+            dtype="float32",
+            pairs=2,
+            warmup=0,
+            inference={"prompt_tokens": 8, "gen_tokens": 50},
+            skip_training=True,
+            should_stop=should_stop,
+        )
     # Raised inside the generation, not at the next sample boundary.
     assert any(entry.name == "run_inference" for entry in raised.traceback), raised.traceback

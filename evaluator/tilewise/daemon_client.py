@@ -260,14 +260,17 @@ class LocalDaemon:
         self.log = open(self.home / "tilewised.out", "ab")
         full_env = dict(os.environ if env is None else env, TILEWISE_HOME=str(self.home))
         full_env.pop("TILEWISE_SOCKET", None)
-        self.proc = subprocess.Popen([str(binary), *args], env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [str(binary), *args], env=full_env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + start_timeout
         while True:
             if self.proc.poll() is not None:
                 self.log.close()
-                raise RuntimeError(f"tilewised exited with {self.proc.returncode} at start; log:\n"
-                                   + (self.home / "tilewised.out").read_text(errors="replace")[-4000:])
+                raise RuntimeError(
+                    f"tilewised exited with {self.proc.returncode} at start; log:\n"
+                    + (self.home / "tilewised.out").read_text(errors="replace")[-4000:]
+                )
             try:
                 with DaemonClient(self.socket, timeout=1.0) as c:
                     self.hello = c.hello()

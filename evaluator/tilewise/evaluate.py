@@ -16,9 +16,23 @@ from . import policy as P
 from . import workloads as W
 
 
-def evaluate(model, doc, *, dtype, inference=None, training=None, pairs=10, warmup=2, seed=0,
-             progress=None, should_stop=None, skip_inference=False, skip_training=False,
-             reachable_only=True, traced=None):
+def evaluate(
+    model,
+    doc,
+    *,
+    dtype,
+    inference=None,
+    training=None,
+    pairs=10,
+    warmup=2,
+    seed=0,
+    progress=None,
+    should_stop=None,
+    skip_inference=False,
+    skip_training=False,
+    reachable_only=True,
+    traced=None,
+):
     """Gate first, then timing. `inference` = {prompt_tokens, gen_tokens}, `training` = {batch, seq};
     None picks the backend's defaults, skip_* leaves a workload out. `progress(stage, done, total)`
     reports; `should_stop()` is polled between samples (measure.Cancelled is raised). `traced` is the
@@ -35,25 +49,64 @@ def evaluate(model, doc, *, dtype, inference=None, training=None, pairs=10, warm
     prompt = W.token_ids(vocab, (inf or W.defaults("inference"))["prompt_tokens"], seed)
     batch = W.make_batch(model, trn["batch"], trn["seq"], seed + 1) if trn else None
 
-    result = {"policy_hash": P.content_hash(doc), "correct": False, "gate": None,
-              "inference": None, "training": None, "combined": None, "calls": None, "fusion": None}
+    result = {
+        "policy_hash": P.content_hash(doc),
+        "correct": False,
+        "gate": None,
+        "inference": None,
+        "training": None,
+        "combined": None,
+        "calls": None,
+        "fusion": None,
+    }
     progress("gate", 0, 1)
     fused = fusion.prepare(model, doc, traced)
     if fusion.policy_groups(doc)[0]:
         result["fusion"] = fused.report()
     try:
-        return _gate_and_time(model, doc, fused, result, dtype=dtype, inf=inf, trn=trn, prompt=prompt,
-                              batch=batch, pairs=pairs, warmup=warmup, seed=seed, progress=progress,
-                              should_stop=should_stop, reachable_only=reachable_only)
+        return _gate_and_time(
+            model,
+            doc,
+            fused,
+            result,
+            dtype=dtype,
+            inf=inf,
+            trn=trn,
+            prompt=prompt,
+            batch=batch,
+            pairs=pairs,
+            warmup=warmup,
+            seed=seed,
+            progress=progress,
+            should_stop=should_stop,
+            reachable_only=reachable_only,
+        )
     finally:
         fused.off()
 
 
-def _gate_and_time(model, doc, fused, result, *, dtype, inf, trn, prompt, batch, pairs, warmup, seed,
-                   progress, should_stop, reachable_only):
+def _gate_and_time(
+    model,
+    doc,
+    fused,
+    result,
+    *,
+    dtype,
+    inf,
+    trn,
+    prompt,
+    batch,
+    pairs,
+    warmup,
+    seed,
+    progress,
+    should_stop,
+    reachable_only,
+):
     patch.reset_call_counts()
-    correct, gate = G.check(model, doc, dtype=dtype, prompt=prompt, batch=batch,
-                            reachable_only=reachable_only, fused=fused)
+    correct, gate = G.check(
+        model, doc, dtype=dtype, prompt=prompt, batch=batch, reachable_only=reachable_only, fused=fused
+    )
     # Counts of the gate's candidate run: proof that the plans were reached.
     result["calls"] = patch.call_counts()
     result["gate"] = gate
@@ -79,6 +132,7 @@ def _gate_and_time(model, doc, fused, result, *, dtype, inf, trn, prompt, batch,
             finally:
                 patch.remove(model)
                 fused.off()
+
         return run
 
     def without_policy(fn):
@@ -87,15 +141,22 @@ def _gate_and_time(model, doc, fused, result, *, dtype, inf, trn, prompt, batch,
             patch.remove(model)
             fused.off()
             return fn()
+
         return run
 
     if inf is not None:
         run_stock = without_policy(lambda: W.run_inference(model, prompt, inf["gen_tokens"], should_stop=should_stop))
-        run_cand = with_policy(lambda: W.run_inference(model, prompt, inf["gen_tokens"], prefill_step,
-                                                       should_stop=should_stop))
-        r = measure.interleaved({"stock": run_stock, "candidate": run_cand}, pairs, warmup, seed=seed,
-                                should_stop=should_stop,
-                                on_sample=lambda d, t: progress("inference", d, t))
+        run_cand = with_policy(
+            lambda: W.run_inference(model, prompt, inf["gen_tokens"], prefill_step, should_stop=should_stop)
+        )
+        r = measure.interleaved(
+            {"stock": run_stock, "candidate": run_cand},
+            pairs,
+            warmup,
+            seed=seed,
+            should_stop=should_stop,
+            on_sample=lambda d, t: progress("inference", d, t),
+        )
         r["prefill_tok_s"] = _tok_s(r["samples"], "prefill_s", inf["prompt_tokens"])
         r["decode_tok_s"] = _tok_s(r["samples"], "decode_s", max(inf["gen_tokens"] - 1, 1))
         # The same statistic over each phase of the generation alone (secondary: what a user of
@@ -107,9 +168,14 @@ def _gate_and_time(model, doc, fused, result, *, dtype, inf, trn, prompt, batch,
     if trn is not None:
         run_stock = without_policy(lambda: W.run_training_step(model, batch))
         run_cand = with_policy(lambda: W.run_training_step(model, batch), training=True)
-        r = measure.interleaved({"stock": run_stock, "candidate": run_cand}, pairs, warmup, seed=seed,
-                                should_stop=should_stop,
-                                on_sample=lambda d, t: progress("training", d, t))
+        r = measure.interleaved(
+            {"stock": run_stock, "candidate": run_cand},
+            pairs,
+            warmup,
+            seed=seed,
+            should_stop=should_stop,
+            on_sample=lambda d, t: progress("training", d, t),
+        )
         r["sizes"] = trn
         result["training"] = r
     result["combined"] = measure.combine(result["inference"], result["training"])
@@ -121,8 +187,7 @@ def _phase_ratio(samples, field, seed):
     by_pair = {}
     for s in samples:
         by_pair.setdefault(s["pair"], {})[s["arm"]] = s[field]
-    ratios = [p["stock"] / p["candidate"] for p in by_pair.values()
-              if len(p) == 2 and p["candidate"] > 0]
+    ratios = [p["stock"] / p["candidate"] for p in by_pair.values() if len(p) == 2 and p["candidate"] > 0]
     if not ratios:
         return None
     ratio, lo, hi = measure.median_ci(ratios, seed=seed)

@@ -57,6 +57,8 @@ def plant_bug(kind):
     if kind not in PLANTED_BUGS:
         raise ValueError(f"unknown planted fusion bug {kind!r}; known: {PLANTED_BUGS}")
     _PLANTED_BUG = kind
+
+
 # The arrays a fusable layer may hold, in the order they are concatenated (all along axis 0).
 _ARRAYS = ("weight", "scales", "biases", "bias")
 _DIGITS = re.compile(r"^\d+$")
@@ -98,8 +100,9 @@ def trace(model, tokens=(0, 1)):
     """{parent module name: [[member keys that read the same input], ...]} from one lazily built
     forward pass over `tokens`. Raises whatever the model raises on that input."""
     log = _Tracing()
-    classes = {cls: type(f"_Trace{cls.__name__}", (cls,), {"__call__": _tracing_call(cls.__call__, log)})
-               for cls in FUSABLE}
+    classes = {
+        cls: type(f"_Trace{cls.__name__}", (cls,), {"__call__": _tracing_call(cls.__call__, log)}) for cls in FUSABLE
+    }
     swapped = []
     try:
         for _, module in model.named_modules():
@@ -166,8 +169,9 @@ def groups_of(model, traced=None):
                 continue
             key = (scope_pattern(name), tuple(keys), ns, ks[0])
             found[key] = found.get(key, 0) + 1
-    return [{"scope": s, "members": list(m), "n": list(ns), "k": k, "count": c}
-            for (s, m, ns, k), c in found.items()]  # in forward order
+    return [
+        {"scope": s, "members": list(m), "n": list(ns), "k": k, "count": c} for (s, m, ns, k), c in found.items()
+    ]  # in forward order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,20 +197,24 @@ def _check_members(parent, members, same_input):
     l0 = layers[0]
     for key, layer in zip(members[1:], layers[1:]):
         if type(layer) is not type(l0):
-            raise FusionError(f"{members[0]} and {key} differ in quantization ({type(l0).__name__} vs "
-                              f"{type(layer).__name__})")
+            raise FusionError(
+                f"{members[0]} and {key} differ in quantization ({type(l0).__name__} vs {type(layer).__name__})"
+            )
         if layer["weight"].dtype != l0["weight"].dtype:
-            raise FusionError(f"{members[0]} and {key} differ in dtype ({l0['weight'].dtype} vs "
-                              f"{layer['weight'].dtype})")
+            raise FusionError(
+                f"{members[0]} and {key} differ in dtype ({l0['weight'].dtype} vs {layer['weight'].dtype})"
+            )
         if isinstance(l0, nn.QuantizedLinear):
             a = (l0.bits, l0.group_size, l0.mode, "biases" in l0)
             b = (layer.bits, layer.group_size, layer.mode, "biases" in layer)
             if a != b:
-                raise FusionError(f"{members[0]} and {key} differ in quantization (bits, group size, mode: "
-                                  f"{a[:3]} vs {b[:3]})")
+                raise FusionError(
+                    f"{members[0]} and {key} differ in quantization (bits, group size, mode: {a[:3]} vs {b[:3]})"
+                )
         if layer_nk(layer)[1] != layer_nk(l0)[1]:
-            raise FusionError(f"{members[0]} and {key} differ in input size ({layer_nk(l0)[1]} vs "
-                              f"{layer_nk(layer)[1]})")
+            raise FusionError(
+                f"{members[0]} and {key} differ in input size ({layer_nk(l0)[1]} vs {layer_nk(layer)[1]})"
+            )
         if ("bias" in layer) != ("bias" in l0):
             raise FusionError(f"{members[0]} and {key} differ in bias (one has none)")
         if layer._no_grad != l0._no_grad:
@@ -298,10 +306,16 @@ class Instance:
         lo = sum(self.rows[:i])
         hi = lo + self.rows[i]
         if isinstance(fused, nn.QuantizedLinear):
-            y = mx.quantized_matmul(x, fused["weight"][lo:hi], scales=fused["scales"][lo:hi],
-                                    biases=fused["biases"][lo:hi] if "biases" in fused else None,
-                                    transpose=True, group_size=fused.group_size, bits=fused.bits,
-                                    mode=fused.mode)
+            y = mx.quantized_matmul(
+                x,
+                fused["weight"][lo:hi],
+                scales=fused["scales"][lo:hi],
+                biases=fused["biases"][lo:hi] if "biases" in fused else None,
+                transpose=True,
+                group_size=fused.group_size,
+                bits=fused.bits,
+                mode=fused.mode,
+            )
             return y + fused["bias"][lo:hi] if "bias" in fused else y
         w = fused["weight"][lo:hi]
         if "bias" in fused:
@@ -334,7 +348,7 @@ class Instance:
         for layer, rows in zip(self.originals, self.rows):
             for name in _ARRAYS:
                 if name in fused:
-                    layer[name] = fused[name][lo:lo + rows]
+                    layer[name] = fused[name][lo : lo + rows]
             lo += rows
         mx.eval([layer.parameters() for layer in self.originals])
         self.off()
@@ -385,7 +399,7 @@ class Fused:
                 whole = out.pop(fused_name)
                 lo = 0
                 for member, rows in zip(inst.members, inst.rows):
-                    out[f"{inst.name}.{member}.{name}" if inst.name else f"{member}.{name}"] = whole[lo:lo + rows]
+                    out[f"{inst.name}.{member}.{name}" if inst.name else f"{member}.{name}"] = whole[lo : lo + rows]
                     lo += rows
         return out
 
@@ -395,9 +409,12 @@ class Fused:
 
     def report(self):
         """What the evaluator and the plugin's status say about this fusion."""
-        return {"instances": len(self.instances), "calls_saved_per_forward": self.calls_saved(),
-                "summary": self.summary(),
-                "skipped": [{"module": m, "members": list(g), "reason": r} for m, g, r in self.skipped]}
+        return {
+            "instances": len(self.instances),
+            "calls_saved_per_forward": self.calls_saved(),
+            "summary": self.summary(),
+            "skipped": [{"module": m, "members": list(g), "reason": r} for m, g, r in self.skipped],
+        }
 
     def summary(self):
         """Short words: `q/k/v fused in 24 modules, gate/up fused in 24 modules`."""
@@ -510,12 +527,14 @@ def count_linear_calls(model, tokens=(0, 1)):
         def call(self, *a, **k):
             calls[0] += 1
             return f(self, *a, **k)
+
         return call
 
     from . import patch
 
-    targets = [(c, "__call__") for c in (nn.Linear, nn.QuantizedLinear, *[p for b, p in patch.PATCHED.items()
-                                                                         if b in FUSABLE])]
+    targets = [
+        (c, "__call__") for c in (nn.Linear, nn.QuantizedLinear, *[p for b, p in patch.PATCHED.items() if b in FUSABLE])
+    ]
     targets += [(c, "as_linear") for c in (nn.Embedding, nn.QuantizedEmbedding)]
     targets += [(p, "as_linear") for b, p in patch.PATCHED.items() if b in (nn.Embedding, nn.QuantizedEmbedding)]
     targets += [(Instance, "_member_alone")]

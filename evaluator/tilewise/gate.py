@@ -76,8 +76,9 @@ def _outputs(model, prompt, batch, greedy_tokens, for_training=None):
     return logits, tokens, loss, grads
 
 
-def check(model, doc, *, dtype, prompt, batch=None, greedy_tokens=GREEDY_TOKENS, stock=None,
-          reachable_only=False, fused=None):
+def check(
+    model, doc, *, dtype, prompt, batch=None, greedy_tokens=GREEDY_TOKENS, stock=None, reachable_only=False, fused=None
+):
     """Runs the gate for policy `doc` on `model`; returns the `gate` dict of docs/worker-protocol.md
     plus "correct". `stock` may pass precomputed stock outputs (from `stock_outputs`).
     `reachable_only` is passed to patch.apply. `fused` (fusion.prepare of the same policy, or None
@@ -85,9 +86,15 @@ def check(model, doc, *, dtype, prompt, batch=None, greedy_tokens=GREEDY_TOKENS,
     layout (each fused gradient cut into its members' rows). The model is left unpatched and
     unfused."""
     tol = tolerance(dtype)
-    gate = {"logits_rel_err": None, "tolerance": tol, "greedy_tokens_equal": 0,
-            "greedy_tokens_checked": greedy_tokens, "loss_rel_err": None, "grad_rel_err": None,
-            "reason": None}
+    gate = {
+        "logits_rel_err": None,
+        "tolerance": tol,
+        "greedy_tokens_equal": 0,
+        "greedy_tokens_checked": greedy_tokens,
+        "loss_rel_err": None,
+        "grad_rel_err": None,
+        "reason": None,
+    }
     patch.remove(model)
     unsupported = _unsupported_kernel_plan(doc)
     if unsupported:
@@ -140,7 +147,9 @@ def check(model, doc, *, dtype, prompt, batch=None, greedy_tokens=GREEDY_TOKENS,
     if not gate["logits_rel_err"] <= tol:  # also catches NaN
         reasons.append(f"logits relative error {gate['logits_rel_err']:.3g} > {tol:g}")
     if equal < greedy_tokens:
-        reasons.append(f"greedy token {equal} differs from stock ({c_tokens[equal] if equal < len(c_tokens) else None} vs {s_tokens[equal]})")
+        reasons.append(
+            f"greedy token {equal} differs from stock ({c_tokens[equal] if equal < len(c_tokens) else None} vs {s_tokens[equal]})"
+        )
     if batch is not None:
         if not gate["loss_rel_err"] <= tol:
             reasons.append(f"training loss relative error {gate['loss_rel_err']:.3g} > {tol:g}")

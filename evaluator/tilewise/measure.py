@@ -54,8 +54,9 @@ class Race:
     (evaluate.py: inference, then training); each `interleaved` call under `racing(race)` takes the
     next one. `state()` is what the evaluate result reports under `race`."""
 
-    def __init__(self, workloads, *, bar=1.0, min_pairs=3, assume_hi=1.25, max_pairs=None, halfwidth=0.02,
-                 weights=None):
+    def __init__(
+        self, workloads, *, bar=1.0, min_pairs=3, assume_hi=1.25, max_pairs=None, halfwidth=0.02, weights=None
+    ):
         workloads = list(workloads)
         if not workloads:
             raise ValueError("race: no workload")
@@ -64,8 +65,9 @@ class Race:
         for name, v in (("bar", bar), ("assume_hi", assume_hi)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1e6:
                 raise ValueError(f"race.{name}: a positive number")
-        if max_pairs is not None and (not isinstance(max_pairs, int) or isinstance(max_pairs, bool)
-                                      or not 2 <= max_pairs <= 10000):
+        if max_pairs is not None and (
+            not isinstance(max_pairs, int) or isinstance(max_pairs, bool) or not 2 <= max_pairs <= 10000
+        ):
             raise ValueError("race.max_pairs: an integer in 2..10000 (extend a promising workload up to it)")
         if not isinstance(halfwidth, (int, float)) or isinstance(halfwidth, bool) or not 0 < halfwidth < 1:
             raise ValueError("race.halfwidth: a number in (0, 1): extend while the interval is wider than this")
@@ -121,10 +123,18 @@ class Race:
         return more
 
     def state(self):
-        return {"stopped_early": self.stopped_in is not None, "stopped_in": self.stopped_in,
-                "bar": self.bar, "min_pairs": self.min_pairs, "assume_hi": self.assume_hi,
-                "max_pairs": self.max_pairs, "halfwidth": self.halfwidth, "extended": dict(self.extended),
-                "bound": self.bound(), "pairs_taken": dict(self.pairs_taken)}
+        return {
+            "stopped_early": self.stopped_in is not None,
+            "stopped_in": self.stopped_in,
+            "bar": self.bar,
+            "min_pairs": self.min_pairs,
+            "assume_hi": self.assume_hi,
+            "max_pairs": self.max_pairs,
+            "halfwidth": self.halfwidth,
+            "extended": dict(self.extended),
+            "bound": self.bound(),
+            "pairs_taken": dict(self.pairs_taken),
+        }
 
 
 _RACE = contextvars.ContextVar("tilewise_race", default=None)
@@ -246,10 +256,19 @@ def _interleaved(arms, pairs, warmup, seed, should_stop, on_sample, race, race_n
     if race is not None:  # the final interval replaces the running one in the race's bound
         race.hi[race_name] = hi
         race.pairs_taken[race_name] = len(ratios)
-    out = {"ratio": ratio, "lo": lo, "hi": hi, "n_pairs": len(ratios), "ratios": ratios,
-           "samples": samples, "peak_memory": peak, "stopped_early": len(ratios) < pairs,
-           "extended": max(0, len(ratios) - pairs), "block": block_length(ratios),
-           "stock_drift": stock_drift(samples)}
+    out = {
+        "ratio": ratio,
+        "lo": lo,
+        "hi": hi,
+        "n_pairs": len(ratios),
+        "ratios": ratios,
+        "samples": samples,
+        "peak_memory": peak,
+        "stopped_early": len(ratios) < pairs,
+        "extended": max(0, len(ratios) - pairs),
+        "block": block_length(ratios),
+        "stock_drift": stock_drift(samples),
+    }
     if samples and all("cpu_s" in s for s in samples):
         # The same statistic over process CPU time (secondary; see workloads.py).
         by_pair = {}

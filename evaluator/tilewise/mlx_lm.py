@@ -35,8 +35,10 @@ def _parse(argv: list) -> tuple:
             i += 1
             continue
         if name not in ("--policy", "--timeout"):
-            raise SystemExit(f"tilewise.mlx_lm: unknown option {name} (tilewise options: --policy, --timeout, "
-                             f"--quiet; mlx_lm's options go after the subcommand)")
+            raise SystemExit(
+                f"tilewise.mlx_lm: unknown option {name} (tilewise options: --policy, --timeout, "
+                f"--quiet; mlx_lm's options go after the subcommand)"
+            )
         if not eq:
             i += 1
             if i >= len(argv):
@@ -51,8 +53,10 @@ def _parse(argv: list) -> tuple:
             opts["policy"] = value
         i += 1
     if i >= len(argv):
-        raise SystemExit("tilewise.mlx_lm: missing the mlx_lm subcommand (e.g. generate, server, chat, lora)\n"
-                         "usage: python -m tilewise.mlx_lm [--policy PATH] [--timeout S] [--quiet] <subcommand> ...")
+        raise SystemExit(
+            "tilewise.mlx_lm: missing the mlx_lm subcommand (e.g. generate, server, chat, lora)\n"
+            "usage: python -m tilewise.mlx_lm [--policy PATH] [--timeout S] [--quiet] <subcommand> ..."
+        )
     return opts, argv[i:]
 
 

@@ -90,8 +90,13 @@ LLAMA32_1B_CONFIG = {
     "num_key_value_heads": 8,
     "head_dim": 64,
     "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
     "rope_theta": 500000.0,
     "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
@@ -150,7 +155,10 @@ class ModelNotFound(FileNotFoundError):
 
 def hf_cache_path(repo_id):
     """The newest local snapshot of `org/name` in the Hugging Face cache, or None."""
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    hub = Path(
+        os.environ.get("HF_HUB_CACHE")
+        or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    )
     snaps = hub / ("models--" + repo_id.replace("/", "--")) / "snapshots"
     if not snaps.is_dir():
         return None
@@ -270,8 +278,7 @@ def model_shapes(model):
             entry["names"].append(short)
         entry["count"] += 1
     return [
-        {"name": "+".join(sorted(e["names"])), "n": e["n"], "k": e["k"], "count": e["count"]}
-        for e in found.values()
+        {"name": "+".join(sorted(e["names"])), "n": e["n"], "k": e["k"], "count": e["count"]} for e in found.values()
     ]
 
 
@@ -316,16 +323,21 @@ def synthesize(name, root=None):
     config["eos_token_id"] = tok.token_to_id("<|im_end|>")
 
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "model_max_length": config["max_position_embeddings"],
-        "chat_template": CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-    }, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": None,
+                "model_max_length": config["max_position_embeddings"],
+                "chat_template": CHAT_TEMPLATE,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=2,
+        )
+    )
 
     from mlx_lm.utils import _get_classes
 

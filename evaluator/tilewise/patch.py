@@ -215,8 +215,14 @@ class _QuantizedBlocks:
             w, s = w[rows], s[rows]
             b = b[rows] if b is not None else None
         return mx.quantized_matmul(
-            x2, w, scales=s, biases=b, transpose=True,
-            group_size=self.group_size, bits=self.bits, mode=self.mode,
+            x2,
+            w,
+            scales=s,
+            biases=b,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
         )
 
 

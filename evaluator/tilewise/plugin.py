@@ -136,8 +136,10 @@ class Status:
         for m in self.models:
             if m.policy_hash:
                 t = m.target or {}
-                what = (f"policy {m.policy_hash[:19]}… ({m.policy_name or 'unnamed'}) for device "
-                        f"{t.get('device')}, mlx {t.get('mlx')}, {t.get('backend')}")
+                what = (
+                    f"policy {m.policy_hash[:19]}… ({m.policy_name or 'unnamed'}) for device "
+                    f"{t.get('device')}, mlx {t.get('mlx')}, {t.get('backend')}"
+                )
                 what = f"from {m.source}: {what}"
             else:
                 what = "native (model left stock)"
@@ -252,8 +254,12 @@ def apply_to(model, source=...):
     if _STATE.announce:
         why = "see the warning above" if record.reason == _STATE.warning else record.reason
         fused = f"; fused: {describe_fusion(record.fusion)}" if record.fusion and record.fusion["instances"] else ""
-        print(f"tilewise: {record.source}, policy {record.policy_hash or 'native'}, "
-              f"{_layers(record.patched_layers)} patched{fused} — {why}", file=sys.stderr, flush=True)
+        print(
+            f"tilewise: {record.source}, policy {record.policy_hash or 'native'}, "
+            f"{_layers(record.patched_layers)} patched{fused} — {why}",
+            file=sys.stderr,
+            flush=True,
+        )
     return record
 
 
@@ -337,8 +343,10 @@ def check_policy(doc: Any, want: dict, expected_hash: Optional[str] = None) -> s
         if have == "*":
             continue
         if want[field] is None:
-            raise Refused(f"policy targets {field} {have}, and this machine's {field} fingerprint is unknown "
-                          f"(the daemon is not reachable and has never been)")
+            raise Refused(
+                f"policy targets {field} {have}, and this machine's {field} fingerprint is unknown "
+                f"(the daemon is not reachable and has never been)"
+            )
         if have != want[field]:
             raise Refused(f"policy targets {field} {have}, this is {want[field]}")
     return digest
@@ -429,10 +437,14 @@ def _from_cache(key, why: str) -> _Resolved:
     if entry is None:
         return _Resolved(None, "native", f"{why}; {problem}; using native", warn=True)
     return _Resolved(
-        entry["policy"], "cache",
+        entry["policy"],
+        "cache",
         f"{why}; using the policy cached at {entry['fetched_at_iso']} "
         f"({entry['answer'].get('source', 'best')}: {entry['answer'].get('reason') or 'no reason given'})",
-        entry["device_fingerprint"], entry["answer"].get("evidence"), entry["fetched_at_iso"], warn=True,
+        entry["device_fingerprint"],
+        entry["answer"].get("evidence"),
+        entry["fetched_at_iso"],
+        warn=True,
     )
 
 
@@ -470,9 +482,12 @@ def _tabulate_program(path: Path, model, want: dict) -> dict:
     from . import models, tabulate
 
     return tabulate.tabulate(
-        path.read_text(encoding="utf-8"), models.model_shapes(model), device_info=tabulate.device_info(),
+        path.read_text(encoding="utf-8"),
+        models.model_shapes(model),
+        device_info=tabulate.device_info(),
         target={"device": "*", "model": want["model"], "mlx": want["mlx"], "backend": want["backend"]},
-        name=f"tabulated {path.name}"[:200])
+        name=f"tabulated {path.name}"[:200],
+    )
 
 
 def _this_device(want: dict) -> Optional[str]:
@@ -563,7 +578,11 @@ def _write_cache(key, device: str, answer: dict, now: float) -> dict:
         old = json.loads(cache_path(key).read_text(encoding="utf-8"))
         fields = ("format", "key", "device_fingerprint", "host", "answer", "hash", "policy")
         same = all(old.get(f) == entry[f] for f in fields)
-        if same and 0 <= now - float(old["fetched_at"]) < CACHE_REFRESH_S and isinstance(old.get("fetched_at_iso"), str):
+        if (
+            same
+            and 0 <= now - float(old["fetched_at"]) < CACHE_REFRESH_S
+            and isinstance(old.get("fetched_at_iso"), str)
+        ):
             return old
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         pass
@@ -622,8 +641,15 @@ def _write_device_file(device: str) -> None:
     except (OSError, ValueError, AttributeError):
         pass
     try:
-        _atomic_write_json(path, {"format": DEVICE_FILE_FORMAT, "device_fingerprint": device, "host": host_key(),
-                                  "seen_at": _iso(time.time())})
+        _atomic_write_json(
+            path,
+            {
+                "format": DEVICE_FILE_FORMAT,
+                "device_fingerprint": device,
+                "host": host_key(),
+                "seen_at": _iso(time.time()),
+            },
+        )
     except OSError as e:
         log.info("tilewise: cannot write %s: %s", path, e)
 
@@ -659,8 +685,9 @@ def _user_stacklevel() -> int:
 
     skip = (str(Path(__file__).resolve().parent), str(Path(mlx_lm.__file__).resolve().parent))
     frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename.startswith("<frozen")
-                                 or str(Path(frame.f_code.co_filename).resolve()).startswith(skip)):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith("<frozen") or str(Path(frame.f_code.co_filename).resolve()).startswith(skip)
+    ):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -714,6 +741,7 @@ def _guard_saving(model) -> None:  # and loading
 def _unfuse_before(what: str):
     """A wrapper maker: the wrapped mlx_lm function gets the model in its stock layout (for good:
     what it makes — LoRA layers, checkpoints — must match stock mlx_lm)."""
+
     def make(original):
         def wrapper(model, *args, **kwargs):
             if fusion.fused_of(model) is not None:
@@ -724,13 +752,16 @@ def _unfuse_before(what: str):
                     rec.patched_layers = 0
                 log.info("tilewise: model unfused for %s (stock layout)", what)
             return original(model, *args, **kwargs)
+
         return wrapper
+
     return make
 
 
 def _save_stock(original):
     """`mlx_lm.utils.save_model(path, model, ...)` of a fused model saves the stock layout: the model
     is unfused for the save and fused again after (same policy)."""
+
     def save_model(save_path, model, *args, **kwargs):
         fused = fusion.fused_of(model)
         if fused is None:
@@ -740,6 +771,7 @@ def _save_stock(original):
             return original(save_path, model, *args, **kwargs)
         finally:
             fusion.fuse(model, fused.doc())
+
     return save_model
 
 
@@ -755,7 +787,9 @@ def _install_training_hooks() -> None:
 
 
 def _mlx_lm_modules():
-    return [m for name, m in list(sys.modules.items()) if m is not None and (name == "mlx_lm" or name.startswith("mlx_lm."))]
+    return [
+        m for name, m in list(sys.modules.items()) if m is not None and (name == "mlx_lm" or name.startswith("mlx_lm."))
+    ]
 
 
 def _wrap(module, name: str, make) -> None:
@@ -802,6 +836,7 @@ def _install_load_hook() -> None:
             if _STATE.enabled:
                 apply_to(out[0])
             return out
+
         return load
 
     def make_generate_step(original):
@@ -811,6 +846,7 @@ def _install_load_hook() -> None:
                 if step is not None:
                     kwargs["prefill_step_size"] = step
             return original(prompt, model, *args, **kwargs)
+
         return generate_step
 
     _wrap(U, "load", make_load)

@@ -53,9 +53,7 @@ class PolicyError(ValueError):
 
     def __init__(self, errors):
         self.errors = list(errors)
-        super().__init__(
-            "invalid policy: " + "; ".join(f"{p}: {m}" for p, m in self.errors)
-        )
+        super().__init__("invalid policy: " + "; ".join(f"{p}: {m}" for p, m in self.errors))
 
 
 def _dotted(path):
@@ -83,9 +81,7 @@ def _schema_errors(doc):
             for sub in err.context:
                 branches.setdefault(sub.schema_path[0], []).append(sub)
             matching = [
-                errs
-                for errs in branches.values()
-                if not any(list(e.relative_path)[:1] == ["kind"] for e in errs)
+                errs for errs in branches.values() if not any(list(e.relative_path)[:1] == ["kind"] for e in errs)
             ]
             kind = err.instance.get("kind")
             if kind in PLAN_KINDS and len(matching) == 1:
@@ -109,9 +105,7 @@ def _semantic_errors(doc, machine_backend=None):
     errors = []
     target_backend = doc["target"]["backend"]
     if machine_backend is not None and target_backend not in ("*", machine_backend):
-        errors.append(
-            ("target.backend", f"policy is for {target_backend}, this machine runs {machine_backend}")
-        )
+        errors.append(("target.backend", f"policy is for {target_backend}, this machine runs {machine_backend}"))
 
     def check_plan(path, plan, m_hi):
         if plan.get("kind") != "kernel":
@@ -175,8 +169,12 @@ def _fusion_errors(doc):
                 continue
             shared = [m for m in g["members"] if m in h["members"]]
             if shared:
-                errors.append((f"fusion.groups[{j}].members",
-                               f"{shared[0]} is already in fusion.groups[{i}] (a layer joins one group)"))
+                errors.append(
+                    (
+                        f"fusion.groups[{j}].members",
+                        f"{shared[0]} is already in fusion.groups[{i}] (a layer joins one group)",
+                    )
+                )
     return errors
 
 

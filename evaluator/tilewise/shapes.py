@@ -39,16 +39,30 @@ def bench_item(item, *, pairs=10, warmup=2, seed=0, should_stop=None):
     """Microbenchmarks one item (dict with m, n, k, dtype, plan). A plan that fails to run gives
     correct=False and an `error`, never an exception (measure.Cancelled excepted)."""
     m, n, k, dtype = item["m"], item["n"], item["k"], item["dtype"]
-    out = {"m": m, "n": n, "k": k, "dtype": dtype, "plan": item["plan"],
-           "plan_hash": plan_hash(item["plan"]), "native_s": [], "plan_s": [],
-           "native_median_s": None, "plan_median_s": None, "ratio": None, "lo": None, "hi": None,
-           "rel_err": None, "correct": False, "error": None}
+    out = {
+        "m": m,
+        "n": n,
+        "k": k,
+        "dtype": dtype,
+        "plan": item["plan"],
+        "plan_hash": plan_hash(item["plan"]),
+        "native_s": [],
+        "plan_s": [],
+        "native_median_s": None,
+        "plan_median_s": None,
+        "ratio": None,
+        "lo": None,
+        "hi": None,
+        "rel_err": None,
+        "correct": False,
+        "error": None,
+    }
     doc = item_policy(item)  # PolicyError for an invalid plan: the caller reports it
     key = mx.random.key(seed)
     kx, kw = mx.random.split(key)
     x = mx.random.normal((m, k), key=kx).astype(DTYPES[dtype])
     layer = nn.Linear(k, n, bias=False)
-    layer.weight = (mx.random.normal((n, k), key=kw) * (k ** -0.5)).astype(DTYPES[dtype])
+    layer.weight = (mx.random.normal((n, k), key=kw) * (k**-0.5)).astype(DTYPES[dtype])
     mx.eval(x, layer.parameters())
     reference = x.astype(mx.float32) @ layer.weight.astype(mx.float32).T
 
@@ -94,8 +108,7 @@ def bench_item(item, *, pairs=10, warmup=2, seed=0, should_stop=None):
         finally:
             patch.remove(layer)
 
-    r = measure.interleaved({"stock": native, "candidate": planned}, pairs, warmup, seed=seed,
-                            should_stop=should_stop)
+    r = measure.interleaved({"stock": native, "candidate": planned}, pairs, warmup, seed=seed, should_stop=should_stop)
     out["native_s"] = [s["seconds"] for s in r["samples"] if s["arm"] == "stock"]
     out["plan_s"] = [s["seconds"] for s in r["samples"] if s["arm"] == "candidate"]
     out["native_median_s"] = _median(out["native_s"])

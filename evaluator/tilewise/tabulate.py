@@ -72,9 +72,12 @@ def device_info():
 
 
 def _buckets(m_values):
-    if (not isinstance(m_values, list) or not m_values
-            or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in m_values)
-            or sorted(set(m_values)) != m_values):
+    if (
+        not isinstance(m_values, list)
+        or not m_values
+        or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in m_values)
+        or sorted(set(m_values)) != m_values
+    ):
         raise TabulateError("m_values: a non-empty sorted list of distinct integers >= 1")
     return [(v, m_values[i + 1] - 1 if i + 1 < len(m_values) else None) for i, v in enumerate(m_values)]
 
@@ -84,14 +87,18 @@ def run_choose_tile_size(source, queries, device_info, time_limit_s=DEFAULT_TIME
     limits = json.dumps({"as": MEMORY_LIMIT_BYTES, "cpu": int(time_limit_s) + 1})
     payload = json.dumps({"source": source, "queries": queries, "device_info": device_info})
     try:
-        proc = subprocess.run([sys.executable, "-I", "-c", _RUNNER, limits], input=payload,
-                              capture_output=True, text=True, timeout=time_limit_s)
+        proc = subprocess.run(
+            [sys.executable, "-I", "-c", _RUNNER, limits],
+            input=payload,
+            capture_output=True,
+            text=True,
+            timeout=time_limit_s,
+        )
     except subprocess.TimeoutExpired:
         raise TabulateError(f"choose_tile_size did not finish within {time_limit_s:g} s") from None
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        raise TabulateError(f"choose_tile_size process failed (exit {proc.returncode}): "
-                            f"{proc.stderr.strip()[-500:]}")
+        raise TabulateError(f"choose_tile_size process failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
     out = json.loads(lines[-1])
     if out["error"]:
         raise TabulateError(f"choose_tile_size raised: {out['error']}")
@@ -114,8 +121,16 @@ def _plan(answer, m, n, k, where):
     return P.split_plan(*tiles)
 
 
-def tabulate(source, shapes, *, device_info, target, m_values=None, time_limit_s=DEFAULT_TIME_LIMIT_S,
-             name="tabulated choose_tile_size"):
+def tabulate(
+    source,
+    shapes,
+    *,
+    device_info,
+    target,
+    m_values=None,
+    time_limit_s=DEFAULT_TIME_LIMIT_S,
+    name="tabulated choose_tile_size",
+):
     """The policy that `choose_tile_size` describes over `shapes` ([{n, k, ...}]) and M buckets."""
     buckets = _buckets(list(m_values or DEFAULT_M_VALUES))
     queries = [[lo, s["n"], s["k"]] for lo, _ in buckets for s in shapes]

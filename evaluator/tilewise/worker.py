@@ -74,8 +74,13 @@ class Output:
     def send(self, obj):
         line = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=str)
         if len(line.encode("utf-8")) >= MAX_LINE_BYTES and obj.get("type") == "result":
-            line = json.dumps({"id": obj.get("id"), "type": "error", "error": {
-                "code": "internal", "message": f"result exceeds {MAX_LINE_BYTES} bytes"}})
+            line = json.dumps(
+                {
+                    "id": obj.get("id"),
+                    "type": "error",
+                    "error": {"code": "internal", "message": f"result exceeds {MAX_LINE_BYTES} bytes"},
+                }
+            )
         self.raw(line)
 
     def raw(self, line):
@@ -120,8 +125,9 @@ class Worker:
             return self.out.error(None, "bad_request", "a request is a JSON object")
         rid = req.get("id")
         if not isinstance(rid, int) or isinstance(rid, bool):
-            return self.out.error(rid if isinstance(rid, (str, int)) else None, "bad_request",
-                                  "id: an integer is required")
+            return self.out.error(
+                rid if isinstance(rid, (str, int)) else None, "bad_request", "id: an integer is required"
+            )
         if req.get("op") == "cancel":
             return self.cancel(req)
         self.queue.put(req)
@@ -252,7 +258,9 @@ def op_load(w, req):
 
     spec = req.get("model")
     if not isinstance(spec, str) or not spec:
-        raise _bad("model: a path, a Hugging Face repo id, or synthetic:tiny | synthetic:qwen2.5-0.5b | synthetic:llama-3.2-1b")
+        raise _bad(
+            "model: a path, a Hugging Face repo id, or synthetic:tiny | synthetic:qwen2.5-0.5b | synthetic:llama-3.2-1b"
+        )
     dtype = req.get("dtype")
     if dtype is not None and dtype not in models.DTYPES:
         raise _bad(f"dtype: one of {', '.join(models.DTYPES)}")
@@ -327,11 +335,20 @@ def op_evaluate(w, req):
     rid = req["id"]
     with measure.racing(race):
         result = evaluate.evaluate(
-            w.model, doc, dtype=w.info["dtype"], inference=inference, training=training,
-            pairs=pairs, warmup=warmup, seed=seed,
-            skip_inference=inference is None, skip_training=training is None, traced=w.traced,
+            w.model,
+            doc,
+            dtype=w.info["dtype"],
+            inference=inference,
+            training=training,
+            pairs=pairs,
+            warmup=warmup,
+            seed=seed,
+            skip_inference=inference is None,
+            skip_training=training is None,
+            traced=w.traced,
             progress=lambda stage, done, total: w.progress(rid, stage, done, total),
-            should_stop=w.should_stop)
+            should_stop=w.should_stop,
+        )
     if race is not None:
         result["race"] = race.state() if result["correct"] else None
     for part in ("inference", "training"):
@@ -366,8 +383,7 @@ def op_shapes(w, req):
 
 # No op runs code a client sends: the daemon never asks for it (an LLM's reply is data only, and a
 # user's own OpenEvolve program is tabulated by the plugin in their own process).
-OPS = {"ping": op_ping, "load": op_load, "evaluate": op_evaluate, "shapes": op_shapes,
-       "shutdown": op_shutdown}
+OPS = {"ping": op_ping, "load": op_load, "evaluate": op_evaluate, "shapes": op_shapes, "shutdown": op_shutdown}
 
 
 def _env_fault():
@@ -376,8 +392,11 @@ def _env_fault():
         return None
     op, _, kind = v.partition(":")
     if kind not in FAULT_KINDS:
-        print(f"tilewise worker: ignoring TILEWISE_WORKER_FAULT={v!r} (want <op>:<{'|'.join(FAULT_KINDS)}>)",
-              file=sys.stderr, flush=True)
+        print(
+            f"tilewise worker: ignoring TILEWISE_WORKER_FAULT={v!r} (want <op>:<{'|'.join(FAULT_KINDS)}>)",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
     return op, kind
 
@@ -399,8 +418,16 @@ def main():
     elif planted:
         patch.plant_bug(planted)
     worker = Worker(out, env_fault=_env_fault())
-    out.send({"id": 0, "type": "ready", "protocol": PROTOCOL, "mlx": mx.__version__,
-              "backend": workloads.backend(), "pid": os.getpid()})
+    out.send(
+        {
+            "id": 0,
+            "type": "ready",
+            "protocol": PROTOCOL,
+            "mlx": mx.__version__,
+            "backend": workloads.backend(),
+            "pid": os.getpid(),
+        }
+    )
     reader = threading.Thread(target=worker.read_stdin, args=(sys.stdin.buffer,), daemon=True)
     reader.start()
     code = worker.serve()

@@ -84,8 +84,13 @@ def run_inference(model, prompt, gen_tokens, prefill_step_size=2048, should_stop
 
             raise Cancelled()
     end = time.perf_counter()
-    return {"seconds": end - tic, "prefill_s": first - tic, "decode_s": end - first,
-            "cpu_s": time.process_time() - cpu, "tokens": tokens}
+    return {
+        "seconds": end - tic,
+        "prefill_s": first - tic,
+        "decode_s": end - first,
+        "cpu_s": time.process_time() - cpu,
+        "tokens": tokens,
+    }
 
 
 def make_batch(model, batch, seq, seed):

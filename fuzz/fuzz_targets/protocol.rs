@@ -32,9 +32,7 @@ fn harness() -> &'static Harness {
         let home = tempfile::Builder::new().prefix("tilewise-fuzz-").tempdir().expect("temp home");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         // DaemonState::open spawns nothing, but the event bus may expect a runtime context.
-        let state = rt
-            .block_on(async { DaemonState::open(Paths::under_home(home.path()), Config::default()) })
-            .expect("daemon state");
+        let state = rt.block_on(async { DaemonState::open(Paths::under_home(home.path()), Config::default()) }).expect("daemon state");
         Harness { rt, state: Arc::new(state), _home: home }
     })
 }

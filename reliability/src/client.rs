@@ -48,8 +48,7 @@ impl Client {
     /// Connects and completes the `hello` handshake.
     pub fn connect_hello(socket: &Path, timeout: Duration, who: &str) -> Result<Client> {
         let mut c = Client::connect(socket, timeout)?;
-        c.call(methods::HELLO, json!({"client": who, "protocol": PROTOCOL_VERSION}))?
-            .map_err(|e| anyhow!("hello refused: {e}"))?;
+        c.call(methods::HELLO, json!({"client": who, "protocol": PROTOCOL_VERSION}))?.map_err(|e| anyhow!("hello refused: {e}"))?;
         Ok(c)
     }
 

@@ -95,7 +95,9 @@ fn snapshot(db: &Path) -> Result<Snapshot> {
         "SELECT m.id, m.candidate_id, m.correct, m.ratio, (SELECT count(*) FROM samples s WHERE s.measurement_id = m.id)
          FROM measurements m",
     )?;
-    for r in q.query_map([], |r| Ok((r.get(0)?, Trial { candidate: r.get(1)?, correct: r.get(2)?, ratio: r.get(3)?, samples: r.get(4)? })))? {
+    for r in
+        q.query_map([], |r| Ok((r.get(0)?, Trial { candidate: r.get(1)?, correct: r.get(2)?, ratio: r.get(3)?, samples: r.get(4)? })))?
+    {
         let (id, t) = r?;
         s.measurements.insert(id, t);
     }
@@ -498,7 +500,8 @@ fn storage_fault(
     if is_terminal(&state) || running_session(&d) != Some(sid) {
         let (again, _) = start_session(&d, &params)?;
         let why = reason.clone().map(|r| format!(" ({r})")).unwrap_or_default();
-        resumed = if again == sid { format!("stored as {state}{why}, resumed") } else { format!("stored as {state}{why}, new session {again}") };
+        resumed =
+            if again == sid { format!("stored as {state}{why}, resumed") } else { format!("stored as {state}{why}, new session {again}") };
     }
     let w1 = Instant::now();
     while snapshot(&d.db)?.trials() <= before.trials() && w1.elapsed() < Duration::from_secs(120) {
@@ -540,9 +543,8 @@ fn read_only(bins: &Binaries, root: &Path) -> Result<Row> {
     }
     let home = crate::home(root, "read-only")?;
     let db = tilewise::paths::Paths::under_home(&home).db_file;
-    let files = move || -> Vec<String> {
-        ["", "-wal"].iter().map(|s| format!("{}{s}", db.display())).filter(|p| Path::new(p).exists()).collect()
-    };
+    let files =
+        move || -> Vec<String> { ["", "-wal"].iter().map(|s| format!("{}{s}", db.display())).filter(|p| Path::new(p).exists()).collect() };
     let f2 = files.clone();
     let mut apply = move || {
         for f in files() {
@@ -644,7 +646,10 @@ fn corrupted(bins: &Binaries, root: &Path) -> Result<Row> {
         .collect();
     let preserved = moved.iter().any(|p| std::fs::read(p).map(|b| b == corrupt_copy).unwrap_or(false));
     let fresh_ok = started.is_ok()
-        && open_ro(&db).and_then(|c| Ok(c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))?)).map(|s| s == "ok").unwrap_or(false);
+        && open_ro(&db)
+            .and_then(|c| Ok(c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))?))
+            .map(|s| s == "ok")
+            .unwrap_or(false);
     let message = log
         .lines()
         .map(strip_ansi)
@@ -686,10 +691,8 @@ fn strip_ansi(line: &str) -> String {
 
 pub fn rows(bins: &Binaries, root: &Path, o: &FaultOptions) -> Vec<Row> {
     let step = |name: &str, r: Result<Row>| r.unwrap_or_else(|e| skip_or_error(name, e));
-    let mut rows = vec![
-        step("faults: corrupted database file", corrupted(bins, root)),
-        step("faults: kill -9 during sessions", kill9(bins, root, o)),
-    ];
+    let mut rows =
+        vec![step("faults: corrupted database file", corrupted(bins, root)), step("faults: kill -9 during sessions", kill9(bins, root, o))];
     rows.extend(worker_faults(bins, root, &["crash", "garbage", "oom", "hang"], if o.quick { 1 } else { 3 }));
     rows.push(step("faults: database read-only", read_only(bins, root)));
     rows.push(step("faults: disk full", disk_full(bins, root)));

@@ -51,17 +51,19 @@ pub fn rows(quick: bool, runs: Option<u64>, build: bool) -> Vec<Row> {
         }
     }
     let t0 = Instant::now();
-    let built = if build || !built_binary().exists() {
-        cargo_fuzz(&["build", "-O", TARGET]).output()
-    } else {
-        Command::new("true").output()
-    };
+    let built =
+        if build || !built_binary().exists() { cargo_fuzz(&["build", "-O", TARGET]).output() } else { Command::new("true").output() };
     match built {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
             let err = String::from_utf8_lossy(&o.stderr);
             let tail: Vec<&str> = err.lines().rev().take(6).collect();
-            return vec![Row::new(check, format!("build failed: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" ⏎ ")), "builds", Verdict::Fail)];
+            return vec![Row::new(
+                check,
+                format!("build failed: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" ⏎ ")),
+                "builds",
+                Verdict::Fail,
+            )];
         }
         Err(e) => return vec![Row::new(check, format!("cannot run cargo fuzz: {e}"), "builds", Verdict::Fail)],
     }
@@ -76,16 +78,16 @@ pub fn rows(quick: bool, runs: Option<u64>, build: bool) -> Vec<Row> {
     let t1 = Instant::now();
     let out = Command::new(built_binary())
         .args([
-        &corpus,
-        &format!("fuzz/seeds/{TARGET}"),
-        "-dict=fuzz/protocol.dict",
-        &limit,
-        "-max_len=4096",
-        "-timeout=10",
-        "-rss_limit_mb=2048",
-        "-print_final_stats=1",
-    ])
-    .output();
+            &corpus,
+            &format!("fuzz/seeds/{TARGET}"),
+            "-dict=fuzz/protocol.dict",
+            &limit,
+            "-max_len=4096",
+            "-timeout=10",
+            "-rss_limit_mb=2048",
+            "-print_final_stats=1",
+        ])
+        .output();
     let run_s = t1.elapsed().as_secs_f64();
     let out = match out {
         Ok(o) => o,

@@ -98,13 +98,7 @@ pub fn conformance(socket: &Path) -> (usize, Vec<String>) {
     });
     case("wrong shapes (array, number, jsonrpc 1.0, method not a string) → -32600/-32700", &mut || {
         let mut c = conn()?;
-        for frame in [
-            "[]",
-            "42",
-            "null",
-            r#"{"jsonrpc":"1.0","id":1,"method":"hello"}"#,
-            r#"{"jsonrpc":"2.0","id":1,"method":7}"#,
-        ] {
+        for frame in ["[]", "42", "null", r#"{"jsonrpc":"1.0","id":1,"method":"hello"}"#, r#"{"jsonrpc":"2.0","id":1,"method":7}"#] {
             c.send_raw(format!("{frame}\n").as_bytes()).map_err(|e| e.to_string())?;
             expect_code(frame, &mut c, &[codes::INVALID_REQUEST, codes::PARSE_ERROR])?;
         }

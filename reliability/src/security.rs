@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tilewise::policy::Policy;
-use tilewise::store::{BestKey, NewCandidate, NewMeasurement, NewSession, Promotion, Store, Budget};
+use tilewise::store::{BestKey, Budget, NewCandidate, NewMeasurement, NewSession, Promotion, Store};
 
 /// What `connect-probe` prints (one line): how far a connection got.
 pub fn connect_probe(socket: &Path) -> String {
@@ -130,7 +130,12 @@ fn other_uid_rows(daemon: &Daemon, scratch: &Path) -> Vec<Row> {
             "closed, no answer",
             !out.starts_with("answered") && !out.starts_with("refused-connect"),
         )),
-        Err(e) => rows.push(Row::new("security: other UID, dir loosened (daemon's peer-UID check)", format!("{e:#}"), "closed, no answer", Verdict::Skip)),
+        Err(e) => rows.push(Row::new(
+            "security: other UID, dir loosened (daemon's peer-UID check)",
+            format!("{e:#}"),
+            "closed, no answer",
+            Verdict::Skip,
+        )),
     }
     if restored.is_err() || !daemon.answers() {
         rows.push(Row::new("security: modes restored, owner still served", format!("{restored:?}"), "ok", Verdict::Fail));
@@ -184,7 +189,8 @@ fn inert_policy_row(daemon: &Daemon, device: &str) -> Result<Row> {
     let _ = c.call("policy.get", json!({"model": format!("$(touch {})", marks.join("m5").display()), "mlx": "`touch x`"}))?;
     let _ = c.call("history", json!({"model": format!("'; DROP TABLE best; --{}", marks.join("m6").display())}))?;
     std::thread::sleep(Duration::from_millis(300));
-    let ran: Vec<String> = std::fs::read_dir(&marks)?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let ran: Vec<String> =
+        std::fs::read_dir(&marks)?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     let served_same = got.get("hash").and_then(Value::as_str) == Some(hash.as_str())
         && got.get("policy") == Some(&policy.to_value())
         && got.get("source").and_then(Value::as_str) == Some("best");
@@ -313,7 +319,10 @@ pub fn planted_wrong_session_row(bins: &Binaries, home: &Path, bug: PlantedBug) 
     let mut c = d.client()?;
     c.set_timeout(Duration::from_secs(300))?;
     let r = c
-        .call("tuning.start", json!({"model": "synthetic:tiny", "budget": {"evaluations": 1}, "seed": 5, "pairs": 2, "warmup": 0, "policies": [wrong]}))?
+        .call(
+            "tuning.start",
+            json!({"model": "synthetic:tiny", "budget": {"evaluations": 1}, "seed": 5, "pairs": 2, "warmup": 0, "policies": [wrong]}),
+        )?
         .map_err(|e| anyhow!("tuning.start: {e}"))?;
     let sid = r.get("session_id").and_then(Value::as_i64).context("session_id")?;
     let conn = || rusqlite::Connection::open_with_flags(&d.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY);
@@ -337,8 +346,13 @@ pub fn planted_wrong_session_row(bins: &Binaries, home: &Path, bug: PlantedBug) 
         std::thread::sleep(Duration::from_millis(200));
     }
     let (correct, gate): (bool, String) =
-        conn()?.query_row("SELECT correct, gate_json FROM measurements WHERE session_id = ?1 ORDER BY id LIMIT 1", [sid], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let reason = serde_json::from_str::<Value>(&gate).ok().and_then(|g| g.get("reason").and_then(Value::as_str).map(str::to_string)).unwrap_or_default();
+        conn()?.query_row("SELECT correct, gate_json FROM measurements WHERE session_id = ?1 ORDER BY id LIMIT 1", [sid], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let reason = serde_json::from_str::<Value>(&gate)
+        .ok()
+        .and_then(|g| g.get("reason").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_default();
     let promotions: i64 = conn()?.query_row("SELECT count(*) FROM best_history WHERE model = ?1", [&model], |r| r.get(0))?;
     let after = c.call("policy.get", params)?.map_err(|e| anyhow!("policy.get: {e}"))?;
     let native_after = after.get("source").and_then(Value::as_str) == Some("native");

@@ -78,10 +78,7 @@ async fn start_daemon(ctx: tauri::State<'_, Ctx>) -> Result<Value, LinkError> {
 
 pub fn run(link: Arc<DaemonLink>, options: Options) -> anyhow::Result<()> {
     let tray_reason = tray_support::check();
-    let info = AppInfo {
-        tray: TrayInfo { available: tray_reason.is_none(), reason: tray_reason },
-        autostart: Value::Null,
-    };
+    let info = AppInfo { tray: TrayInfo { available: tray_reason.is_none(), reason: tray_reason }, autostart: Value::Null };
     let app = tauri::Builder::default()
         // A second launch shows the first instance's dashboard instead of starting another app.
         .plugin(tauri_plugin_single_instance::init(|app, _argv, _cwd| show_dashboard(app)))
@@ -165,10 +162,7 @@ fn build_tray(app: &AppHandle) -> Result<(), String> {
         let daemon = MenuItem::with_id(app, "daemon", "Stop daemon", false, None::<&str>)?;
         let quit = MenuItem::with_id(app, "quit", "Quit tilewise", true, None::<&str>)?;
         let sep = || PredefinedMenuItem::separator(app);
-        let menu = Menu::with_items(
-            app,
-            &[&status, &sep()?, &start, &pause, &only_idle, &sep()?, &open, &login, &sep()?, &daemon, &quit],
-        )?;
+        let menu = Menu::with_items(app, &[&status, &sep()?, &start, &pause, &only_idle, &sep()?, &open, &login, &sep()?, &daemon, &quit])?;
         Ok((TrayItems { status, start, pause, only_idle, login, daemon }, menu))
     })();
     let (items, menu) = items.map_err(|e| format!("cannot build the tray menu: {e}"))?;

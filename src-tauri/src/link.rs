@@ -200,9 +200,8 @@ impl DaemonLink {
         if self.call("status", Value::Null).await.is_ok() {
             return Ok(serde_json::json!({"started": false, "already_running": true}));
         }
-        let exe = daemon_executable().ok_or_else(|| {
-            LinkError::unreachable("cannot find the tilewised executable (next to this app or on PATH)")
-        })?;
+        let exe = daemon_executable()
+            .ok_or_else(|| LinkError::unreachable("cannot find the tilewised executable (next to this app or on PATH)"))?;
         let child = spawn_detached(&exe).map_err(|e| LinkError::unreachable(format!("{}: {e}", exe.display())))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {

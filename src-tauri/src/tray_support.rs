@@ -15,9 +15,7 @@ pub fn unavailable_reason(os: &str, has_session_bus: bool, indicator_library: Op
             "the tray library is not installed (one of {}; on Debian/Ubuntu: apt install libayatana-appindicator3-1)",
             INDICATOR_LIBRARIES.join(", ")
         )),
-        _ if !has_session_bus => {
-            Some("no D-Bus session bus (DBUS_SESSION_BUS_ADDRESS is not set), so no tray host can be reached".into())
-        }
+        _ if !has_session_bus => Some("no D-Bus session bus (DBUS_SESSION_BUS_ADDRESS is not set), so no tray host can be reached".into()),
         _ => None,
     }
 }

@@ -30,9 +30,10 @@ pub fn status_line(status: Option<&Value>, session: Option<&Value>) -> String {
             if let Some(generation) = generation {
                 parts.push(format!("generation {generation}"));
             }
-            let best = session.map(|s| &s["best"]).filter(|b| b["ratio"].is_f64()).or_else(|| {
-                Some(&tuning["detail"]["best"]).filter(|b| b["ratio"].is_f64())
-            });
+            let best = session
+                .map(|s| &s["best"])
+                .filter(|b| b["ratio"].is_f64())
+                .or_else(|| Some(&tuning["detail"]["best"]).filter(|b| b["ratio"].is_f64()));
             if let Some(best) = best {
                 parts.push(format!("best {}", ratio_with_interval(best)));
             }

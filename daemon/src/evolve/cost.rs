@@ -185,7 +185,11 @@ impl Memo {
         if let Some(t) = self.get(m, n, k, &Plan::Native) {
             return Some(t.stock_median_s);
         }
-        self.entries.range((m, n, k, String::new())..).take_while(|(key, _)| (key.0, key.1, key.2) == (m, n, k)).map(|(_, t)| t.stock_median_s).next()
+        self.entries
+            .range((m, n, k, String::new())..)
+            .take_while(|(key, _)| (key.0, key.1, key.2) == (m, n, k))
+            .map(|(_, t)| t.stock_median_s)
+            .next()
     }
 
     /// Shape measurements missing to predict `p`: a native entry for every matmul whose stock time is
@@ -260,7 +264,13 @@ mod tests {
         assert_eq!(needed.len(), 15);
         assert!(memo.predict(&s, &native).is_none());
         for n in &needed {
-            memo.insert(n.m, n.n, n.k, n.plan_hash(), ShapeTiming { stock_median_s: (n.m * n.n * n.k) as f64 * 1e-9, ratio: 1.0, lo: Some(0.97) });
+            memo.insert(
+                n.m,
+                n.n,
+                n.k,
+                n.plan_hash(),
+                ShapeTiming { stock_median_s: (n.m * n.n * n.k) as f64 * 1e-9, ratio: 1.0, lo: Some(0.97) },
+            );
         }
         assert_eq!(memo.predict(&s, &native).unwrap().combined, 1.0);
 
@@ -326,7 +336,13 @@ mod tests {
         let s = tiny_space("cpu");
         let mut memo = Memo::default();
         for n in memo.needed(&s, &s.native()) {
-            memo.insert(n.m, n.n, n.k, n.plan_hash(), ShapeTiming { stock_median_s: (n.m * n.n * n.k) as f64 * 1e-9, ratio: 1.0, lo: Some(0.9) });
+            memo.insert(
+                n.m,
+                n.n,
+                n.k,
+                n.plan_hash(),
+                ShapeTiming { stock_median_s: (n.m * n.n * n.k) as f64 * 1e-9, ratio: 1.0, lo: Some(0.9) },
+            );
         }
         let p = head_split_policy(&s);
         let needed = memo.needed(&s, &p);

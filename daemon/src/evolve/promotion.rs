@@ -55,9 +55,7 @@ pub fn decide(c: &Evidence, incumbent: Option<&Incumbent>) -> Decision {
     }
     match incumbent {
         Some(inc) if inc.hash == c.hash => keep("already the best policy".into()),
-        Some(inc) if lo <= inc.ratio => {
-            keep(format!("lower bound {lo:.4} does not beat the incumbent's ratio {:.4}", inc.ratio))
-        }
+        Some(inc) if lo <= inc.ratio => keep(format!("lower bound {lo:.4} does not beat the incumbent's ratio {:.4}", inc.ratio)),
         Some(inc) => Decision::Promote { reason: format!("lower bound {lo:.4} > 1.0 and > incumbent's ratio {:.4}", inc.ratio) },
         None => Decision::Promote { reason: format!("lower bound {lo:.4} > 1.0; no incumbent") },
     }

@@ -326,8 +326,7 @@ impl SearchSpace {
     pub fn describe(&self, p: &Policy) -> (String, Vec<String>, [u64; 2]) {
         let fused: Vec<String> = self.fused_groups(p).iter().map(|g| short_members(&g.members)).collect();
         let (stock, tuned) = self.calls_per_token(p);
-        let rules = p.matmul.rules.iter().filter(|r| r.plan != Plan::Native).count()
-            + usize::from(p.matmul.default != Plan::Native);
+        let rules = p.matmul.rules.iter().filter(|r| r.plan != Plan::Native).count() + usize::from(p.matmul.default != Plan::Native);
         let mut parts = Vec::new();
         if !fused.is_empty() {
             let mut text = fused.iter().map(|f| format!("{f} fused")).collect::<Vec<_>>().join(", ");
@@ -399,11 +398,7 @@ impl SearchSpace {
     /// Hash of the fused groups and the effective table (the search's identity of a candidate's
     /// behaviour).
     pub fn behaviour_key(&self, p: &Policy) -> String {
-        let table: Vec<Value> = self
-            .effective_table(p)
-            .into_iter()
-            .map(|((m, n, k), plan)| json!([m, n, k, plan]))
-            .collect();
+        let table: Vec<Value> = self.effective_table(p).into_iter().map(|((m, n, k), plan)| json!([m, n, k, plan])).collect();
         let fused: Vec<FusionGroup> = self.fused_groups(p).into_iter().map(|g| g.group()).collect();
         let training = !fused.is_empty() && p.fusion.as_ref().is_some_and(|f| !f.fuses_training());
         let text = if fused.is_empty() {
@@ -439,7 +434,9 @@ impl SearchSpace {
                     Plan::Split { tile_m, tile_n, tile_k } => {
                         [tile_m, tile_n, tile_k].iter().flatten().map(|&t| (t as f64).log2()).collect()
                     }
-                    Plan::Kernel(k) => [k.block_m, k.block_n, k.block_k, k.rows_per_block].iter().flatten().map(|&t| (t as f64).log2()).collect(),
+                    Plan::Kernel(k) => {
+                        [k.block_m, k.block_n, k.block_k, k.rows_per_block].iter().flatten().map(|&t| (t as f64).log2()).collect()
+                    }
                     Plan::Native => vec![],
                 };
                 if !tiles.is_empty() {
@@ -700,8 +697,7 @@ impl SearchSpace {
                 let i = rng.random_range(0..rules.len());
                 let r = rules[i].clone();
                 let bands = self.m_bands();
-                let covered: Vec<&(u64, Range)> =
-                    bands.iter().filter(|(m, _)| r.m.is_none_or(|rm| rm.contains(*m))).collect();
+                let covered: Vec<&(u64, Range)> = bands.iter().filter(|(m, _)| r.m.is_none_or(|rm| rm.contains(*m))).collect();
                 if covered.len() >= 2 {
                     let cut = rng.random_range(1..covered.len());
                     let lo_part = Range(covered[0].1 .0, covered[cut - 1].1 .1);
@@ -853,7 +849,13 @@ pub(crate) mod tests {
                     k: 64,
                     count: 2,
                 },
-                FusionCandidate { scope: "model.layers.*.mlp".into(), members: vec!["gate_proj".into(), "up_proj".into()], n: vec![128, 128], k: 64, count: 2 },
+                FusionCandidate {
+                    scope: "model.layers.*.mlp".into(),
+                    members: vec!["gate_proj".into(), "up_proj".into()],
+                    n: vec![128, 128],
+                    k: 64,
+                    count: 2,
+                },
             ],
         }
     }
@@ -945,7 +947,13 @@ pub(crate) mod tests {
                 k: 896,
                 count: 24,
             },
-            FusionCandidate { scope: "model.layers.*.mlp".into(), members: vec!["gate_proj".into(), "up_proj".into()], n: vec![4864, 4864], k: 896, count: 24 },
+            FusionCandidate {
+                scope: "model.layers.*.mlp".into(),
+                members: vec!["gate_proj".into(), "up_proj".into()],
+                n: vec![4864, 4864],
+                k: 896,
+                count: 24,
+            },
         ];
         s
     }
@@ -956,10 +964,22 @@ pub(crate) mod tests {
         let all = s.fusion_seeds().remove(0);
         assert_eq!(s.calls_per_token(&s.native()), (169, 169));
         assert_eq!(s.calls_per_token(&all), (169, 97));
-        assert_eq!(s.describe(&all), ("q/k/v fused, gate/up fused: 169 → 97 matmuls per token".to_string(), vec!["q/k/v".to_string(), "gate/up".to_string()], [169, 97]));
+        assert_eq!(
+            s.describe(&all),
+            (
+                "q/k/v fused, gate/up fused: 169 → 97 matmuls per token".to_string(),
+                vec!["q/k/v".to_string(), "gate/up".to_string()],
+                [169, 97]
+            )
+        );
         assert_eq!(s.describe(&s.native()).0, "native plans");
         let mut with_rule = all.clone();
-        with_rule.matmul.rules.push(Rule { m: Some(Range(2, None)), n: None, k: None, plan: Plan::Split { tile_m: Some(64), tile_n: None, tile_k: None } });
+        with_rule.matmul.rules.push(Rule {
+            m: Some(Range(2, None)),
+            n: None,
+            k: None,
+            plan: Plan::Split { tile_m: Some(64), tile_n: None, tile_k: None },
+        });
         with_rule.fusion.as_mut().unwrap().training = Some(false);
         assert_eq!(s.describe(&with_rule).0, "q/k/v fused, gate/up fused (inference only): 169 → 97 matmuls per token; 1 plan rule");
         let shapes = s.shapes_for(&all);
@@ -972,7 +992,8 @@ pub(crate) mod tests {
         assert!(!s.is_effectively_stock(&all));
         assert_ne!(s.behaviour_key(&all), s.behaviour_key(&s.native()));
         let mut foreign = s.native();
-        foreign.fusion = Some(Fusion { groups: vec![FusionGroup { scope: "x.*".into(), members: vec!["a".into(), "b".into()] }], training: None });
+        foreign.fusion =
+            Some(Fusion { groups: vec![FusionGroup { scope: "x.*".into(), members: vec!["a".into(), "b".into()] }], training: None });
         assert!(s.is_effectively_stock(&foreign));
         assert!(s.prune(foreign).fusion.is_none(), "prune drops groups the model does not have");
         // Seeds: all groups, then each alone; all valid.

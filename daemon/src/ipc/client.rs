@@ -171,7 +171,11 @@ impl Client {
 
     /// Like [`Client::subscribe_events`], but first receives the stored events with an id above
     /// `since` (a reconnecting client passes the last id it saw: nothing is missed or repeated).
-    pub async fn subscribe_events_since(mut self, kinds: Option<Vec<String>>, since: Option<i64>) -> Result<mpsc::Receiver<Event>, ClientError> {
+    pub async fn subscribe_events_since(
+        mut self,
+        kinds: Option<Vec<String>>,
+        since: Option<i64>,
+    ) -> Result<mpsc::Receiver<Event>, ClientError> {
         let _: SubscribeResult = self.call_typed(methods::EVENTS_SUBSCRIBE, &SubscribeParams { kinds, since }).await?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
@@ -269,7 +273,10 @@ mod tests {
         let ev = r#"{"jsonrpc":"2.0","method":"event","params":{"id":1}}"#;
         assert!(decode_reply::<HelloResult>(ev, 7, "hello").unwrap().is_none());
         // The daemon's error, for our id or about an unreadable frame (id null).
-        for line in [r#"{"jsonrpc":"2.0","id":7,"error":{"code":-32601,"message":"m"}}"#, r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"m"}}"#] {
+        for line in [
+            r#"{"jsonrpc":"2.0","id":7,"error":{"code":-32601,"message":"m"}}"#,
+            r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"m"}}"#,
+        ] {
             assert!(matches!(decode_reply::<HelloResult>(line, 7, "hello"), Err(ClientError::Rpc(_))), "{line}");
         }
         // Another id, a result of the wrong shape, no result at all, not JSON: protocol errors.
@@ -285,7 +292,8 @@ mod tests {
     #[test]
     fn requests_are_written_as_the_protocol_type_would_write_them() {
         let p = PolicyGetParams { model: "m".into(), mlx: "0.32.4".into(), backend: Some("cpu".into()), device: None };
-        let line = serde_json::to_string(&OutgoingRequest { jsonrpc: "2.0", id: 3, method: methods::POLICY_GET, params: Some(&p) }).unwrap();
+        let line =
+            serde_json::to_string(&OutgoingRequest { jsonrpc: "2.0", id: 3, method: methods::POLICY_GET, params: Some(&p) }).unwrap();
         let as_request: Request = serde_json::from_str(&line).unwrap();
         assert_eq!(as_request, Request::new(3, methods::POLICY_GET, Some(serde_json::to_value(&p).unwrap())));
         let bare = serde_json::to_string(&OutgoingRequest::<Value> { jsonrpc: "2.0", id: 4, method: "status", params: None }).unwrap();

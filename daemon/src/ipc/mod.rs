@@ -35,8 +35,8 @@ pub mod protocol;
 pub mod server;
 
 use protocol::{
-    RpcError, SessionListResult, SessionShowParams, SessionShowResult, TuningStartParams, TuningStartResult,
-    TuningStatus, TuningStopParams, TuningStopResult,
+    RpcError, SessionListResult, SessionShowParams, SessionShowResult, TuningStartParams, TuningStartResult, TuningStatus,
+    TuningStopParams, TuningStopResult,
 };
 use std::future::Future;
 use std::pin::Pin;

@@ -508,11 +508,19 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
             if h.protocol != PROTOCOL_VERSION {
                 return Err(RpcError::new(
                     codes::PROTOCOL_MISMATCH,
-                    format!("protocol mismatch: tilewised {VERSION} speaks protocol {PROTOCOL_VERSION}, the client {} speaks {}", h.client, h.protocol),
+                    format!(
+                        "protocol mismatch: tilewised {VERSION} speaks protocol {PROTOCOL_VERSION}, the client {} speaks {}",
+                        h.client, h.protocol
+                    ),
                 ));
             }
             let _ = state.events.publish(kind::CLIENT_HELLO, None, json!({"client": h.client}));
-            to_value(HelloResult { daemon: DAEMON_NAME.into(), version: VERSION.into(), protocol: PROTOCOL_VERSION, pid: std::process::id() })
+            to_value(HelloResult {
+                daemon: DAEMON_NAME.into(),
+                version: VERSION.into(),
+                protocol: PROTOCOL_VERSION,
+                pid: std::process::id(),
+            })
         }
         methods::STATUS => to_value(state.status()?),
         // Answered by `handle_line` before dispatch; kept here so `dispatch` stays complete.

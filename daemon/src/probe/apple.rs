@@ -38,9 +38,7 @@ pub fn parse_sysctl(text: &str) -> SysctlFacts {
 
     let nlevels = num("hw.nperflevels").unwrap_or_else(|| {
         // Older or trimmed outputs: count the perflevel indices that are present.
-        (0..)
-            .take_while(|i| kv.contains_key(format!("hw.perflevel{i}.physicalcpu").as_str()))
-            .count() as u64
+        (0..).take_while(|i| kv.contains_key(format!("hw.perflevel{i}.physicalcpu").as_str())).count() as u64
     });
     let mut perf_levels: Vec<PerfLevel> = (0..nlevels)
         .filter_map(|i| {
@@ -109,12 +107,8 @@ pub fn parse_ioreg_gpu(text: &str) -> IoregGpu {
         let v = v.trim();
         match k.trim() {
             "\"gpu-core-count\"" if out.gpu_cores.is_none() => out.gpu_cores = v.parse().ok(),
-            "\"model\"" if out.model.is_none() => {
-                out.model = Some(v.trim_matches('"').to_string()).filter(|m| !m.is_empty())
-            }
-            "\"GPUConfigurationVariable\"" if config_cores.is_none() => {
-                config_cores = dict_number(v, "num_cores")
-            }
+            "\"model\"" if out.model.is_none() => out.model = Some(v.trim_matches('"').to_string()).filter(|m| !m.is_empty()),
+            "\"GPUConfigurationVariable\"" if config_cores.is_none() => config_cores = dict_number(v, "num_cores"),
             _ => {}
         }
     }
@@ -166,14 +160,8 @@ pub fn device_from_facts(fallback_arch: &str, s: &SysctlFacts, gpu: &IoregGpu) -
     let parsed = brand.as_deref().and_then(parse_brand);
     let arch = if s.arm64 { "aarch64" } else { fallback_arch }.to_string();
     // MLX runs on Metal on any Apple Silicon Mac, whatever architecture this binary was built for.
-    let backend = if parsed.is_some() || s.arm64 {
-        Backend::Metal
-    } else {
-        Backend::Cpu
-    };
-    let bandwidth = parsed
-        .as_ref()
-        .and_then(|(fam, var)| memory_bandwidth_gbs(fam, *var, gpu.gpu_cores));
+    let backend = if parsed.is_some() || s.arm64 { Backend::Metal } else { Backend::Cpu };
+    let bandwidth = parsed.as_ref().and_then(|(fam, var)| memory_bandwidth_gbs(fam, *var, gpu.gpu_cores));
     Device {
         os: "macos".to_string(),
         arch,

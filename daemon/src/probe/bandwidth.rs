@@ -72,54 +72,24 @@ mod tests {
 
     #[test]
     fn split_configurations_need_the_gpu_core_count() {
-        assert_eq!(
-            memory_bandwidth_gbs("M3", Variant::Max, Some(30)),
-            Some(300.0)
-        );
-        assert_eq!(
-            memory_bandwidth_gbs("M3", Variant::Max, Some(40)),
-            Some(400.0)
-        );
+        assert_eq!(memory_bandwidth_gbs("M3", Variant::Max, Some(30)), Some(300.0));
+        assert_eq!(memory_bandwidth_gbs("M3", Variant::Max, Some(40)), Some(400.0));
         assert_eq!(memory_bandwidth_gbs("M3", Variant::Max, None), None);
-        assert_eq!(
-            memory_bandwidth_gbs("M4", Variant::Max, Some(32)),
-            Some(410.0)
-        );
-        assert_eq!(
-            memory_bandwidth_gbs("M4", Variant::Max, Some(40)),
-            Some(546.0)
-        );
+        assert_eq!(memory_bandwidth_gbs("M4", Variant::Max, Some(32)), Some(410.0));
+        assert_eq!(memory_bandwidth_gbs("M4", Variant::Max, Some(40)), Some(546.0));
         assert_eq!(memory_bandwidth_gbs("M4", Variant::Max, Some(36)), None);
-        assert_eq!(
-            memory_bandwidth_gbs("M5", Variant::Pro, Some(20)),
-            Some(307.0)
-        );
-        assert_eq!(
-            memory_bandwidth_gbs("M5", Variant::Max, Some(40)),
-            Some(614.0)
-        );
+        assert_eq!(memory_bandwidth_gbs("M5", Variant::Pro, Some(20)), Some(307.0));
+        assert_eq!(memory_bandwidth_gbs("M5", Variant::Max, Some(40)), Some(614.0));
         assert_eq!(memory_bandwidth_gbs("M5", Variant::Max, Some(32)), None);
     }
 
     #[test]
     fn single_configurations_ignore_gpu_cores() {
-        assert_eq!(
-            memory_bandwidth_gbs("M1", Variant::Base, Some(7)),
-            Some(68.25)
-        );
+        assert_eq!(memory_bandwidth_gbs("M1", Variant::Base, Some(7)), Some(68.25));
         assert_eq!(memory_bandwidth_gbs("M1", Variant::Base, None), Some(68.25));
-        assert_eq!(
-            memory_bandwidth_gbs("M2", Variant::Pro, Some(19)),
-            Some(200.0)
-        );
-        assert_eq!(
-            memory_bandwidth_gbs("M4", Variant::Pro, Some(20)),
-            Some(273.0)
-        );
-        assert_eq!(
-            memory_bandwidth_gbs("M1", Variant::Ultra, Some(64)),
-            Some(800.0)
-        );
+        assert_eq!(memory_bandwidth_gbs("M2", Variant::Pro, Some(19)), Some(200.0));
+        assert_eq!(memory_bandwidth_gbs("M4", Variant::Pro, Some(20)), Some(273.0));
+        assert_eq!(memory_bandwidth_gbs("M1", Variant::Ultra, Some(64)), Some(800.0));
     }
 
     #[test]

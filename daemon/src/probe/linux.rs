@@ -38,9 +38,7 @@ pub struct SysfsCpu {
 
 impl SysfsCpu {
     fn cache(&self, level: u32, data: bool) -> Option<&SysfsCache> {
-        self.caches
-            .iter()
-            .find(|c| c.level == level && if data { c.kind != "Instruction" } else { true })
+        self.caches.iter().find(|c| c.level == level && if data { c.kind != "Instruction" } else { true })
     }
     pub fn l1d(&self) -> Option<&SysfsCache> {
         self.cache(1, true)
@@ -53,12 +51,7 @@ impl SysfsCpu {
 /// Parses a kernel CPU list such as `0-3,8,10-11`. Malformed parts are skipped.
 pub fn parse_cpu_list(text: &str) -> Vec<u32> {
     let mut out = Vec::new();
-    for part in text
-        .trim()
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-    {
+    for part in text.trim().split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.split_once('-') {
             Some((a, b)) => {
                 if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
@@ -84,9 +77,7 @@ pub fn parse_cache_size(text: &str) -> Option<u64> {
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim().to_string())
+    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
 
 fn read_num<T: std::str::FromStr>(path: &Path) -> Option<T> {
@@ -96,8 +87,7 @@ fn read_num<T: std::str::FromStr>(path: &Path) -> Option<T> {
 /// Reads every online CPU under `root` (normally [`SYSFS_CPU_ROOT`]), sorted by id. A missing root
 /// gives an empty list.
 pub fn read_sysfs_cpus(root: &Path) -> Vec<SysfsCpu> {
-    let online: Option<BTreeSet<u32>> =
-        read_trimmed(&root.join("online")).map(|s| parse_cpu_list(&s).into_iter().collect());
+    let online: Option<BTreeSet<u32>> = read_trimmed(&root.join("online")).map(|s| parse_cpu_list(&s).into_iter().collect());
     let Ok(entries) = std::fs::read_dir(root) else {
         return Vec::new();
     };
@@ -119,11 +109,8 @@ pub fn read_sysfs_cpus(root: &Path) -> Vec<SysfsCpu> {
 fn read_sysfs_cpu(dir: &Path, id: u32) -> SysfsCpu {
     let mut caches = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir.join("cache")) {
-        let mut idx: Vec<_> = entries
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("index"))
-            .map(|e| e.path())
-            .collect();
+        let mut idx: Vec<_> =
+            entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("index")).map(|e| e.path()).collect();
         idx.sort();
         for p in idx {
             let Some(level) = read_num::<u32>(&p.join("level")) else {
@@ -133,9 +120,7 @@ fn read_sysfs_cpu(dir: &Path, id: u32) -> SysfsCpu {
                 level,
                 kind: read_trimmed(&p.join("type")).unwrap_or_default(),
                 size_bytes: read_trimmed(&p.join("size")).and_then(|s| parse_cache_size(&s)),
-                shared_cpus: read_trimmed(&p.join("shared_cpu_list"))
-                    .map(|s| parse_cpu_list(&s))
-                    .unwrap_or_default(),
+                shared_cpus: read_trimmed(&p.join("shared_cpu_list")).map(|s| parse_cpu_list(&s)).unwrap_or_default(),
                 line_bytes: read_num(&p.join("coherency_line_size")),
             });
         }
@@ -158,11 +143,7 @@ pub fn perf_levels(cpus: &[SysfsCpu]) -> Vec<PerfLevel> {
     type Key = (Option<u64>, Option<u64>, Option<u64>);
     let mut groups: BTreeMap<std::cmp::Reverse<Key>, Vec<&SysfsCpu>> = BTreeMap::new();
     for c in cpus {
-        let key = (
-            c.max_freq_khz,
-            c.l1d().and_then(|x| x.size_bytes),
-            c.l2().and_then(|x| x.size_bytes),
-        );
+        let key = (c.max_freq_khz, c.l1d().and_then(|x| x.size_bytes), c.l2().and_then(|x| x.size_bytes));
         groups.entry(std::cmp::Reverse(key)).or_default().push(c);
     }
     let n = groups.len();
@@ -170,10 +151,7 @@ pub fn perf_levels(cpus: &[SysfsCpu]) -> Vec<PerfLevel> {
         .into_iter()
         .enumerate()
         .map(|(i, (std::cmp::Reverse((_, l1d, l2)), members))| {
-            let cores: BTreeSet<(Option<u32>, u32)> = members
-                .iter()
-                .map(|c| (c.package, c.core.unwrap_or(c.id)))
-                .collect();
+            let cores: BTreeSet<(Option<u32>, u32)> = members.iter().map(|c| (c.package, c.core.unwrap_or(c.id))).collect();
             let first = members[0];
             PerfLevel {
                 name: level_name(i, n),
@@ -181,10 +159,7 @@ pub fn perf_levels(cpus: &[SysfsCpu]) -> Vec<PerfLevel> {
                 logical_cores: members.len() as u32,
                 l1d_bytes: l1d,
                 l2_bytes: l2,
-                cpus_per_l2: first
-                    .l2()
-                    .map(|c| c.shared_cpus.len() as u32)
-                    .filter(|&k| k > 0),
+                cpus_per_l2: first.l2().map(|c| c.shared_cpus.len() as u32).filter(|&k| k > 0),
             }
         })
         .collect()
@@ -244,11 +219,7 @@ pub fn device_from_facts(f: &LinuxFacts) -> Device {
     }
     let p_cores = levels.first().map_or(0, |l| l.physical_cores);
     let e_cores = levels.iter().skip(1).map(|l| l.physical_cores).sum();
-    let cache_line_bytes = f
-        .cpus
-        .first()
-        .and_then(|c| c.l1d().or(c.caches.first()))
-        .and_then(|c| c.line_bytes);
+    let cache_line_bytes = f.cpus.first().and_then(|c| c.l1d().or(c.caches.first())).and_then(|c| c.line_bytes);
     let nvidia = f.nvidia.first().cloned();
     Device {
         os: "linux".to_string(),
@@ -279,10 +250,7 @@ pub fn page_size() -> Option<u64> {
 /// Reads this machine's facts.
 pub fn gather() -> LinuxFacts {
     use sysinfo::{MemoryRefreshKind, RefreshKind, System};
-    let sys = System::new_with_specifics(
-        RefreshKind::nothing().with_memory(MemoryRefreshKind::nothing().with_ram()),
-    )
-    .ok();
+    let sys = System::new_with_specifics(RefreshKind::nothing().with_memory(MemoryRefreshKind::nothing().with_ram())).ok();
     let memory_bytes = sys.as_ref().map(|s| s.total_memory()).filter(|&m| m > 0);
     let logical = std::thread::available_parallelism().map_or(0, |n| n.get() as u32);
     let physical = System::physical_core_count().map_or(logical, |n| n as u32);

@@ -175,8 +175,7 @@ impl Device {
     /// survives reboots and driver updates.
     pub fn fingerprint_input(&self) -> String {
         fn opt<T: fmt::Display>(v: &Option<T>) -> String {
-            v.as_ref()
-                .map_or_else(|| "-".to_string(), |v| v.to_string())
+            v.as_ref().map_or_else(|| "-".to_string(), |v| v.to_string())
         }
         let mut s = String::new();
         let mut line = |k: &str, v: String| {
@@ -212,15 +211,7 @@ impl Device {
         line("gpu_cores", opt(&self.gpu_cores));
         line("backend", self.backend.to_string());
         if let Some(g) = &self.nvidia {
-            line(
-                "nvidia",
-                format!(
-                    "{},{},{}",
-                    g.name,
-                    opt(&g.memory_bytes),
-                    opt(&g.compute_capability)
-                ),
-            );
+            line("nvidia", format!("{},{},{}", g.name, opt(&g.memory_bytes), opt(&g.compute_capability)));
         }
         s
     }
@@ -255,11 +246,7 @@ fn fmt_bytes(b: u64) -> String {
     const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
     for (name, size) in UNITS {
         if b >= size {
-            return if b.is_multiple_of(size) {
-                format!("{} {name}", b / size)
-            } else {
-                format!("{:.1} {name}", b as f64 / size as f64)
-            };
+            return if b.is_multiple_of(size) { format!("{} {name}", b / size) } else { format!("{:.1} {name}", b as f64 / size as f64) };
         }
     }
     format!("{b} B")
@@ -275,22 +262,10 @@ impl fmt::Display for Device {
         }
         writeln!(f, "System        {} {}", self.os, self.arch)?;
         // Levels by their own names: an M5 Pro's are "Super" and "Performance", not P and E.
-        let split: Vec<String> = self
-            .perf_levels
-            .iter()
-            .map(|l| format!("{} {}", l.physical_cores, l.name))
-            .collect();
-        writeln!(
-            f,
-            "CPU cores     {} ({})",
-            self.p_cores + self.e_cores,
-            split.join(" + ")
-        )?;
+        let split: Vec<String> = self.perf_levels.iter().map(|l| format!("{} {}", l.physical_cores, l.name)).collect();
+        writeln!(f, "CPU cores     {} ({})", self.p_cores + self.e_cores, split.join(" + "))?;
         for l in &self.perf_levels {
-            let mut parts = vec![format!(
-                "{} cores ({} logical)",
-                l.physical_cores, l.logical_cores
-            )];
+            let mut parts = vec![format!("{} cores ({} logical)", l.physical_cores, l.logical_cores)];
             if let Some(b) = l.l1d_bytes {
                 parts.push(format!("L1d {}", fmt_bytes(b)));
             }
@@ -304,15 +279,8 @@ impl fmt::Display for Device {
             writeln!(f, "  {:<12}{}", l.name, parts.join(", "))?;
         }
         let or_unknown = |v: Option<u64>| v.map_or_else(|| UNKNOWN.to_string(), fmt_bytes);
-        writeln!(
-            f,
-            "Cache line    {}; page size {}",
-            or_unknown(self.cache_line_bytes),
-            or_unknown(self.page_size_bytes)
-        )?;
-        let bw = self
-            .memory_bandwidth_gbs
-            .map_or_else(String::new, |g| format!(", bandwidth {g} GB/s"));
+        writeln!(f, "Cache line    {}; page size {}", or_unknown(self.cache_line_bytes), or_unknown(self.page_size_bytes))?;
+        let bw = self.memory_bandwidth_gbs.map_or_else(String::new, |g| format!(", bandwidth {g} GB/s"));
         writeln!(f, "Memory        {}{bw}", or_unknown(self.memory_bytes))?;
         if let Some(n) = self.gpu_cores {
             writeln!(f, "GPU cores     {n}")?;
@@ -354,10 +322,7 @@ mod tests {
             chip: Some("Apple M3 Max".into()),
             family: Some("M3".into()),
             variant: Some(Variant::Max),
-            perf_levels: vec![
-                level("Performance", 10, 131072, 16 << 20, 5),
-                level("Efficiency", 4, 65536, 4 << 20, 4),
-            ],
+            perf_levels: vec![level("Performance", 10, 131072, 16 << 20, 5), level("Efficiency", 4, 65536, 4 << 20, 4)],
             p_cores: 10,
             e_cores: 4,
             cache_line_bytes: Some(128),
@@ -407,9 +372,7 @@ mod tests {
         let fp = m3_max().fingerprint();
         assert_eq!(fp.len(), 20);
         assert!(fp.starts_with("dev-"));
-        assert!(fp[4..]
-            .chars()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(fp[4..].chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_eq!(fp, m3_max().fingerprint());
         assert_eq!(fp, m3_max().clone().fingerprint());
     }
@@ -420,21 +383,13 @@ mod tests {
         let mut d = base.clone();
         d.memory_bytes = Some(48 << 30);
         d.memory_bandwidth_gbs = None;
-        assert_eq!(
-            d.fingerprint(),
-            base.fingerprint(),
-            "memory size and bandwidth"
-        );
+        assert_eq!(d.fingerprint(), base.fingerprint(), "memory size and bandwidth");
 
         let host = h100_host();
         let mut d = host.clone();
         d.nvidia.as_mut().unwrap().driver = Some("590.10.01".into());
         d.memory_bytes = Some(127 << 30);
-        assert_eq!(
-            d.fingerprint(),
-            host.fingerprint(),
-            "driver update and memory"
-        );
+        assert_eq!(d.fingerprint(), host.fingerprint(), "driver update and memory");
     }
 
     #[test]
@@ -447,14 +402,8 @@ mod tests {
             ("variant", Box::new(|d| d.variant = Some(Variant::Pro))),
             ("family", Box::new(|d| d.family = Some("M4".into()))),
             ("backend", Box::new(|d| d.backend = Backend::Cpu)),
-            (
-                "p cores",
-                Box::new(|d| d.perf_levels[0].physical_cores = 12),
-            ),
-            (
-                "l2",
-                Box::new(|d| d.perf_levels[1].l2_bytes = Some(6 << 20)),
-            ),
+            ("p cores", Box::new(|d| d.perf_levels[0].physical_cores = 12)),
+            ("l2", Box::new(|d| d.perf_levels[1].l2_bytes = Some(6 << 20))),
             ("l1d", Box::new(|d| d.perf_levels[0].l1d_bytes = None)),
             ("page size", Box::new(|d| d.page_size_bytes = Some(4096))),
             ("cache line", Box::new(|d| d.cache_line_bytes = Some(64))),
@@ -470,10 +419,7 @@ mod tests {
         for (what, change) in variants {
             let mut d = base.clone();
             change(&mut d);
-            assert!(
-                seen.insert(d.fingerprint()),
-                "changing {what} kept or reused a fingerprint"
-            );
+            assert!(seen.insert(d.fingerprint()), "changing {what} kept or reused a fingerprint");
         }
 
         let host = h100_host();
@@ -530,12 +476,7 @@ mod tests {
         }
         assert!(text.ends_with(&m3_max().fingerprint()));
         let text = render_human(&h100_host());
-        assert!(
-            text.contains(
-                "NVIDIA GPU    NVIDIA H100 80GB HBM3, 79.6 GiB, compute 9.0, driver 580.159.04"
-            ),
-            "{text}"
-        );
+        assert!(text.contains("NVIDIA GPU    NVIDIA H100 80GB HBM3, 79.6 GiB, compute 9.0, driver 580.159.04"), "{text}");
         assert!(text.contains("MLX backend   cuda"));
     }
 
@@ -544,10 +485,7 @@ mod tests {
         let d = m3_max();
         let v = render_json(&d);
         assert_eq!(v["fingerprint"], d.fingerprint());
-        assert_eq!(
-            serde_json::from_value::<Device>(v["device"].clone()).unwrap(),
-            d
-        );
+        assert_eq!(serde_json::from_value::<Device>(v["device"].clone()).unwrap(), d);
     }
 
     #[test]

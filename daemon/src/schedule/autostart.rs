@@ -106,7 +106,10 @@ pub fn next_step(
     let retune = Duration::from_secs_f64(idle.retune_after_h * 3600.0);
     if let Some(ago) = last_finished_ago {
         if ago < retune {
-            return Step::Wait(retune - ago, format!("a session of this model finished {}s ago; next one after {}h", ago.as_secs(), idle.retune_after_h));
+            return Step::Wait(
+                retune - ago,
+                format!("a session of this model finished {}s ago; next one after {}h", ago.as_secs(), idle.retune_after_h),
+            );
         }
     }
     Step::Start
@@ -223,10 +226,15 @@ async fn run(mut deps: AutoStartDeps, daemon_started: Instant) {
         tracing::info!(model = %model, "machine idle: starting a tuning session");
         match deps.tuning.start(params).await {
             Ok((id, resumed)) => {
-                publish(&deps.events, kind::TUNING_AUTO_STARTED, Some(id), json!({
-                    "session_id": id, "resumed": resumed, "model": model,
-                    "budget": {"evaluations": config.idle.session_evaluations}, "reason": decision.summary(),
-                }));
+                publish(
+                    &deps.events,
+                    kind::TUNING_AUTO_STARTED,
+                    Some(id),
+                    json!({
+                        "session_id": id, "resumed": resumed, "model": model,
+                        "budget": {"evaluations": config.idle.session_evaluations}, "reason": decision.summary(),
+                    }),
+                );
                 deps.tuning.wait().await;
                 let end = deps.store.lock().unwrap_or_else(|p| p.into_inner()).session(id).ok().flatten();
                 match end.map(|s| s.state) {
@@ -239,7 +247,8 @@ async fn run(mut deps: AutoStartDeps, daemon_started: Instant) {
                     Some(SessionState::Failed) => {
                         state.failures += 1;
                         let wait = backoff(state.failures);
-                        state.hold_until = Some((Instant::now() + wait, format!("the last automatic session failed; retrying in {}s", wait.as_secs())));
+                        state.hold_until =
+                            Some((Instant::now() + wait, format!("the last automatic session failed; retrying in {}s", wait.as_secs())));
                     }
                     // Paused by a stopping daemon, or still marked running: nothing to decide now.
                     _ => {}
@@ -250,9 +259,14 @@ async fn run(mut deps: AutoStartDeps, daemon_started: Instant) {
                 state.failures += 1;
                 let wait = backoff(state.failures);
                 tracing::warn!("automatic tuning session could not start: {e}; retrying in {}s", wait.as_secs());
-                publish(&deps.events, kind::TUNING_AUTO_START_FAILED, None, json!({
-                    "model": model, "error": e.to_string(), "retry_in_s": wait.as_secs(),
-                }));
+                publish(
+                    &deps.events,
+                    kind::TUNING_AUTO_START_FAILED,
+                    None,
+                    json!({
+                        "model": model, "error": e.to_string(), "retry_in_s": wait.as_secs(),
+                    }),
+                );
                 state.hold_until = Some((Instant::now() + wait, format!("the last automatic start failed: {e}")));
             }
         }
@@ -315,7 +329,10 @@ mod tests {
     fn a_recently_finished_session_is_not_repeated_until_retune_time() {
         let step = next_step(Instant::now(), &AutoState::default(), &open(), &idle(), UP, Some(Duration::from_secs(3600)));
         assert!(matches!(step, Step::Wait(d, _) if d == Duration::from_secs(23 * 3600)), "{step:?}");
-        assert_eq!(next_step(Instant::now(), &AutoState::default(), &open(), &idle(), UP, Some(Duration::from_secs(25 * 3600))), Step::Start);
+        assert_eq!(
+            next_step(Instant::now(), &AutoState::default(), &open(), &idle(), UP, Some(Duration::from_secs(25 * 3600))),
+            Step::Start
+        );
     }
 
     #[test]

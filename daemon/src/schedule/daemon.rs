@@ -103,8 +103,7 @@ impl ScheduleServices {
         }));
 
         let gates = map_watch(config.subscribe(), |c: &Arc<Config>| Gates::from_config(&c.idle));
-        let scheduler =
-            Scheduler::spawn(source, gates, SchedulerOptions { busy: Some(busy_rx), ..SchedulerOptions::default() });
+        let scheduler = Scheduler::spawn(source, gates, SchedulerOptions { busy: Some(busy_rx), ..SchedulerOptions::default() });
         Ok(ScheduleServices {
             scheduler: Some(scheduler),
             config,

@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-pub use crate::gate::{Decision, Gate};
-use crate::gate::{Activity, Thermal};
 use crate::config::IdleConfig;
+use crate::gate::{Activity, Thermal};
+pub use crate::gate::{Decision, Gate};
 
 /// The gates in force, derived from the `[idle]` section of the config
 /// ([`crate::config::IdleConfig`], the one place they are configured) by [`Gates::from_config`].
@@ -62,10 +62,18 @@ pub fn human_duration(d: Duration) -> String {
         format!("{s} s")
     } else if s < 3600 {
         let (m, r) = (s / 60, s % 60);
-        if r == 0 { format!("{m} min") } else { format!("{m} min {r} s") }
+        if r == 0 {
+            format!("{m} min")
+        } else {
+            format!("{m} min {r} s")
+        }
     } else {
         let (h, m) = (s / 3600, (s % 3600) / 60);
-        if m == 0 { format!("{h} h") } else { format!("{h} h {m} min") }
+        if m == 0 {
+            format!("{h} h")
+        } else {
+            format!("{h} h {m} min")
+        }
     }
 }
 
@@ -81,11 +89,7 @@ impl Gates {
         let idle_needed = self.idle_required();
         if a.user_idle < idle_needed {
             blocked_by.push(Gate::Idle);
-            reasons.push(format!(
-                "user active {} ago (needs {} idle)",
-                human_duration(a.user_idle),
-                human_duration(idle_needed)
-            ));
+            reasons.push(format!("user active {} ago (needs {} idle)", human_duration(a.user_idle), human_duration(idle_needed)));
         }
         if self.require_ac_power && !a.on_ac_power {
             blocked_by.push(Gate::AcPower);
@@ -119,14 +123,7 @@ impl Gates {
                 a.load_1m
             ));
         }
-        Decision {
-            run,
-            may_start,
-            reasons,
-            blocked_by,
-            user_active_at: now.checked_sub(a.user_idle),
-            activity: Some(a.clone()),
-        }
+        Decision { run, may_start, reasons, blocked_by, user_active_at: now.checked_sub(a.user_idle), activity: Some(a.clone()) }
     }
 
     /// How long until the idle gate alone could open, if it is what blocks (None: not blocking).

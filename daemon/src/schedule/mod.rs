@@ -96,11 +96,7 @@ pub struct Scheduler;
 impl Scheduler {
     /// Spawns the scheduler on the current tokio runtime. `gates` is live: a config reload that
     /// changes the gates takes effect at once (see [`watch::ConfigWatcher`]).
-    pub fn spawn(
-        source: Arc<dyn ActivitySource>,
-        gates: tokio_watch::Receiver<Gates>,
-        options: SchedulerOptions,
-    ) -> SchedulerHandle {
+    pub fn spawn(source: Arc<dyn ActivitySource>, gates: tokio_watch::Receiver<Gates>, options: SchedulerOptions) -> SchedulerHandle {
         let (tx, rx) = tokio_watch::channel(Decision::pending());
         let (shutdown_tx, shutdown_rx) = tokio_watch::channel(false);
         let task = tokio::spawn(run(source, gates, options, tx, shutdown_rx));
@@ -127,11 +123,9 @@ fn next_wake(decision: &Decision, gates: &Gates, options: &SchedulerOptions) -> 
     match (&decision.activity, decision.blocked_by.as_slice()) {
         // Only the idle gate blocks: wake when it could first open (plus a hair, so the
         // reading is past the threshold rather than a rounding error short of it).
-        (Some(a), [Gate::Idle]) => gates
-            .idle_remaining(a)
-            .map(|d| d + Duration::from_millis(20))
-            .unwrap_or(options.active_poll)
-            .min(options.idle_poll),
+        (Some(a), [Gate::Idle]) => {
+            gates.idle_remaining(a).map(|d| d + Duration::from_millis(20)).unwrap_or(options.active_poll).min(options.idle_poll)
+        }
         _ => options.idle_poll,
     }
 }

@@ -225,11 +225,7 @@ pub struct ModelWatcher {
 }
 
 impl ModelWatcher {
-    pub fn spawn(
-        dir: impl Into<PathBuf>,
-        events: mpsc::UnboundedSender<WatchEvent>,
-        debounce: Duration,
-    ) -> Result<Self, WatchError> {
+    pub fn spawn(dir: impl Into<PathBuf>, events: mpsc::UnboundedSender<WatchEvent>, debounce: Duration) -> Result<Self, WatchError> {
         let dir: PathBuf = dir.into();
         let (watcher, mut rx) = raw_watch(&dir, notify::RecursiveMode::Recursive)?;
         let (tx, generation) = watch::channel(0u64);

@@ -167,7 +167,12 @@ impl SessionManager {
             let st = lock(&self.opts.store);
             st.upsert_model(&target.model, loaded.get("model_path").and_then(Value::as_str), loaded.get("config").unwrap_or(&Value::Null))?;
         }
-        let key = BestKey { device: target.device.clone(), model: target.model.clone(), mlx: target.mlx.clone(), backend: target.backend.clone() };
+        let key = BestKey {
+            device: target.device.clone(),
+            model: target.model.clone(),
+            mlx: target.mlx.clone(),
+            backend: target.backend.clone(),
+        };
         let existing = lock(&self.opts.store).resumable_session(&key.device, &key.model, &key.mlx, &key.backend)?;
         // A fixed list (or a re-measurement) is its own session: it never resumes a search (or
         // vice versa).
@@ -213,13 +218,19 @@ impl SessionManager {
         let sessions = lock(&self.opts.store).list_sessions(50)?;
         let Some(s) = sessions.into_iter().find(|s| {
             s.device == self.opts.device.fingerprint
-                && (s.state == SessionState::Running || (s.state == SessionState::Paused && s.reason.as_deref().is_some_and(|r| r.starts_with("daemon stopped"))))
+                && (s.state == SessionState::Running
+                    || (s.state == SessionState::Paused && s.reason.as_deref().is_some_and(|r| r.starts_with("daemon stopped"))))
         }) else {
             return Ok(None);
         };
         let Some(saved) = lock(&self.opts.store).search_state(s.id)? else { return Ok(None) };
         let Ok(state) = serde_json::from_value::<SavedState>(saved) else { return Ok(None) };
-        let p = StartParams { model: Some(state.spec.model.clone()), dtype: state.spec.dtype.clone(), policies: state.spec.fixed.clone(), ..Default::default() };
+        let p = StartParams {
+            model: Some(state.spec.model.clone()),
+            dtype: state.spec.dtype.clone(),
+            policies: state.spec.fixed.clone(),
+            ..Default::default()
+        };
         let (id, _) = self.start(p).await?;
         Ok(Some(id))
     }
@@ -239,7 +250,17 @@ impl SessionManager {
             }
         }
         let engine = Engine::new(spec.seed, spec.engine.clone(), &space);
-        Ok(SavedState { spec, space, engine, fixed_next: 0, screened: 0, shape_items: 0, elapsed_s: 0.0, llm: Default::default(), calibration: Default::default() })
+        Ok(SavedState {
+            spec,
+            space,
+            engine,
+            fixed_next: 0,
+            screened: 0,
+            shape_items: 0,
+            elapsed_s: 0.0,
+            llm: Default::default(),
+            calibration: Default::default(),
+        })
     }
 
     fn launch(&self, session_id: SessionId, target: BestKey, state: SavedState, sup: Supervisor, resumed: bool) {
@@ -271,7 +292,9 @@ impl SessionManager {
         let (stop, mut done) = {
             let r = self.running.lock().unwrap();
             match r.as_ref() {
-                Some(run) if session_id.is_none_or(|id| id == run.session_id) && !*run.done.borrow() => (run.stop.clone(), run.done.clone()),
+                Some(run) if session_id.is_none_or(|id| id == run.session_id) && !*run.done.borrow() => {
+                    (run.stop.clone(), run.done.clone())
+                }
                 _ => return false,
             }
         };

@@ -157,7 +157,8 @@ impl Runner {
             let ms = self.store().measurements(id)?;
             let Some(last) = ms.last().cloned() else { return Ok(None) };
             let outcome = Outcome::Measured { correct: last.correct, ratio: last.ratio, lo: last.lo, hi: last.hi };
-            let ev = |m: &crate::store::Measurement| Evidence { hash: hash.clone(), correct: m.correct, ratio: m.ratio, lo: m.lo, hi: m.hi };
+            let ev =
+                |m: &crate::store::Measurement| Evidence { hash: hash.clone(), correct: m.correct, ratio: m.ratio, lo: m.lo, hi: m.hi };
             let inc = self.incumbent()?.map(|(i, _)| i);
             // A raced measurement that stopped early is a measured loser, never grounds to promote
             // (its stop needed an upper bound under 1.0; this holds even if later pairs disagreed).
@@ -197,8 +198,10 @@ impl Runner {
             })?;
             let evidence: Vec<Value> = ms[ms.len() - 2..]
                 .iter()
-                .map(|m| json!({"measurement_id": m.id, "at": m.at, "ratio": m.ratio, "lo": m.lo, "hi": m.hi,
-                                "n_pairs": m.detail.pointer("/inference/n_pairs"), "gate": m.gate}))
+                .map(|m| {
+                    json!({"measurement_id": m.id, "at": m.at, "ratio": m.ratio, "lo": m.lo, "hi": m.hi,
+                                "n_pairs": m.detail.pointer("/inference/n_pairs"), "gate": m.gate})
+                })
                 .collect();
             self.publish(
                 kind::POLICY_PROMOTED,
@@ -229,13 +232,7 @@ impl Runner {
                 workloads.insert(name.to_string(), i);
             }
         }
-        PolicySummary {
-            text,
-            fused,
-            matmuls_per_token: Some(calls),
-            rules: policy.matmul.rules.len(),
-            workloads,
-        }
+        PolicySummary { text, fused, matmuls_per_token: Some(calls), rules: policy.matmul.rules.len(), workloads }
     }
 
     pub(super) fn record_worker_failure(&self, candidate: Option<CandidateId>, e: &WorkerError) {
@@ -285,7 +282,8 @@ impl Runner {
     pub(super) fn remeasure_due(&self, evaluations: u64) -> Result<bool, SessionError> {
         let Some((inc, _)) = self.incumbent()? else { return Ok(false) };
         let st = self.store();
-        let rows: Vec<_> = st.candidates(self.session_id, None)?.into_iter().filter(|c| c.origin == "incumbent" && c.hash == inc.hash).collect();
+        let rows: Vec<_> =
+            st.candidates(self.session_id, None)?.into_iter().filter(|c| c.origin == "incumbent" && c.hash == inc.hash).collect();
         let mut done = 0u64;
         for r in &rows {
             done += st.measurements(r.id)?.len() as u64;
@@ -359,7 +357,11 @@ impl Runner {
             })?;
         }
         let demote = if !m.correct {
-            Some(format!("re-measured {}: failed the correctness gate ({})", why.reason(), m.gate.get("reason").and_then(Value::as_str).unwrap_or("no reason")))
+            Some(format!(
+                "re-measured {}: failed the correctness gate ({})",
+                why.reason(),
+                m.gate.get("reason").and_then(Value::as_str).unwrap_or("no reason")
+            ))
         } else if slower {
             Some(format!("re-measured {}: {ratio:.3} [{lo:.3}, {hi:.3}], slower than stock", why.reason()))
         } else {

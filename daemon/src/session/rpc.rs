@@ -5,8 +5,8 @@ use super::manager::{lock, DeviceInfo, ManagerOptions, SessionError, SessionMana
 use super::settings::StartParams;
 use super::LlmSource;
 use crate::ipc::protocol::{
-    codes, RpcError, SessionListResult, SessionShowParams, SessionShowResult, TuningStartParams, TuningStartResult,
-    TuningStatus, TuningStopParams, TuningStopResult,
+    codes, RpcError, SessionListResult, SessionShowParams, SessionShowResult, TuningStartParams, TuningStartResult, TuningStatus,
+    TuningStopParams, TuningStopResult,
 };
 use crate::ipc::{BoxFuture, TuningService};
 use crate::worker::WorkerConfig;
@@ -69,7 +69,8 @@ impl TuningService for SessionManager {
     fn start(&self, params: TuningStartParams) -> BoxFuture<'_, Result<TuningStartResult, RpcError>> {
         Box::pin(async move {
             let value = serde_json::to_value(&params).map_err(|e| RpcError::new(codes::INVALID_PARAMS, e.to_string()))?;
-            let p: StartParams = serde_json::from_value(value).map_err(|e| RpcError::new(codes::INVALID_PARAMS, format!("tuning.start: {e}")))?;
+            let p: StartParams =
+                serde_json::from_value(value).map_err(|e| RpcError::new(codes::INVALID_PARAMS, format!("tuning.start: {e}")))?;
             let (session_id, resumed) = SessionManager::start(self, p).await?;
             Ok(TuningStartResult { session_id, resumed })
         })

@@ -2,9 +2,9 @@
 //! Measuring and promotion are in `measure.rs`, screening in `screen.rs`, the LLM in `llm.rs`.
 
 use super::manager::{lock, LiveProgress, ManagerOptions};
-use super::settings::SessionSpec;
 use super::measure::Remeasure;
 use super::screen::Screen;
+use super::settings::SessionSpec;
 use super::SessionError;
 use crate::events::kind;
 use crate::evolve::cost::{Calibration, Memo};
@@ -156,7 +156,11 @@ impl Runner {
         let stored = self.store().set_session_state(self.session_id, state, Some(&reason));
         self.live.lock().unwrap().last_end = Some(match &stored {
             Ok(()) => format!("session {} {}: {reason}", self.session_id, state.as_str()),
-            Err(e) => format!("session {} {}: {reason} (the database could not record it: {e}; it resumes when the daemon restarts)", self.session_id, state.as_str()),
+            Err(e) => format!(
+                "session {} {}: {reason} (the database could not record it: {e}; it resumes when the daemon restarts)",
+                self.session_id,
+                state.as_str()
+            ),
         });
         let summary = self.store().session(self.session_id).ok().flatten();
         let best = self.store().best(&self.key).ok().flatten();
@@ -302,7 +306,14 @@ impl Runner {
         Ok(true)
     }
 
-    pub(super) fn add_candidate(&self, p: &Policy, island: usize, generation: u64, origin: &str, parents: &[String]) -> Result<CandidateId, SessionError> {
+    pub(super) fn add_candidate(
+        &self,
+        p: &Policy,
+        island: usize,
+        generation: u64,
+        origin: &str,
+        parents: &[String],
+    ) -> Result<CandidateId, SessionError> {
         let st = self.store();
         let parent_ids: Vec<CandidateId> =
             parents.iter().filter_map(|h| st.find_candidate(self.session_id, h).ok().flatten().map(|c| c.id)).collect();

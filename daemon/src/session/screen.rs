@@ -40,8 +40,7 @@ impl Runner {
             let needed = self.memo.needed(&space, p);
             // Small batches: each batch's results are committed before the next is asked for.
             let batch: Vec<_> = needed.into_iter().take(8).collect();
-            let items: Vec<Value> =
-                batch.iter().map(|n| json!({"m": n.m, "n": n.n, "k": n.k, "dtype": dtype, "plan": n.plan})).collect();
+            let items: Vec<Value> = batch.iter().map(|n| json!({"m": n.m, "n": n.n, "k": n.k, "dtype": dtype, "plan": n.plan})).collect();
             let req = json!({"items": items, "pairs": self.state.spec.shape_pairs, "warmup": 1});
             let timeout = Duration::from_secs(self.state.spec.evaluate_timeout_s);
             let result = match self.request("shapes", req, timeout).await {

@@ -170,9 +170,7 @@ fn best_from_row(r: &Row<'_>) -> rusqlite::Result<Best> {
 impl Store {
     /// The best policy for `key`, if one was ever promoted.
     pub fn best(&self, key: &BestKey) -> Result<Option<Best>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT * FROM best WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4",
-        )?;
+        let mut st = self.conn.prepare_cached("SELECT * FROM best WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4")?;
         Ok(st.query_row(params![key.device, key.model, key.mlx, key.backend], best_from_row).optional()?)
     }
 
@@ -295,13 +293,29 @@ impl Store {
                     "UPDATE best SET hash = ?5, policy_json = ?6, ratio = ?7, lo = ?8, hi = ?9, session_id = ?10, candidate_id = ?11,
                        promoted_at = ?12, summary_json = ?13, remeasured_at = NULL
                      WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4",
-                    params![k.device, k.model, k.mlx, k.backend, b.hash, to_json(&b.policy)?, b.ratio, b.lo, b.hi, b.session_id,
-                            b.candidate_id, b.promoted_at, b.summary.as_ref().map(to_json).transpose()?],
+                    params![
+                        k.device,
+                        k.model,
+                        k.mlx,
+                        k.backend,
+                        b.hash,
+                        to_json(&b.policy)?,
+                        b.ratio,
+                        b.lo,
+                        b.hi,
+                        b.session_id,
+                        b.candidate_id,
+                        b.promoted_at,
+                        b.summary.as_ref().map(to_json).transpose()?
+                    ],
                 )?;
                 (b.hash.clone(), to_json(&b.policy)?)
             }
             None => {
-                tx.execute("DELETE FROM best WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4", params![k.device, k.model, k.mlx, k.backend])?;
+                tx.execute(
+                    "DELETE FROM best WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4",
+                    params![k.device, k.model, k.mlx, k.backend],
+                )?;
                 ("native".to_string(), native.canonical_json())
             }
         };

@@ -108,9 +108,8 @@ impl Store {
 
     /// Worker failures, newest first, optionally of one session.
     pub fn worker_failures(&self, session_id: Option<SessionId>, limit: u32) -> Result<Vec<WorkerFailure>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT * FROM worker_failures WHERE (?1 IS NULL OR session_id = ?1) ORDER BY id DESC LIMIT ?2",
-        )?;
+        let mut st =
+            self.conn.prepare_cached("SELECT * FROM worker_failures WHERE (?1 IS NULL OR session_id = ?1) ORDER BY id DESC LIMIT ?2")?;
         let rows = st.query_map(params![session_id, limit], |r| {
             Ok(WorkerFailure {
                 id: r.get("id")?,

@@ -22,9 +22,12 @@ impl Store {
     pub fn append_event(&self, kind: &str, session_id: Option<SessionId>, data: &Value) -> Result<Event> {
         let at = now();
         // Cached: every client's `hello` appends one, on the plugin's path at each MLX start.
-        self.conn
-            .prepare_cached("INSERT INTO events (at, kind, session_id, data_json) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![at, kind, session_id, to_json(data)?])?;
+        self.conn.prepare_cached("INSERT INTO events (at, kind, session_id, data_json) VALUES (?1, ?2, ?3, ?4)")?.execute(params![
+            at,
+            kind,
+            session_id,
+            to_json(data)?
+        ])?;
         Ok(Event { id: self.conn.last_insert_rowid(), at, kind: kind.to_string(), session_id, data: data.clone() })
     }
 
@@ -32,10 +35,9 @@ impl Store {
     /// (replay cursors and new ids stay monotonic). Returns how many.
     pub fn prune_events(&self, kind: &str, older_than: std::time::Duration) -> Result<usize> {
         let cutoff = time_text(std::time::SystemTime::now() - older_than);
-        Ok(self.conn.execute(
-            "DELETE FROM events WHERE kind = ?1 AND at < ?2 AND id < (SELECT max(id) FROM events)",
-            params![kind, cutoff],
-        )?)
+        Ok(self
+            .conn
+            .execute("DELETE FROM events WHERE kind = ?1 AND at < ?2 AND id < (SELECT max(id) FROM events)", params![kind, cutoff])?)
     }
 
     /// Events with id > `after_id`, oldest first, at most `limit`; optionally one session's only.

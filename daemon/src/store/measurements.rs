@@ -73,13 +73,17 @@ impl NewMeasurement {
             let list = list.as_array().cloned().ok_or_else(|| invalid(format!("{workload}.samples is not a list")))?;
             for (i, s) in list.into_iter().enumerate() {
                 let mut obj = s.as_object().cloned().ok_or_else(|| invalid(format!("{workload}.samples[{i}] is not an object")))?;
-                let pair = obj.remove("pair").and_then(|v| v.as_u64()).ok_or_else(|| invalid(format!("{workload}.samples[{i}].pair missing")))?;
+                let pair =
+                    obj.remove("pair").and_then(|v| v.as_u64()).ok_or_else(|| invalid(format!("{workload}.samples[{i}].pair missing")))?;
                 let arm = match obj.remove("arm").as_ref().and_then(Value::as_str) {
                     Some("stock") => Arm::Stock,
                     Some("candidate") => Arm::Candidate,
                     other => return Err(invalid(format!("{workload}.samples[{i}].arm is {other:?}"))),
                 };
-                let seconds = obj.remove("seconds").and_then(|v| v.as_f64()).ok_or_else(|| invalid(format!("{workload}.samples[{i}].seconds missing")))?;
+                let seconds = obj
+                    .remove("seconds")
+                    .and_then(|v| v.as_f64())
+                    .ok_or_else(|| invalid(format!("{workload}.samples[{i}].seconds missing")))?;
                 samples.push(NewSample {
                     workload: workload.to_string(),
                     pair: pair as u32,
@@ -182,9 +186,10 @@ impl Store {
                 pair: r.get("pair")?,
                 arm: if arm == "stock" { Arm::Stock } else { Arm::Candidate },
                 seconds: r.get("seconds")?,
-                extra: extra.map(|t| serde_json::from_str(&t)).transpose().map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-                })?,
+                extra: extra
+                    .map(|t| serde_json::from_str(&t))
+                    .transpose()
+                    .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

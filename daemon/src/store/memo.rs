@@ -65,8 +65,22 @@ impl Store {
                plan_median_s = excluded.plan_median_s, ratio = excluded.ratio, lo = excluded.lo,
                hi = excluded.hi, samples = excluded.samples, updated_at = excluded.updated_at",
             params![
-                e.device, e.mlx, e.backend, e.m, e.n, e.k, e.dtype, e.plan_hash, to_json(&e.plan)?,
-                e.stock_median_s, e.plan_median_s, e.ratio, e.lo, e.hi, e.samples, now()
+                e.device,
+                e.mlx,
+                e.backend,
+                e.m,
+                e.n,
+                e.k,
+                e.dtype,
+                e.plan_hash,
+                to_json(&e.plan)?,
+                e.stock_median_s,
+                e.plan_median_s,
+                e.ratio,
+                e.lo,
+                e.hi,
+                e.samples,
+                now()
             ],
         )?;
         Ok(())
@@ -74,7 +88,17 @@ impl Store {
 
     /// The memo row for one shape and plan, if measured.
     #[allow(clippy::too_many_arguments)]
-    pub fn memo(&self, device: &str, mlx: &str, backend: &str, m: u64, n: u64, k: u64, dtype: &str, plan_hash: &str) -> Result<Option<MemoEntry>> {
+    pub fn memo(
+        &self,
+        device: &str,
+        mlx: &str,
+        backend: &str,
+        m: u64,
+        n: u64,
+        k: u64,
+        dtype: &str,
+        plan_hash: &str,
+    ) -> Result<Option<MemoEntry>> {
         Ok(self
             .conn
             .query_row(

@@ -47,9 +47,7 @@ pub use events::Event;
 pub use measurements::{Arm, Measurement, NewMeasurement, NewSample, Sample};
 pub use memo::MemoEntry;
 pub use schema::SCHEMA_VERSION;
-pub use sessions::{
-    Budget, Candidate, CandidateId, CandidateStatus, NewCandidate, NewSession, Session, SessionId, SessionState,
-};
+pub use sessions::{Budget, Candidate, CandidateId, CandidateStatus, NewCandidate, NewSession, Session, SessionId, SessionState};
 
 use rusqlite::{Connection, OpenFlags};
 use std::cell::Cell;
@@ -154,9 +152,7 @@ impl Store {
         }
         let mut conn = Connection::open(path).map_err(open_err)?;
         Self::configure(&conn).map_err(open_err)?;
-        schema::migrations()
-            .to_latest(&mut conn)
-            .map_err(|source| StoreError::Migrate { path: path.to_path_buf(), source })?;
+        schema::migrations().to_latest(&mut conn).map_err(|source| StoreError::Migrate { path: path.to_path_buf(), source })?;
         // SAFETY: the watch lives in the same Store as `conn` and the Store never takes the
         // connection out of WAL mode (`configure` puts it there; nothing changes it after).
         let wal_watch = unsafe { WalIndexWatch::open(&conn) };
@@ -178,8 +174,7 @@ impl Store {
             Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => Inspect::Corrupt(e.to_string()),
             _ => Inspect::Open(e),
         };
-        let ro = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(classify)?;
+        let ro = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(classify)?;
         let found: u32 = ro.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(classify)?;
         if found > SCHEMA_VERSION {
             return Ok(found); // refused by the caller without further reads
@@ -288,8 +283,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
 /// inside row-mapping closures).
 fn json_col<T: serde::de::DeserializeOwned>(row: &rusqlite::Row<'_>, idx: &str) -> rusqlite::Result<T> {
     let text: String = row.get(idx)?;
-    serde_json::from_str(&text)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+    serde_json::from_str(&text).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 /// What the `best` table looked like to one connection at one moment, cheaply: if

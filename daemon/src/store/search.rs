@@ -22,10 +22,8 @@ impl Store {
 
     /// The stored search state of a session, if any.
     pub fn search_state(&self, session_id: SessionId) -> Result<Option<Value>> {
-        let text: Option<String> = self
-            .conn
-            .query_row("SELECT state_json FROM search_state WHERE session_id = ?1", [session_id], |r| r.get(0))
-            .optional()?;
+        let text: Option<String> =
+            self.conn.query_row("SELECT state_json FROM search_state WHERE session_id = ?1", [session_id], |r| r.get(0)).optional()?;
         Ok(text.map(|t| serde_json::from_str(&t)).transpose()?)
     }
 }

@@ -151,11 +151,7 @@ pub struct Candidate {
 }
 
 fn bad_enum(col: &str, v: &str) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(
-        0,
-        rusqlite::types::Type::Text,
-        format!("unknown {col} {v:?} in database").into(),
-    )
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("unknown {col} {v:?} in database").into())
 }
 
 fn session_from_row(r: &Row<'_>) -> rusqlite::Result<Session> {
@@ -290,19 +286,16 @@ impl Store {
 
     /// A session's candidates in creation order, optionally only those with `status`.
     pub fn candidates(&self, session_id: SessionId, status: Option<CandidateStatus>) -> Result<Vec<Candidate>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT * FROM candidates WHERE session_id = ?1 AND (?2 IS NULL OR status = ?2) ORDER BY id",
-        )?;
+        let mut st =
+            self.conn.prepare_cached("SELECT * FROM candidates WHERE session_id = ?1 AND (?2 IS NULL OR status = ?2) ORDER BY id")?;
         let rows = st.query_map(params![session_id, status.map(|s| s.as_str())], candidate_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Sets `pending`/`measuring` (use `record_measurement` / `mark_candidate_failed` for the end states).
     pub fn set_candidate_status(&self, id: CandidateId, status: CandidateStatus) -> Result<()> {
-        let n = self.conn.execute(
-            "UPDATE candidates SET status = ?2, updated_at = ?3 WHERE id = ?1",
-            params![id, status.as_str(), now()],
-        )?;
+        let n =
+            self.conn.execute("UPDATE candidates SET status = ?2, updated_at = ?3 WHERE id = ?1", params![id, status.as_str(), now()])?;
         if n == 0 {
             return Err(StoreError::NotFound { what: "candidate", id: id.to_string() });
         }

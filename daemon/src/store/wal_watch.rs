@@ -63,9 +63,8 @@ impl WalIndexWatch {
         conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).ok()?;
         let db = unsafe { conn.handle() };
         let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-        let rc = unsafe {
-            ffi::sqlite3_file_control(db, c"main".as_ptr(), ffi::SQLITE_FCNTL_FILE_POINTER, (&raw mut file).cast::<c_void>())
-        };
+        let rc =
+            unsafe { ffi::sqlite3_file_control(db, c"main".as_ptr(), ffi::SQLITE_FCNTL_FILE_POINTER, (&raw mut file).cast::<c_void>()) };
         if rc != ffi::SQLITE_OK || file.is_null() {
             return None;
         }
@@ -168,7 +167,9 @@ mod tests {
                 .filter(|l| {
                     let f: Vec<&str> = l.split_whitespace().collect();
                     // "1: POSIX ADVISORY READ 1234 fd:01:5678 128 128"
-                    f.get(1) == Some(&"POSIX") && f.get(4) == Some(&me.as_str()) && f.get(5).and_then(|d| d.rsplit(':').next()) == Some(inode.to_string().as_str())
+                    f.get(1) == Some(&"POSIX")
+                        && f.get(4) == Some(&me.as_str())
+                        && f.get(5).and_then(|d| d.rsplit(':').next()) == Some(inode.to_string().as_str())
                 })
                 .count()
         };

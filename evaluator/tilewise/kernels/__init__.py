@@ -19,8 +19,14 @@ from .plans import GEMV_MAX_M, describe, kernel_space, plan_key, plan_problems
 
 def __getattr__(name):
     # MLX-dependent names load on first use, so that policy tooling can import the plan space cheaply.
-    if name in ("kernel_matmul", "kernel_matmul_checked", "kernel_supported", "machine_backend",
-                "KernelUnavailable", "raw_kernel_fn"):
+    if name in (
+        "kernel_matmul",
+        "kernel_matmul_checked",
+        "kernel_supported",
+        "machine_backend",
+        "KernelUnavailable",
+        "raw_kernel_fn",
+    ):
         from . import matmul
 
         return getattr(matmul, name)
@@ -31,6 +37,16 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["GEMV_MAX_M", "KernelPlanError", "KernelUnavailable", "describe", "kernel_matmul",
-           "kernel_matmul_checked", "kernel_space", "kernel_supported", "machine_backend", "plan_key",
-           "plan_problems"]
+__all__ = [
+    "GEMV_MAX_M",
+    "KernelPlanError",
+    "KernelUnavailable",
+    "describe",
+    "kernel_matmul",
+    "kernel_matmul_checked",
+    "kernel_space",
+    "kernel_supported",
+    "machine_backend",
+    "plan_key",
+    "plan_problems",
+]

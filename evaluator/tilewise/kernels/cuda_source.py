@@ -181,7 +181,9 @@ _GEMM_PROLOGUE = r"""
 
 # Extra constants: WN (warps along N; warp w sits at row w / WN, column w % WN), FM, FN (16x16
 # fragments per warp along M and N).
-GEMM_TC = _GEMM_PROLOGUE + r"""
+GEMM_TC = (
+    _GEMM_PROLOGUE
+    + r"""
   using namespace nvcuda;
   const int warp = tid >> 5;
   const int lane = tid & 31;
@@ -230,9 +232,12 @@ GEMM_TC = _GEMM_PROLOGUE + r"""
     }
   }
 """
+)
 
 # Extra constants: TROWS, TCOLS (thread grid; each thread owns BM/TROWS x BN/TCOLS outputs).
-GEMM_SIMT = _GEMM_PROLOGUE + r"""
+GEMM_SIMT = (
+    _GEMM_PROLOGUE
+    + r"""
   constexpr int TM = BM / TROWS;
   constexpr int TN = BN / TCOLS;
   const int tx = tid % TCOLS;
@@ -270,5 +275,6 @@ GEMM_SIMT = _GEMM_PROLOGUE + r"""
     }
   }
 """
+)
 
 SOURCES = {"gemv": GEMV, "gemm_tc": GEMM_TC, "gemm_simt": GEMM_SIMT}

@@ -81,8 +81,9 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def plan_launch(plan: dict, m: int, n: int, k: int, dtype: str, lead: tuple | None = None,
-                bias: bool = False) -> Launch:
+def plan_launch(
+    plan: dict, m: int, n: int, k: int, dtype: str, lead: tuple | None = None, bias: bool = False
+) -> Launch:
     """The launch for `x (*lead, k) @ w (n, k).T (+ bias)` under `plan` (lead defaults to (m,), and its
     product must be m); raises KernelPlanError if it cannot run."""
     lead = (m,) if lead is None else tuple(lead)
@@ -112,8 +113,16 @@ def plan_launch(plan: dict, m: int, n: int, k: int, dtype: str, lead: tuple | No
     geo = gemm_geometry(plan, backend, dtype)
     bm, bn, bk, warps = plan["block_m"], plan["block_n"], plan["block_k"], plan["warps"]
     threads = geo["threads"]
-    common = (("XND", len(lead) + 1), ("BM", bm), ("BN", bn), ("BK", bk), ("WARPS", warps), ("V", vw),
-              ("SPLIT", sk), ("LDS", geo["lds"]))
+    common = (
+        ("XND", len(lead) + 1),
+        ("BM", bm),
+        ("BN", bn),
+        ("BK", bk),
+        ("WARPS", warps),
+        ("V", vw),
+        ("SPLIT", sk),
+        ("LDS", geo["lds"]),
+    )
     if geo["tensor"]:
         body = "gemm_tc"
         extra = (("WN", geo["warps_n"]), ("FM", geo["frag_m"]), ("FN", geo["frag_n"]))

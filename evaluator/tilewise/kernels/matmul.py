@@ -63,15 +63,25 @@ def _kernel_object(launch: Launch):
     """One `mx.fast.*_kernel` object per parameter set (its constants are baked into the source)."""
     make = mx.fast.cuda_kernel if launch.backend == "cuda" else mx.fast.metal_kernel
     kwargs = {"header": cuda_source.HEADER} if launch.backend == "cuda" else {}
-    return make(name=launch.kernel_name, input_names=launch.input_names, output_names=["y"],
-                source=launch.source, ensure_row_contiguous=True, **kwargs)
+    return make(
+        name=launch.kernel_name,
+        input_names=launch.input_names,
+        output_names=["y"],
+        source=launch.source,
+        ensure_row_contiguous=True,
+        **kwargs,
+    )
 
 
 def _forward_fn(launch: Launch, out_dtype, poison: float | None = None):
     """(x, w) or (x, w, bias) -> y for one launch, with every other argument prebuilt."""
     kernel = _kernel_object(launch)
-    kwargs = {"grid": launch.grid, "threadgroup": launch.threadgroup, "output_shapes": [launch.out_shape],
-              "output_dtypes": [_DTYPES[launch.out_dtype]]}
+    kwargs = {
+        "grid": launch.grid,
+        "threadgroup": launch.threadgroup,
+        "output_shapes": [launch.out_shape],
+        "output_dtypes": [_DTYPES[launch.out_dtype]],
+    }
     if poison is not None:
         kwargs["init_value"] = poison  # e.g. NaN: an output element the kernel never writes shows up
     if launch.reduce_splits:
@@ -138,8 +148,9 @@ def kernel_matmul(x: mx.array, w: mx.array, plan: dict, bias: mx.array | None = 
     return fn(x, w) if bias is None else fn(x, w, bias)
 
 
-def kernel_matmul_checked(x: mx.array, w: mx.array, plan: dict, bias: mx.array | None = None,
-                          poison: float = float("nan")) -> mx.array:
+def kernel_matmul_checked(
+    x: mx.array, w: mx.array, plan: dict, bias: mx.array | None = None, poison: float = float("nan")
+) -> mx.array:
     """Forward only, with the output pre-filled with `poison` (NaN) so that an element the kernel never
     writes cannot pass a correctness check by luck. For tests and the benchmark's correctness column."""
     fn = _forward_fn(_validated_launch(plan, x, w, bias), x.dtype, poison)

@@ -126,9 +126,7 @@ def plan_problems(plan: dict, backend: str | None = None, dtype: str = "bfloat16
         if r not in ROWS_PER_BLOCK:
             return out + [f"rows_per_block: gemv needs rows_per_block in {ROWS_PER_BLOCK}, got {r!r}"]
         if SIMD_WIDTH * r * sk > MAX_THREADS:
-            out.append(
-                f"rows_per_block x split_k: {r} x {sk} warps = {SIMD_WIDTH * r * sk} threads > {MAX_THREADS}"
-            )
+            out.append(f"rows_per_block x split_k: {r} x {sk} warps = {SIMD_WIDTH * r * sk} threads > {MAX_THREADS}")
         if m is not None and m > GEMV_MAX_M:
             out.append(f"family: gemv serves only M <= {GEMV_MAX_M}, got M = {m}")
         return out
@@ -172,8 +170,16 @@ def _gemv_plans(backend, dtype, k):
         # Do not split K finer than one vector step per lane per warp.
         if s > 1 and k < SIMD_WIDTH * v * s:
             continue
-        out.append({"kind": "kernel", "backend": backend, "family": "gemv", "rows_per_block": r,
-                    "vector_width": v, "split_k": s})
+        out.append(
+            {
+                "kind": "kernel",
+                "backend": backend,
+                "family": "gemv",
+                "rows_per_block": r,
+                "vector_width": v,
+                "split_k": s,
+            }
+        )
     return out
 
 
@@ -185,8 +191,19 @@ def _gemm_plans(backend, dtype, m, n, k):
             continue  # a tile more than twice the problem only adds masked work
         if s > 1 and k // s < bk:
             continue
-        out.append({"kind": "kernel", "backend": backend, "family": "gemm", "block_m": bm, "block_n": bn,
-                    "block_k": bk, "warps": w, "vector_width": v, "split_k": s})
+        out.append(
+            {
+                "kind": "kernel",
+                "backend": backend,
+                "family": "gemm",
+                "block_m": bm,
+                "block_n": bn,
+                "block_k": bk,
+                "warps": w,
+                "vector_width": v,
+                "split_k": s,
+            }
+        )
     return out
 
 
@@ -203,8 +220,17 @@ def kernel_space(backend: str, m: int, n: int, k: int, dtype: str = "bfloat16") 
     return [p for p in plans if not plan_problems(p, backend, dtype, m)]
 
 
-KEY_FIELDS = ("backend", "family", "rows_per_block", "block_m", "block_n", "block_k", "warps",
-              "vector_width", "split_k")
+KEY_FIELDS = (
+    "backend",
+    "family",
+    "rows_per_block",
+    "block_m",
+    "block_n",
+    "block_k",
+    "warps",
+    "vector_width",
+    "split_k",
+)
 
 
 def plan_key(plan: dict) -> tuple:
@@ -216,5 +242,7 @@ def describe(plan: dict) -> str:
     """Short human label: `gemv r4 s2 v8` / `gemm 64x128x32 w4 v8 s1`."""
     if plan.get("family") == "gemv":
         return f"gemv r{plan['rows_per_block']} s{plan['split_k']} v{plan['vector_width']}"
-    return (f"gemm {plan['block_m']}x{plan['block_n']}x{plan['block_k']} w{plan['warps']} "
-            f"v{plan['vector_width']} s{plan['split_k']}")
+    return (
+        f"gemm {plan['block_m']}x{plan['block_n']}x{plan['block_k']} w{plan['warps']} "
+        f"v{plan['vector_width']} s{plan['split_k']}"
+    )

@@ -70,12 +70,15 @@ fn handle(
     if let (tiny_http::Method::Post, Some(command)) = (request.method(), url.strip_prefix("/invoke/")) {
         let mut body = String::new();
         request.as_reader().take(MAX_BODY).read_to_string(&mut body)?;
-        let args: Value = if body.trim().is_empty() { Value::Null } else {
+        let args: Value = if body.trim().is_empty() {
+            Value::Null
+        } else {
             match serde_json::from_str(&body) {
                 Ok(v) => v,
                 Err(e) => {
                     let err = serde_json::json!({"error": {"code": -32700, "message": format!("bad JSON: {e}")}});
-                    return request.respond(tiny_http::Response::from_string(err.to_string()).with_status_code(400).with_header(json_header));
+                    return request
+                        .respond(tiny_http::Response::from_string(err.to_string()).with_status_code(400).with_header(json_header));
                 }
             }
         };

@@ -150,7 +150,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("tilewised {} (pid {}), up {:.0} s, {} client(s)", s.version, s.pid, s.uptime_s, s.clients);
             println!("socket:   {}", s.socket.display());
             println!("database: {} (schema v{})", s.db.path.display(), s.db.schema_version);
-            println!("device:   {} [{}] backend {}", s.device.chip.as_deref().unwrap_or("unknown chip"), s.device_fingerprint, s.device.backend.as_str());
+            println!(
+                "device:   {} [{}] backend {}",
+                s.device.chip.as_deref().unwrap_or("unknown chip"),
+                s.device_fingerprint,
+                s.device.backend.as_str()
+            );
             let t = &s.tuning;
             println!(
                 "tuning:   {}{}{}",
@@ -227,7 +232,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Tune(args) => tune::run(args, connect(&paths).await?, connect(&paths).await?).await,
         Cmd::Events { limit, session, follow, json } => {
             let mut c = connect(&paths).await?;
-            let listed = c.events_list(&tilewise::ipc::protocol::EventsListParams { limit: Some(limit), session_id: session, kinds: None }).await?;
+            let listed =
+                c.events_list(&tilewise::ipc::protocol::EventsListParams { limit: Some(limit), session_id: session, kinds: None }).await?;
             let print = |e: &tilewise::store::Event| -> anyhow::Result<()> {
                 if json.json {
                     println!("{}", serde_json::to_string(e)?);
@@ -279,10 +285,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn event_line(e: &tilewise::store::Event) -> String {
     let d = &e.data;
     let summary = match (d["ratio"].as_f64(), d["lo"].as_f64(), d["hi"].as_f64()) {
-        (Some(r), Some(lo), Some(hi)) => format!("{r:.3}x [{lo:.3}, {hi:.3}]{}", d["hash"].as_str().map(|h| format!(" {}", &h[..h.len().min(19)])).unwrap_or_default()),
+        (Some(r), Some(lo), Some(hi)) => {
+            format!("{r:.3}x [{lo:.3}, {hi:.3}]{}", d["hash"].as_str().map(|h| format!(" {}", &h[..h.len().min(19)])).unwrap_or_default())
+        }
         _ => {
             let s = if d.as_object().is_some_and(|o| o.is_empty()) { String::new() } else { d.to_string() };
-            if s.chars().count() > 140 { format!("{}…", s.chars().take(140).collect::<String>()) } else { s }
+            if s.chars().count() > 140 {
+                format!("{}…", s.chars().take(140).collect::<String>())
+            } else {
+                s
+            }
         }
     };
     let session = e.session_id.map(|s| format!("session {s}  ")).unwrap_or_default();
@@ -303,10 +315,7 @@ fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
 /// The MLX version installed for the configured Python (what the plugin will report).
 fn installed_mlx_version(paths: &Paths) -> anyhow::Result<String> {
     let python = Config::load(&paths.config_file).unwrap_or_default().python_path();
-    let out = Command::new(&python)
-        .args(["-c", "import mlx.core as mx; print(mx.__version__)"])
-        .stderr(Stdio::null())
-        .output();
+    let out = Command::new(&python).args(["-c", "import mlx.core as mx; print(mx.__version__)"]).stderr(Stdio::null()).output();
     match out {
         Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
         _ => anyhow::bail!("cannot tell which MLX version {} has installed; pass --mlx VERSION", python.display()),

@@ -4,11 +4,11 @@
 //!
 //! Ctrl-C only detaches: the session keeps running in the daemon (`tilewise tune` again attaches).
 
-use tilewise::ipc::client::Client;
-use tilewise::store::{Budget, Event};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::time::Duration;
+use tilewise::ipc::client::Client;
+use tilewise::store::{Budget, Event};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TuneArgs {
@@ -104,7 +104,12 @@ impl Progress {
             None => "best: native (nothing proven yet)".into(),
         };
         let failed = if self.failures > 0 { format!(" · {} failed", self.failures) } else { String::new() };
-        format!("gen {} · {} evals{failed} · {best}{}", self.generation, self.evaluations, self.last.as_ref().map(|l| format!(" · last {l}")).unwrap_or_default())
+        format!(
+            "gen {} · {} evals{failed} · {best}{}",
+            self.generation,
+            self.evaluations,
+            self.last.as_ref().map(|l| format!(" · last {l}")).unwrap_or_default()
+        )
     }
 }
 
@@ -149,7 +154,9 @@ pub async fn run(args: TuneArgs, events: Client, mut rpc: Client) -> anyhow::Res
         evaluations: shown["session"]["evaluations"].as_u64().unwrap_or(0),
         failures: shown["session"]["failures"].as_u64().unwrap_or(0),
         generation: shown["search"]["generation"].as_u64().unwrap_or(0),
-        best: shown["best"].as_object().map(|b| (b["ratio"].as_f64().unwrap_or(0.0), b["lo"].as_f64().unwrap_or(0.0), b["hi"].as_f64().unwrap_or(0.0))),
+        best: shown["best"]
+            .as_object()
+            .map(|b| (b["ratio"].as_f64().unwrap_or(0.0), b["lo"].as_f64().unwrap_or(0.0), b["hi"].as_f64().unwrap_or(0.0))),
         last: None,
     };
     let bar = match budget.evaluations {
@@ -163,7 +170,11 @@ pub async fn run(args: TuneArgs, events: Client, mut rpc: Client) -> anyhow::Res
     bar.enable_steady_tick(Duration::from_millis(200));
     let started_at = std::time::Instant::now();
     let finished = loop {
-        bar.set_position(if budget.evaluations.is_some() { progress.evaluations + progress.failures } else { started_at.elapsed().as_secs() });
+        bar.set_position(if budget.evaluations.is_some() {
+            progress.evaluations + progress.failures
+        } else {
+            started_at.elapsed().as_secs()
+        });
         bar.set_message(progress.message());
         tokio::select! {
             e = rx.recv() => match e {
@@ -224,7 +235,10 @@ pub fn render_table(shown: &Value) -> String {
         let r = |c: &Value| c["measurement"]["ratio"].as_f64().unwrap_or(-1.0);
         r(b).total_cmp(&r(a))
     });
-    out.push_str(&format!("{:>5} {:>4} {:<24} {:<9} {:>8} {:>19}  {}\n", "id", "gen", "origin", "status", "speedup", "95% interval", "hash"));
+    out.push_str(&format!(
+        "{:>5} {:>4} {:<24} {:<9} {:>8} {:>19}  {}\n",
+        "id", "gen", "origin", "status", "speedup", "95% interval", "hash"
+    ));
     for c in rows.iter().take(15) {
         let m = &c["measurement"];
         let (ratio, interval) = match (m["ratio"].as_f64(), m["lo"].as_f64(), m["hi"].as_f64()) {
@@ -255,10 +269,16 @@ pub fn render_table(shown: &Value) -> String {
             ));
             if let Some(summary) = b.get("summary").and_then(|v| serde_json::from_value::<tilewise::store::PolicySummary>(v.clone()).ok()) {
                 let measured = summary.measured_text();
-                out.push_str(&format!("        {}{}\n", summary.text, if measured.is_empty() { String::new() } else { format!("; {measured}") }));
+                out.push_str(&format!(
+                    "        {}{}\n",
+                    summary.text,
+                    if measured.is_empty() { String::new() } else { format!("; {measured}") }
+                ));
             }
         }
-        None => out.push_str("\nserved: native — no candidate was proven faster than stock on this machine (nothing is promoted on noise)\n"),
+        None => {
+            out.push_str("\nserved: native — no candidate was proven faster than stock on this machine (nothing is promoted on noise)\n")
+        }
     }
     out
 }
@@ -289,10 +309,12 @@ mod tests {
         assert_eq!((p.generation, p.evaluations, p.failures), (2, 1, 1));
         assert!(p.message().contains("best 1.080× [1.030–1.100]"), "{}", p.message());
         assert!(p.apply(&ev("session.finished", json!({}))));
-        let table = render_table(&json!({"session": {"id": 1, "state": "finished", "reason": "budget", "evaluations": 1, "failures": 1, "promotions": 0},
+        let table = render_table(
+            &json!({"session": {"id": 1, "state": "finished", "reason": "budget", "evaluations": 1, "failures": 1, "promotions": 0},
             "candidates": [{"id": 3, "generation": 1, "origin": "seed", "status": "measured", "hash": "sha256:abcdef0123456789abcdef",
                             "measurement": {"ratio": 0.97, "lo": 0.9, "hi": 1.02}}],
-            "memo_size": 12, "search": {"screened": 4}, "best": null}));
+            "memo_size": 12, "search": {"screened": 4}, "best": null}),
+        );
         assert!(table.contains("0.970×") && table.contains("served: native"), "{table}");
     }
 }

@@ -69,11 +69,7 @@ impl FileSource {
         use notify::Watcher;
         let path: PathBuf = path.into();
         let changed = Arc::new(Notify::new());
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
         let file_name = path.file_name().map(|n| n.to_os_string());
         let signal = changed.clone();
         // Watch the directory, not the file: editors and our own atomic writes replace the file.

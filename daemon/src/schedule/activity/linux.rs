@@ -2,10 +2,10 @@
 //! thermal zones). Pure functions; [`LinuxSource`] feeds them.
 
 use super::{load_1m, Activity, ActivityError, ActivitySource, Thermal};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
-use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// `loginctl show-session <id> -p IdleHint -p IdleSinceHint -p Type` (KEY=VALUE lines).
@@ -52,11 +52,7 @@ impl LogindIdle {
 
 /// `loginctl show-user <uid> -p Display`: the user's graphical session id, if any.
 pub fn parse_loginctl_display(text: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("Display="))
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
+    text.lines().find_map(|l| l.strip_prefix("Display=")).map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned)
 }
 
 /// `/proc/interrupts`: the total count of each interrupt line driven by a human input device
@@ -100,15 +96,11 @@ pub struct PowerSupply {
 /// On AC unless a battery is discharging with no mains/USB supply online. No supplies at all
 /// (desktops, servers, VMs) means on AC.
 pub fn on_ac_power(supplies: &[PowerSupply]) -> bool {
-    let external_online = supplies
-        .iter()
-        .any(|s| matches!(s.kind.as_str(), "Mains" | "USB" | "UPS") && s.online == Some(true));
+    let external_online = supplies.iter().any(|s| matches!(s.kind.as_str(), "Mains" | "USB" | "UPS") && s.online == Some(true));
     if external_online {
         return true;
     }
-    let discharging = supplies
-        .iter()
-        .any(|s| s.kind == "Battery" && s.status.as_deref() == Some("Discharging"));
+    let discharging = supplies.iter().any(|s| s.kind == "Battery" && s.status.as_deref() == Some("Discharging"));
     !discharging
 }
 
@@ -220,10 +212,9 @@ impl LinuxSource {
             let Some(temp_mc) = num("temp") else { continue };
             let mut trips = Vec::new();
             for i in 0..16 {
-                let (Some(kind), Some(t)) = (
-                    std::fs::read_to_string(p.join(format!("trip_point_{i}_type"))).ok(),
-                    num(&format!("trip_point_{i}_temp")),
-                ) else {
+                let (Some(kind), Some(t)) =
+                    (std::fs::read_to_string(p.join(format!("trip_point_{i}_type"))).ok(), num(&format!("trip_point_{i}_temp")))
+                else {
                     break;
                 };
                 trips.push((kind.trim().to_owned(), t));
@@ -244,17 +235,13 @@ impl LinuxSource {
                 Some((_, s)) => s.clone(),
                 None => {
                     let uid = unsafe { libc::getuid() }.to_string();
-                    let s = command_output("loginctl", &["show-user", &uid, "-p", "Display"])
-                        .and_then(|t| parse_loginctl_display(&t));
+                    let s = command_output("loginctl", &["show-user", &uid, "-p", "Display"]).and_then(|t| parse_loginctl_display(&t));
                     *cached = Some((Instant::now(), s.clone()));
                     s
                 }
             }
         }?;
-        let text = command_output(
-            "loginctl",
-            &["show-session", &session, "-p", "IdleHint", "-p", "IdleSinceHint", "-p", "Type"],
-        )?;
+        let text = command_output("loginctl", &["show-session", &session, "-p", "IdleHint", "-p", "IdleSinceHint", "-p", "Type"])?;
         let idle = parse_loginctl_session(&text).ok()?;
         idle.is_managed_graphical().then(|| idle.user_idle(SystemTime::now()))
     }
@@ -328,9 +315,7 @@ impl ActivitySource for LinuxSource {
             user_idle,
             on_ac_power: on_ac_power(&supplies),
             battery_percent,
-            low_power_mode: self
-                .read("sys/firmware/acpi/platform_profile")
-                .is_some_and(|t| parse_platform_profile(&t)),
+            low_power_mode: self.read("sys/firmware/acpi/platform_profile").is_some_and(|t| parse_platform_profile(&t)),
             thermal: classify_thermal(&self.thermal_zones()),
             load_1m: load_1m(),
             source,

@@ -4,8 +4,8 @@
 
 use super::{ActivityError, Thermal};
 use std::sync::Mutex;
-use std::time::Instant;
 use std::time::Duration;
+use std::time::Instant;
 
 /// `ioreg -c IOHIDSystem`: the `HIDIdleTime` (nanoseconds since the last HID event) of the
 /// `IOHIDSystem` entry. Other entries in the tree (user clients, drivers) are ignored.
@@ -23,9 +23,7 @@ pub fn parse_hid_idle(text: &str) -> Result<Duration, ActivityError> {
         }
         if let Some(rest) = content.strip_prefix("\"HIDIdleTime\"") {
             let value = rest.trim_start().trim_start_matches('=').trim();
-            let ns: u64 = value
-                .parse()
-                .map_err(|_| ActivityError::parse("ioreg HIDIdleTime", format!("not a number: {value:?}")))?;
+            let ns: u64 = value.parse().map_err(|_| ActivityError::parse("ioreg HIDIdleTime", format!("not a number: {value:?}")))?;
             return Ok(Duration::from_nanos(ns));
         }
     }
@@ -61,8 +59,7 @@ pub fn parse_pmset_batt(text: &str) -> Result<Battery, ActivityError> {
             state = parts.next().map(str::to_owned);
         }
     }
-    let source =
-        source.ok_or_else(|| ActivityError::parse("pmset -g batt", "no \"Now drawing from\" line"))?;
+    let source = source.ok_or_else(|| ActivityError::parse("pmset -g batt", "no \"Now drawing from\" line"))?;
     Ok(Battery { on_ac_power: source != "Battery Power", percent, state })
 }
 
@@ -72,10 +69,7 @@ pub fn parse_pmset_batt(text: &str) -> Result<Battery, ActivityError> {
 pub fn parse_pmset_low_power(text: &str) -> bool {
     text.lines().any(|line| {
         let mut words = line.split_whitespace();
-        matches!(
-            (words.next(), words.next()),
-            (Some("lowpowermode") | Some("powermode"), Some("1"))
-        )
+        matches!((words.next(), words.next()), (Some("lowpowermode") | Some("powermode"), Some("1")))
     })
 }
 

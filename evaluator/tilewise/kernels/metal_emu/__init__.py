@@ -90,6 +90,7 @@ def compiler() -> str:
 
 # ---- dtype storage (numpy has no bfloat16: bf16 travels as its uint16 bits) ----
 
+
 def to_storage(a, dtype: str) -> np.ndarray:
     """Round float values to `dtype` (nearest even) and return the raw storage array."""
     a = np.asarray(a, dtype=np.float32)
@@ -119,6 +120,7 @@ def poison(shape, dtype: str, value: float = float("nan")) -> np.ndarray:
 
 
 # ---- translation unit ----
+
 
 def translation_unit(name: str, source: str, inputs, output: tuple) -> str:
     """The C++ program for one kernel: MLX's signature around `source`, then a driver.
@@ -176,8 +178,7 @@ def _digest(*parts: str) -> str:
 def _compile(args: list, out: Path) -> Path:
     """Run g++ into a private temporary name, then move it into place (safe under parallel builds)."""
     tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    proc = subprocess.run([compiler(), *CXX_FLAGS, f"-I{HERE}", *args, "-o", str(tmp)], capture_output=True,
-                          text=True)
+    proc = subprocess.run([compiler(), *CXX_FLAGS, f"-I{HERE}", *args, "-o", str(tmp)], capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise EmulatorError(f"compile error (g++):\n{proc.stderr[-6000:]}")
@@ -211,8 +212,18 @@ def build(tu: str) -> Path:
         src.unlink(missing_ok=True)
 
 
-def emulate(name: str, source: str, inputs, output: tuple, out_shape, grid, threadgroup,
-            init: np.ndarray | None = None, schedules=SCHEDULES, timeout: float = 120.0) -> np.ndarray:
+def emulate(
+    name: str,
+    source: str,
+    inputs,
+    output: tuple,
+    out_shape,
+    grid,
+    threadgroup,
+    init: np.ndarray | None = None,
+    schedules=SCHEDULES,
+    timeout: float = 120.0,
+) -> np.ndarray:
     """Run one dispatch. `inputs`: [(name, dtype, storage array)]; `output`: (name, dtype); `init`:
     the output's initial storage (default NaN everywhere, like MLX's init_value=nan). Returns the
     output storage array. Raises EmulatorError with the emulator's diagnosis on any failure."""
@@ -231,14 +242,19 @@ def emulate(name: str, source: str, inputs, output: tuple, out_shape, grid, thre
             a = np.ascontiguousarray(a)
             if a.dtype.itemsize != ITEMSIZE[dtype]:
                 raise ValueError(f"storage of {dtype} must have itemsize {ITEMSIZE[dtype]}, got {a.dtype}")
-            blob += [struct.pack("<q", a.ndim), struct.pack(f"<{a.ndim}q", *a.shape),
-                     struct.pack("<q", a.nbytes), a.tobytes()]
+            blob += [
+                struct.pack("<q", a.ndim),
+                struct.pack(f"<{a.ndim}q", *a.shape),
+                struct.pack("<q", a.nbytes),
+                a.tobytes(),
+            ]
         blob += [struct.pack("<q", init.nbytes), init.tobytes()]
         fin, fout = Path(d) / "in.bin", Path(d) / "out.bin"
         fin.write_bytes(b"".join(blob))
         try:
-            proc = subprocess.run([str(exe), str(fin), str(fout), ",".join(schedules)], capture_output=True,
-                                  text=True, timeout=timeout)
+            proc = subprocess.run(
+                [str(exe), str(fin), str(fout), ",".join(schedules)], capture_output=True, text=True, timeout=timeout
+            )
         except subprocess.TimeoutExpired as e:
             raise EmulatorError(f"emulated kernel ran over {timeout} s") from e
         if proc.returncode != 0:
@@ -252,8 +268,9 @@ def launch_translation_unit(launch, shapes, source: str | None = None) -> str:
         raise ValueError("only Metal launches are emulated")
     dtype = dict(launch.params)["T"]
     inputs = [(n, dtype, tuple(s)) for n, s in zip(launch.input_names, shapes, strict=True)]
-    return translation_unit(launch.kernel_name, launch.source if source is None else source, inputs,
-                            ("y", launch.out_dtype))
+    return translation_unit(
+        launch.kernel_name, launch.source if source is None else source, inputs, ("y", launch.out_dtype)
+    )
 
 
 def emulate_launch(launch, arrays, source: str | None = None, **kw) -> np.ndarray:
@@ -264,5 +281,13 @@ def emulate_launch(launch, arrays, source: str | None = None, **kw) -> np.ndarra
         raise ValueError("only Metal launches are emulated")
     dtype = dict(launch.params)["T"]
     inputs = [(n, dtype, a) for n, a in zip(launch.input_names, arrays, strict=True)]
-    return emulate(launch.kernel_name, launch.source if source is None else source, inputs,
-                   ("y", launch.out_dtype), launch.out_shape, launch.grid, launch.threadgroup, **kw)
+    return emulate(
+        launch.kernel_name,
+        launch.source if source is None else source,
+        inputs,
+        ("y", launch.out_dtype),
+        launch.out_shape,
+        launch.grid,
+        launch.threadgroup,
+        **kw,
+    )
