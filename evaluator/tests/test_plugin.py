@@ -874,9 +874,9 @@ def test_plugin_command_shows_what_would_be_applied(tiny_dir, tmp_path, fresh_pl
 def test_daemon_budget_defaults_and_env(monkeypatch):
     assert plugin.default_timeout_s() == daemon_client.DEFAULT_TIMEOUT_S == 0.2
     monkeypatch.setenv("TILEWISE_PLUGIN_TIMEOUT_S", "1.5")
-    assert plugin.enable_optimizations() is not None and plugin._STATE.timeout == 1.5
+    assert plugin.enable_optimizations() is not None and plugin._state.timeout == 1.5
     plugin.enable_optimizations(timeout=0.05)
-    assert plugin._STATE.timeout == 0.05
+    assert plugin._state.timeout == 0.05
     for bad in ("soon", "-1", "0"):
         monkeypatch.setenv("TILEWISE_PLUGIN_TIMEOUT_S", bad)
         assert plugin.default_timeout_s() == 0.2
@@ -1034,3 +1034,14 @@ def test_cli_generate_applies_a_fusion_policy(tiny_dir, tmp_path, fresh_plugin):
     assert "q/k/v fused in 2 modules, gate/up fused in 2 modules: 15 → 9 matmuls per token" in out.stderr, out.stderr
     strip = lambda s: s.split("==========")[1]  # noqa: E731
     assert strip(out.stdout) == strip(stock.stdout)
+
+
+def test_the_plugin_does_not_import_measurement_code():
+    """What runs inside a user's mlx_lm process stays small: no worker, measurement or workload code."""
+    code = "import json, sys, tilewise.plugin; print(json.dumps(sorted(m for m in sys.modules if m.startswith('tilewise.'))))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=EVALUATOR, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    measuring = {"tilewise.worker", "tilewise.measure", "tilewise.evaluate", "tilewise.gate", "tilewise.shapes"}
+    assert not loaded & (measuring | {"tilewise.workloads"}), loaded
+    assert {"tilewise.plugin", "tilewise.fusion", "tilewise.patch", "tilewise.policy", "tilewise.backend"} <= loaded

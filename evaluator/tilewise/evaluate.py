@@ -10,10 +10,7 @@ layers' calls. `reachable_only=False` patches every layer (the bench uses it to 
 the patch mechanism itself with the native policy).
 """
 
-from . import fusion, measure, patch
-from . import gate as G
-from . import policy as P
-from . import workloads as W
+from . import fusion, gate, measure, patch, policy, workloads
 
 
 def evaluate(
@@ -41,16 +38,16 @@ def evaluate(
     A policy's fusion is built once per evaluation (the concatenated weights sit beside the stock
     ones) and switched on and off around each candidate sample with a few dict writes, so no sample
     pays for concatenation; the training arm runs fused only when the policy fuses for training."""
-    P.validate_for_backend(doc, W.backend())
+    policy.validate_for_backend(doc, workloads.backend())
     progress = progress or (lambda *a: None)
-    inf = None if skip_inference else {**W.defaults("inference"), **(inference or {})}
-    trn = None if skip_training else {**W.defaults("training"), **(training or {})}
-    vocab = W.vocab_size(model)
-    prompt = W.token_ids(vocab, (inf or W.defaults("inference"))["prompt_tokens"], seed)
-    batch = W.make_batch(model, trn["batch"], trn["seq"], seed + 1) if trn else None
+    inf = None if skip_inference else {**workloads.defaults("inference"), **(inference or {})}
+    trn = None if skip_training else {**workloads.defaults("training"), **(training or {})}
+    vocab = workloads.vocab_size(model)
+    prompt = workloads.token_ids(vocab, (inf or workloads.defaults("inference"))["prompt_tokens"], seed)
+    batch = workloads.make_batch(model, trn["batch"], trn["seq"], seed + 1) if trn else None
 
     result = {
-        "policy_hash": P.content_hash(doc),
+        "policy_hash": policy.content_hash(doc),
         "correct": False,
         "gate": None,
         "inference": None,
@@ -104,12 +101,12 @@ def _gate_and_time(
     reachable_only,
 ):
     patch.reset_call_counts()
-    correct, gate = G.check(
+    correct, gate_report = gate.check(
         model, doc, dtype=dtype, prompt=prompt, batch=batch, reachable_only=reachable_only, fused=fused
     )
     # Counts of the gate's candidate run: proof that the plans were reached.
     result["calls"] = patch.call_counts()
-    result["gate"] = gate
+    result["gate"] = gate_report
     result["correct"] = correct
     progress("gate", 1, 1)
     if not correct:
@@ -145,9 +142,11 @@ def _gate_and_time(
         return run
 
     if inf is not None:
-        run_stock = without_policy(lambda: W.run_inference(model, prompt, inf["gen_tokens"], should_stop=should_stop))
+        run_stock = without_policy(
+            lambda: workloads.run_inference(model, prompt, inf["gen_tokens"], should_stop=should_stop)
+        )
         run_cand = with_policy(
-            lambda: W.run_inference(model, prompt, inf["gen_tokens"], prefill_step, should_stop=should_stop)
+            lambda: workloads.run_inference(model, prompt, inf["gen_tokens"], prefill_step, should_stop=should_stop)
         )
         r = measure.interleaved(
             {"stock": run_stock, "candidate": run_cand},
@@ -166,8 +165,8 @@ def _gate_and_time(
         r["sizes"] = inf
         result["inference"] = r
     if trn is not None:
-        run_stock = without_policy(lambda: W.run_training_step(model, batch))
-        run_cand = with_policy(lambda: W.run_training_step(model, batch), training=True)
+        run_stock = without_policy(lambda: workloads.run_training_step(model, batch))
+        run_cand = with_policy(lambda: workloads.run_training_step(model, batch), training=True)
         r = measure.interleaved(
             {"stock": run_stock, "candidate": run_cand},
             pairs,

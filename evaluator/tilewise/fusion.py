@@ -43,6 +43,8 @@ import re
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import patch
+
 FUSABLE = (nn.Linear, nn.QuantizedLinear)
 
 # Test hook: a deliberately wrong fusion, to prove the correctness gate rejects it. None or
@@ -529,8 +531,6 @@ def count_linear_calls(model, tokens=(0, 1)):
             return f(self, *a, **k)
 
         return call
-
-    from . import patch
 
     targets = [
         (c, "__call__") for c in (nn.Linear, nn.QuantizedLinear, *[p for b, p in patch.PATCHED.items() if b in FUSABLE])

@@ -22,8 +22,7 @@ that flips an argmax is rejected whatever its relative error.
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import fusion, patch
-from . import workloads as W
+from . import fusion, patch, workloads
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
 GREEDY_TOKENS = 16
@@ -63,13 +62,13 @@ def _outputs(model, prompt, batch, greedy_tokens, for_training=None):
     around the training part (the candidate's fusion may be inference-only)."""
     logits = model(prompt[None])
     mx.eval(logits)
-    tokens = W.run_inference(model, prompt, greedy_tokens)["tokens"]
+    tokens = workloads.run_inference(model, prompt, greedy_tokens)["tokens"]
     loss = grads = None
     if batch is not None:
         if for_training is not None:
             for_training(True)
         try:
-            loss, grads = W.loss_and_grads(model, batch)
+            loss, grads = workloads.loss_and_grads(model, batch)
         finally:
             if for_training is not None:
                 for_training(False)
@@ -175,11 +174,11 @@ def _unsupported_kernel_plan(doc):
         return f"kernel plans unavailable: {type(e).__name__}: {e}"
     for plan in kernel_plans:
         try:
-            ok, why = kernel_supported(plan, W.backend())
+            ok, why = kernel_supported(plan, workloads.backend())
         except Exception as e:
             ok, why = False, f"{type(e).__name__}: {e}"
         if not ok:
-            return f"kernel plan not supported on {W.backend()}: {why}"
+            return f"kernel plan not supported on {workloads.backend()}: {why}"
     return None
 
 

@@ -35,6 +35,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .patch import PATCHED
+
 # Qwen2.5-0.5B-Instruct's config.json (bos/eos ids are replaced by the synthetic tokenizer's).
 QWEN25_05B_CONFIG = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -254,8 +256,6 @@ def model_shapes(model):
     Includes a tied output head (`embed_tokens.as_linear`) when the model ties its embeddings. The
     name joins the distinct last path components sharing that shape, sorted (`o_proj+q_proj`).
     """
-    from .patch import PATCHED
-
     found = {}
     tied_head = False
     args = getattr(model, "args", None)

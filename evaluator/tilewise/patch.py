@@ -25,7 +25,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import policy as P
+from . import policy
 
 # Per-kind call counters. A plain dict increment per matmul call: cheap enough to stay on always.
 _CALLS = {"native": 0, "split": 0, "kernel": 0}
@@ -121,7 +121,7 @@ class _Resolver:
 
     def __init__(self, doc):
         self.policy = doc
-        self.policy_hash = P.content_hash(doc)
+        self.policy_hash = policy.content_hash(doc)
         self._cache = {}
         # (N, K) -> {x.size: (kind, plan)}: the per-layer dispatch tables, shared by every layer
         # with this (N, K) (the plan depends only on M, N, K, and M = x.size // K) and kept across
@@ -140,7 +140,7 @@ class _Resolver:
         key = (m, n, k)
         plan = self._cache.get(key)
         if plan is None:
-            plan = self._cache[key] = P.plan_for(self.policy, m, n, k)
+            plan = self._cache[key] = policy.plan_for(self.policy, m, n, k)
         return plan
 
 
@@ -296,7 +296,7 @@ class Handle:
 def prepare(doc):
     """Validates `doc` once (PolicyError) and returns it ready for repeated `apply` calls: the A/B
     loop switches policies before every sample and must not re-validate each time."""
-    P.validate(doc)
+    policy.validate(doc)
     return _Resolver(doc)
 
 
@@ -324,7 +324,7 @@ def apply(model, doc, *, reachable_only=False):
         patched = PATCHED.get(cls)
         if patched is None:
             continue
-        if reachable_only and not P.may_leave_native(resolver.policy, *layer_nk(module)):
+        if reachable_only and not policy.may_leave_native(resolver.policy, *layer_nk(module)):
             continue
         module.__class__ = patched
         object.__setattr__(module, "_tw_resolver", resolver)

@@ -49,9 +49,11 @@ process (:class:`TilewiseWarning`); later problems are logged at INFO level and 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -64,9 +66,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import mlx.core as mx
+import mlx_lm
+import mlx_lm.utils as mlx_lm_utils
 from mlx.utils import tree_flatten
 
-from . import fusion, models, patch
+from . import backend, fusion, models, patch, policy, tabulate
 from .daemon_client import DEFAULT_TIMEOUT_S, DaemonClient, DaemonError, DaemonUnavailable, cache_dir
 
 log = logging.getLogger("tilewise.plugin")
@@ -190,7 +194,7 @@ def describe_evidence(evidence: dict) -> str:
     return text + (f" ({', '.join(parts)})" if parts else "")
 
 
-class _Config:
+class _PluginState:
     """Process-wide plugin state (one per process, like the patched mlx_lm.load)."""
 
     def __init__(self):
@@ -208,7 +212,7 @@ class _Config:
         self.warning: Optional[str] = None
 
 
-_STATE = _Config()
+_state = _PluginState()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,10 +229,10 @@ def enable_optimizations(source=None, *, model=None, timeout: Optional[float] = 
     ``TILEWISE_PLUGIN_TIMEOUT_S``, else :data:`DEFAULT_TIMEOUT_S`).
     ``announce``: print one status line per applied model on stderr (the CLI wrapper uses it).
     """
-    _STATE.enabled = True
-    _STATE.source = None if source is None else os.fspath(source)
-    _STATE.timeout = float(timeout) if timeout is not None else default_timeout_s()
-    _STATE.announce = announce
+    _state.enabled = True
+    _state.source = None if source is None else os.fspath(source)
+    _state.timeout = float(timeout) if timeout is not None else default_timeout_s()
+    _state.announce = announce
     _install_load_hook()
     if model is not None:
         apply_to(model)
@@ -238,7 +242,7 @@ def enable_optimizations(source=None, *, model=None, timeout: Optional[float] = 
 def apply_to(model, source=...):
     """Resolves and applies the policy for an already loaded ``model``; returns its ModelRecord.
     ``source`` defaults to the one given to enable_optimizations (else the daemon)."""
-    src = _STATE.source if source is ... else (None if source is None else os.fspath(source))
+    src = _state.source if source is ... else (None if source is None else os.fspath(source))
     try:
         record = _apply(model, src)
     except Exception as e:  # the plugin must never break the user's program
@@ -248,11 +252,11 @@ def apply_to(model, source=...):
             pass
         record = ModelRecord(None, "native", f"tilewise failed, model left stock: {type(e).__name__}: {e}")
         _warn(record.reason)
-    _STATE.records.append(record)
-    if id(model) in _STATE.patched:
-        _STATE.record_of[id(model)] = record
-    if _STATE.announce:
-        why = "see the warning above" if record.reason == _STATE.warning else record.reason
+    _state.records.append(record)
+    if id(model) in _state.patched:
+        _state.record_of[id(model)] = record
+    if _state.announce:
+        why = "see the warning above" if record.reason == _state.warning else record.reason
         fused = f"; fused: {describe_fusion(record.fusion)}" if record.fusion and record.fusion["instances"] else ""
         print(
             f"tilewise: {record.source}, policy {record.policy_hash or 'native'}, "
@@ -265,33 +269,33 @@ def apply_to(model, source=...):
 
 def status() -> Status:
     return Status(
-        enabled=_STATE.enabled,
-        requested=(_STATE.source or "daemon") if _STATE.enabled or _STATE.records else None,
-        models=list(_STATE.records),
+        enabled=_state.enabled,
+        requested=(_state.source or "daemon") if _state.enabled or _state.records else None,
+        models=list(_state.records),
         calls=patch.call_counts(),
-        warning=_STATE.warning,
+        warning=_state.warning,
     )
 
 
 def disable() -> None:
     """Restores ``mlx_lm.load`` and unpatches every model this plugin patched (that is still alive)."""
     _uninstall_load_hook()
-    for ref in list(_STATE.patched.values()):
+    for ref in list(_state.patched.values()):
         m = ref()
         if m is not None:
             _unpatch(m)
-    _STATE.patched.clear()
-    _STATE.prefill.clear()
-    _STATE.record_of.clear()
-    _STATE.enabled = False
+    _state.patched.clear()
+    _state.prefill.clear()
+    _state.record_of.clear()
+    _state.enabled = False
 
 
 def _reset_for_tests() -> None:
     """Forget records and the once-per-process warning flag (tests only)."""
     disable()
-    _STATE.records.clear()
-    _STATE.warning = None
-    _STATE.source = None
+    _state.records.clear()
+    _state.warning = None
+    _state.source = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,11 +319,7 @@ class Refused(ValueError):
 
 def this_target(model) -> dict:
     """(model fingerprint, MLX version, backend) of this process and model; device comes from the daemon."""
-    import mlx.core as mx
-
-    from . import models, workloads
-
-    return {"device": None, "model": models.fingerprint(model), "mlx": mx.__version__, "backend": workloads.backend()}
+    return {"device": None, "model": models.fingerprint(model), "mlx": mx.__version__, "backend": backend.backend()}
 
 
 def check_policy(doc: Any, want: dict, expected_hash: Optional[str] = None) -> str:
@@ -328,13 +328,11 @@ def check_policy(doc: Any, want: dict, expected_hash: Optional[str] = None) -> s
     ``want["device"]`` None means this machine's device fingerprint is unknown: then only a policy
     for any device (``*``) passes, because an unverified device-specific policy is not proven here.
     """
-    from . import policy as P
-
     try:
-        P.validate_for_backend(doc, want["backend"])
-    except P.PolicyError as e:
+        policy.validate_for_backend(doc, want["backend"])
+    except policy.PolicyError as e:
         raise Refused(str(e)) from None
-    digest = P.content_hash(doc)
+    digest = policy.content_hash(doc)
     if expected_hash is not None and digest != expected_hash:
         raise Refused(f"content hash {digest} differs from the announced {expected_hash}")
     target = doc["target"]
@@ -353,12 +351,10 @@ def check_policy(doc: Any, want: dict, expected_hash: Optional[str] = None) -> s
 
 
 def _apply(model, src: Optional[str]) -> ModelRecord:
-    from . import policy as P
-
     _unpatch(model)  # a re-applied model starts from stock (its fingerprint is the stock layout's)
     want = this_target(model)
     if src is None:
-        r = _from_daemon(want, _STATE.timeout)
+        r = _from_daemon(want, _state.timeout)
     else:
         r = _from_file(Path(src), model, want)
     if r.warn:
@@ -366,22 +362,22 @@ def _apply(model, src: Optional[str]) -> ModelRecord:
     rec = ModelRecord(want["model"], r.source, r.reason, evidence=r.evidence, fetched_at=r.fetched_at)
     if r.policy is None:
         return rec
-    rec.policy_hash = P.content_hash(r.policy)
+    rec.policy_hash = policy.content_hash(r.policy)
     rec.policy_name = r.policy.get("name")
     rec.target = dict(r.policy["target"])
     step = (r.policy.get("generation") or {}).get("prefill_step_size")
     if step is not None:
         # generate_step's default for this model (a caller's explicit prefill_step_size wins)
-        _STATE.prefill[id(model)] = (weakref.ref(model), step)
+        _state.prefill[id(model)] = (weakref.ref(model), step)
         rec.prefill_step_size = step
-    if P.is_stock(r.policy):
+    if policy.is_stock(r.policy):
         rec.reason += "; all plans native, model left stock"
         return rec
-    if P.fusion_groups(r.policy):
+    if policy.fusion_groups(r.policy):
         rec.fusion = _fuse(model, r.policy)
     rec.patched_layers = _patch_reachable_layers(model, r.policy)
     if rec.patched_layers or fusion.fused_of(model) is not None:
-        _STATE.patched[id(model)] = weakref.ref(model)
+        _state.patched[id(model)] = weakref.ref(model)
     return rec
 
 
@@ -449,8 +445,6 @@ def _from_cache(key, why: str) -> _Resolved:
 
 
 def _from_file(path: Path, model, want: dict) -> _Resolved:
-    from . import policy as P
-
     if not path.is_file():
         return _Resolved(None, "native", f"policy source {path} is not a file; using native", warn=True)
     if path.suffix == ".py":
@@ -464,8 +458,8 @@ def _from_file(path: Path, model, want: dict) -> _Resolved:
             return _Resolved(None, "native", f"the policy tabulated from {path} was refused: {e}", warn=True)
         return _Resolved(doc, "file", f"tabulated choose_tile_size of {path} over the model's shapes")
     try:
-        doc = P.load(path)
-    except (P.PolicyError, OSError, UnicodeDecodeError) as e:
+        doc = policy.load(path)
+    except (policy.PolicyError, OSError, UnicodeDecodeError) as e:
         return _Resolved(None, "native", f"policy file {path} refused: {e}", warn=True)
     device = _this_device(want)
     try:
@@ -479,8 +473,6 @@ def _tabulate_program(path: Path, model, want: dict) -> dict:
     """An OpenEvolve program's choose_tile_size, run by the evaluator's tabulate code (a separate
     `python -I` process with time and memory limits) over this model's shapes, as a policy for this
     model, MLX version and backend. Its device is "*": it was made here, now, for this process."""
-    from . import models, tabulate
-
     return tabulate.tabulate(
         path.read_text(encoding="utf-8"),
         models.model_shapes(model),
@@ -493,7 +485,7 @@ def _tabulate_program(path: Path, model, want: dict) -> dict:
 def _this_device(want: dict) -> Optional[str]:
     """This machine's device fingerprint: from the daemon if it answers, else the last one it gave."""
     try:
-        with DaemonClient(timeout=_STATE.timeout) as client:
+        with DaemonClient(timeout=_state.timeout) as client:
             client.hello()
             device = client.status().get("device_fingerprint")
         if isinstance(device, str) and device:
@@ -513,8 +505,6 @@ def host_key() -> str:
     """A cheap identity of this machine (never leaves it): a cache written elsewhere is not used."""
     parts = [platform.node(), sys.platform, platform.machine(), str(os.cpu_count())]
     try:
-        import mlx.core as mx
-
         info = mx.device_info()
         parts += [str(info.get("device_name")), str(info.get("architecture")), str(info.get("memory_size"))]
     except Exception:
@@ -561,8 +551,6 @@ CACHE_REFRESH_S = 3600
 
 
 def _write_cache(key, device: str, answer: dict, now: float) -> dict:
-    from . import policy as P
-
     entry = {
         "format": CACHE_FORMAT,
         "key": {"model": key[0], "mlx": key[1], "backend": key[2]},
@@ -571,7 +559,7 @@ def _write_cache(key, device: str, answer: dict, now: float) -> dict:
         "fetched_at": now,
         "fetched_at_iso": _iso(now),
         "answer": {k: answer.get(k) for k in ("source", "reason", "evidence")},
-        "hash": P.content_hash(answer["policy"]),
+        "hash": policy.content_hash(answer["policy"]),
         "policy": answer["policy"],
     }
     try:  # the same answer, recently written: keep the file (no validation needed to compare)
@@ -671,8 +659,8 @@ def _read_device_file() -> Optional[str]:
 
 def _warn(message: str) -> None:
     """One TilewiseWarning per process; everything after the first goes to the log (and status())."""
-    if _STATE.warning is None:
-        _STATE.warning = message
+    if _state.warning is None:
+        _state.warning = message
         warnings.warn(f"tilewise: {message}", TilewiseWarning, stacklevel=_user_stacklevel())
     else:
         log.info("tilewise: %s", message)
@@ -681,8 +669,6 @@ def _warn(message: str) -> None:
 def _user_stacklevel() -> int:
     """The stacklevel that points the warning at the user's line (the first frame outside tilewise
     and mlx_lm), so the default warning filter shows where their load happened."""
-    import mlx_lm
-
     skip = (str(Path(__file__).resolve().parent), str(Path(mlx_lm.__file__).resolve().parent))
     frame, level = sys._getframe(1), 1
     while frame is not None and (
@@ -697,9 +683,9 @@ def _unpatch(model) -> None:
     if fusion.unfuse(model):
         model.__dict__.pop("save_weights", None)
         model.__dict__.pop("load_weights", None)
-    _STATE.patched.pop(id(model), None)
-    _STATE.prefill.pop(id(model), None)
-    _STATE.record_of.pop(id(model), None)
+    _state.patched.pop(id(model), None)
+    _state.prefill.pop(id(model), None)
+    _state.record_of.pop(id(model), None)
 
 
 def _guard_saving(model) -> None:  # and loading
@@ -745,7 +731,7 @@ def _unfuse_before(what: str):
     def make(original):
         def wrapper(model, *args, **kwargs):
             if fusion.fused_of(model) is not None:
-                rec = _STATE.record_of.get(id(model))
+                rec = _state.record_of.get(id(model))
                 _unpatch(model)
                 if rec is not None and rec.fusion is not None:
                     rec.fusion["unfused_for"] = what
@@ -777,13 +763,14 @@ def _save_stock(original):
 
 def _install_training_hooks() -> None:
     """Wraps mlx_lm's LoRA conversion and trainer (they get the stock layout) and save_model."""
+    # Imported here, not at the top: the tuner pulls in the optimizers and the trainer, which a
+    # process that never fuses a model (or only generates) should not pay for.
     import mlx_lm.tuner.trainer as trainer
     import mlx_lm.tuner.utils as tuner_utils
-    import mlx_lm.utils as U
 
     _wrap(tuner_utils, "linear_to_lora_layers", _unfuse_before("LoRA layers (mlx_lm.tuner)"))
     _wrap(trainer, "train", _unfuse_before("training with mlx_lm's trainer"))
-    _wrap(U, "save_model", _save_stock)
+    _wrap(mlx_lm_utils, "save_model", _save_stock)
 
 
 def _mlx_lm_modules():
@@ -823,17 +810,13 @@ def _install_load_hook() -> None:
     ``mlx_lm.server.load``...) so that every model loaded gets its policy — after LoRA adapters are
     in place, which is why ``load`` and not ``load_model`` — and ``mlx_lm.generate.generate_step``
     so that a policy's ``generation.prefill_step_size`` is the default for its model."""
-    import importlib
-
-    import mlx_lm.utils as U
-
-    # (not `import mlx_lm.generate as G`: the package's `generate` attribute is the function)
-    G = importlib.import_module("mlx_lm.generate")
+    # (not `import mlx_lm.generate`: the package's `generate` attribute is the function)
+    mlx_lm_generate = importlib.import_module("mlx_lm.generate")
 
     def make_load(original):
         def load(*args, **kwargs):
             out = original(*args, **kwargs)
-            if _STATE.enabled:
+            if _state.enabled:
                 apply_to(out[0])
             return out
 
@@ -849,8 +832,8 @@ def _install_load_hook() -> None:
 
         return generate_step
 
-    _wrap(U, "load", make_load)
-    _wrap(G, "generate_step", make_generate_step)
+    _wrap(mlx_lm_utils, "load", make_load)
+    _wrap(mlx_lm_generate, "generate_step", make_generate_step)
 
 
 def _uninstall_load_hook() -> None:
@@ -862,7 +845,7 @@ def _uninstall_load_hook() -> None:
 
 
 def _prefill_step_for(model) -> Optional[int]:
-    entry = _STATE.prefill.get(id(model))
+    entry = _state.prefill.get(id(model))
     if entry is None or entry[0]() is not model:
         return None
     return entry[1]
@@ -871,16 +854,12 @@ def _prefill_step_for(model) -> Optional[int]:
 def main(argv=None) -> int:
     """``python -m tilewise.plugin MODEL [--policy PATH]``: what the plugin would apply to MODEL
     (a path or Hugging Face id that mlx_lm.load finds locally), and why — without generating."""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m tilewise.plugin", description=main.__doc__.split(":", 1)[1].strip())
     ap.add_argument("model", help="model path or repo id (as for mlx_lm.load)")
     ap.add_argument("--policy", default=None, help="a policy JSON or OpenEvolve best_program.py instead of the daemon")
     ap.add_argument("--timeout", type=float, default=None, help="seconds for the daemon to answer")
     ap.add_argument("--json", action="store_true", help="print status() as JSON")
     args = ap.parse_args(argv)
-    import mlx_lm
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TilewiseWarning)  # the same text is in the status below
         enable_optimizations(args.policy, timeout=args.timeout)

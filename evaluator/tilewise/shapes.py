@@ -15,8 +15,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import gate, measure, patch
-from . import policy as P
+from . import gate, measure, patch, policy
 from .models import DTYPES
 
 MIN_SAMPLE_S = 0.002
@@ -26,13 +25,13 @@ MAX_DIM = 1 << 20
 
 def plan_hash(plan):
     """`sha256:` of the plan's canonical JSON (the memo's key for a plan)."""
-    return "sha256:" + hashlib.sha256(P.canonical_json(plan).encode("utf-8")).hexdigest()
+    return "sha256:" + hashlib.sha256(policy.canonical_json(plan).encode("utf-8")).hexdigest()
 
 
 def item_policy(item):
     """The one-rule policy that applies `item["plan"]` to exactly this (M, N, K)."""
     m, n, k = item["m"], item["n"], item["k"]
-    return P.make_policy(rules=[{"m": [m, m], "n": [n, n], "k": [k, k], "plan": item["plan"]}])
+    return policy.make_policy(rules=[{"m": [m, m], "n": [n, n], "k": [k, k], "plan": item["plan"]}])
 
 
 def bench_item(item, *, pairs=10, warmup=2, seed=0, should_stop=None):

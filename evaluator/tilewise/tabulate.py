@@ -17,7 +17,9 @@ import json
 import subprocess
 import sys
 
-from . import policy as P
+import mlx.core as mx
+
+from . import backend, policy
 
 DEFAULT_M_VALUES = [1, 8, 64, 512]
 DEFAULT_TIME_LIMIT_S = 10.0
@@ -59,11 +61,7 @@ class TabulateError(ValueError):
 
 def device_info():
     """The `device_info` dict `choose_tile_size` receives on this machine (worker and plugin alike)."""
-    import mlx.core as mx
-
-    from . import workloads
-
-    info = {"backend": workloads.backend(), "device_name": workloads.device_name(), "mlx": mx.__version__}
+    info = {"backend": backend.backend(), "device_name": backend.device_name(), "mlx": mx.__version__}
     try:
         info.update({k: v for k, v in mx.device_info().items() if isinstance(v, (int, float, str))})
     except Exception:
@@ -118,7 +116,7 @@ def _plan(answer, m, n, k, where):
         tiles.append(None if t is None or (name != "tile_m" and t >= dim) else t)
     if all(t is None for t in tiles):
         return {"kind": "native"}
-    return P.split_plan(*tiles)
+    return policy.split_plan(*tiles)
 
 
 def tabulate(
@@ -142,4 +140,4 @@ def tabulate(
             rules.append({"m": [lo, hi], "n": [n, n], "k": [k, k], "plan": plan})
     if len(rules) > 256:
         raise TabulateError(f"{len(rules)} rules exceed the schema's 256: use fewer m_values")
-    return P.make_policy(rules=rules, name=name, target=target)
+    return policy.make_policy(rules=rules, name=name, target=target)

@@ -8,7 +8,9 @@ request does wrong becomes an `error` reply; nothing a client sends ends the pro
 `shutdown` (or closing stdin).
 
 stdout belongs to the protocol: at start the real stdout is kept for replies and file descriptor 1
-is pointed at stderr, so stray prints (from libraries too) cannot corrupt the stream.
+is pointed at stderr, so stray prints (from libraries too) cannot corrupt the stream. That is why MLX
+and the measuring modules are imported inside the functions here, after `main` has moved fd 1: a
+library that prints while it is imported must not write into the protocol.
 """
 
 import json
@@ -289,13 +291,13 @@ def op_load(w, req):
 
 
 def _policy_field(doc, backend):
-    from . import policy as P
+    from . import policy
 
     if not isinstance(doc, dict):
         raise _bad("policy: a policy object")
     try:
-        P.validate_for_backend(doc, backend)
-    except P.PolicyError as e:
+        policy.validate_for_backend(doc, backend)
+    except policy.PolicyError as e:
         raise RequestError("invalid_policy", str(e)) from None
     return doc
 
@@ -358,8 +360,7 @@ def op_evaluate(w, req):
 
 
 def op_shapes(w, req):
-    from . import policy as P
-    from . import shapes
+    from . import policy, shapes
 
     items = req.get("items")
     if not isinstance(items, list) or not items:
@@ -370,7 +371,7 @@ def op_shapes(w, req):
             raise _bad(problem)
         try:
             shapes.item_policy(item)
-        except P.PolicyError as e:
+        except policy.PolicyError as e:
             raise RequestError("invalid_policy", f"items[{i}]: {e}") from None
     pairs = _int_field(req, "pairs", 10, 1, 10000)
     warmup = _int_field(req, "warmup", 2, 0, 1000)

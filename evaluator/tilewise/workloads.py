@@ -15,12 +15,13 @@ lazy state initialisation is part of every step, identical for both arms). Other
 arm would train a different model than the stock arm one pair later.
 """
 
-import sys
 import time
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+
+from .backend import backend, device_name  # noqa: F401 (workloads.backend() is what callers use)
 
 # Per-backend default sizes. CPU (reference BLAS, 2 cores) runs the tiny model; GPUs the 0.5B one.
 DEFAULTS = {
@@ -28,26 +29,6 @@ DEFAULTS = {
     "cuda": {"inference": {"prompt_tokens": 512, "gen_tokens": 64}, "training": {"batch": 4, "seq": 512}},
     "metal": {"inference": {"prompt_tokens": 512, "gen_tokens": 64}, "training": {"batch": 4, "seq": 512}},
 }
-
-
-def backend():
-    """This process's MLX backend: "cpu", "cuda" or "metal"."""
-    if mx.default_device().type == mx.DeviceType.cpu:
-        return "cpu"
-    return "metal" if sys.platform == "darwin" else "cuda"
-
-
-def device_name():
-    try:
-        info = mx.device_info()
-        name = info.get("device_name") or info.get("architecture")
-        if name:
-            return str(name)
-    except Exception:  # older MLX or CPU-only builds have no device_info
-        pass
-    import platform
-
-    return f"{platform.machine()} cpu"
 
 
 def defaults(kind, backend_name=None):
