@@ -664,3 +664,31 @@ async fn a_fusion_policys_summary_is_served_and_printed() {
     let text = cli(&["history"]);
     assert!(text.contains("    q/k/v fused, gate/up fused: 169 → 97 matmuls per token; decode +28.0 % [22.0, 31.0]"), "{text}");
 }
+
+/// Every string a client sends has a length limit and every enum is checked: -32602 naming the
+/// field, never an answer that echoes the input back.
+#[tokio::test]
+async fn oversized_and_out_of_range_params_are_refused_naming_the_field() {
+    let d = TestDaemon::start();
+    let mut raw = d.raw();
+    let long = "m".repeat(60_000);
+    let cases = [
+        (json!({"model": long, "mlx": "0.32.4"}), "policy.get", "model: at most 4096 characters (got 60000)"),
+        (json!({"model": "m", "mlx": "0.32.4", "backend": "tpu"}), "policy.get", "backend: one of metal, cuda, cpu (got \"tpu\")"),
+        (json!({"model": "", "mlx": "0.32.4"}), "policy.get", "model: must not be empty"),
+        (json!({"model": "m", "mlx": "x".repeat(65)}), "policy.get", "mlx: at most 64 characters (got 65)"),
+        (json!({"model": "m", "mlx": "0.32.4", "device": "d".repeat(129)}), "policy.get", "device: at most 128 characters (got 129)"),
+        (json!({"client": "c".repeat(201), "protocol": 1}), "hello", "client: at most 200 characters (got 201)"),
+        (json!({"limit": 0}), "history", "limit: 1..=10000 (got 0)"),
+        (json!({"kinds": ["k".repeat(65)]}), "events.list", "kinds[0]: at most 64 characters (got 65)"),
+        (json!({"key": "k".repeat(129), "value": 1}), "config.set", "key: at most 128 characters (got 129)"),
+    ];
+    for (params, method, message) in cases {
+        let line = json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).to_string();
+        let reply = raw.call(&line);
+        assert_eq!(code(&reply), codes::INVALID_PARAMS, "{method}: {reply}");
+        assert_eq!(reply["error"]["message"], json!(format!("invalid params: {message}")), "{method}");
+        assert!(reply.to_string().len() < 1000, "the reply does not echo the input: {}", reply.to_string().len());
+    }
+    assert_answers(&mut d.client().await).await;
+}

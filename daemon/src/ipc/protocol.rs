@@ -167,6 +167,46 @@ pub struct HelloParams {
     pub protocol: u32,
 }
 
+/// Limits on what a client may send, so that no request makes the daemon store or echo unbounded
+/// text: the policy schema's for the fields a policy has too (fingerprints 128, MLX version 64,
+/// backend one of its enum), the rest sized for what they hold. A violation is -32602 naming the
+/// field ([`Checked::check`]).
+pub mod limits {
+    pub const FINGERPRINT: usize = 128;
+    pub const MLX_VERSION: usize = 64;
+    pub const BACKENDS: [&str; 3] = ["metal", "cuda", "cpu"];
+    pub const CLIENT_NAME: usize = 200;
+    /// A model as a person names it: a path, a Hugging Face id or `synthetic:<name>`.
+    pub const MODEL_SPEC: usize = 4096;
+    pub const EVENT_KIND: usize = 64;
+    pub const EVENT_KINDS: usize = 64;
+    pub const CONFIG_KEY: usize = 128;
+    pub const HISTORY_LIMIT: u32 = 10_000;
+}
+
+/// Params that check their own bounds (see [`limits`]).
+pub trait Checked {
+    fn check(&self) -> Result<(), RpcError>;
+}
+
+/// `field` holds at most `max` characters (and, when `required`, at least one).
+pub fn check_text(field: &str, value: &str, max: usize, required: bool) -> Result<(), RpcError> {
+    let n = value.chars().count();
+    if required && value.trim().is_empty() {
+        return Err(RpcError::invalid_params(format!("{field}: must not be empty")));
+    }
+    if n > max {
+        return Err(RpcError::invalid_params(format!("{field}: at most {max} characters (got {n})")));
+    }
+    Ok(())
+}
+
+impl Checked for HelloParams {
+    fn check(&self) -> Result<(), RpcError> {
+        check_text("client", &self.client, limits::CLIENT_NAME, true)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HelloResult {
     pub daemon: String,
@@ -230,6 +270,23 @@ pub struct PolicyGetParams {
 pub enum PolicySource {
     Best,
     Native,
+}
+
+impl Checked for PolicyGetParams {
+    fn check(&self) -> Result<(), RpcError> {
+        check_text("model", &self.model, limits::MODEL_SPEC, true)?;
+        check_text("mlx", &self.mlx, limits::MLX_VERSION, true)?;
+        if let Some(b) = &self.backend {
+            if !limits::BACKENDS.contains(&b.as_str()) {
+                let shown: String = b.chars().take(32).collect();
+                return Err(RpcError::invalid_params(format!("backend: one of {} (got {shown:?})", limits::BACKENDS.join(", "))));
+            }
+        }
+        if let Some(d) = &self.device {
+            check_text("device", d, limits::FINGERPRINT, true)?;
+        }
+        Ok(())
+    }
 }
 
 /// Why a served policy is trusted.
@@ -302,6 +359,31 @@ pub struct HistoryParams {
     pub limit: Option<u32>,
 }
 
+impl Checked for HistoryParams {
+    fn check(&self) -> Result<(), RpcError> {
+        if let Some(m) = &self.model {
+            check_text("model", m, limits::MODEL_SPEC, true)?;
+        }
+        match self.limit {
+            Some(l) if l == 0 || l > limits::HISTORY_LIMIT => {
+                Err(RpcError::invalid_params(format!("limit: 1..={} (got {l})", limits::HISTORY_LIMIT)))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn check_kinds(kinds: &Option<Vec<String>>) -> Result<(), RpcError> {
+    let Some(kinds) = kinds else { return Ok(()) };
+    if kinds.len() > limits::EVENT_KINDS {
+        return Err(RpcError::invalid_params(format!("kinds: at most {} (got {})", limits::EVENT_KINDS, kinds.len())));
+    }
+    for (i, k) in kinds.iter().enumerate() {
+        check_text(&format!("kinds[{i}]"), k, limits::EVENT_KIND, true)?;
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryResult {
     pub promotions: Vec<HistoryEntry>,
@@ -319,6 +401,12 @@ pub struct SubscribeParams {
     pub since: Option<i64>,
 }
 
+impl Checked for SubscribeParams {
+    fn check(&self) -> Result<(), RpcError> {
+        check_kinds(&self.kinds)
+    }
+}
+
 /// Most stored events one `events.subscribe` replays or one `events.list` returns.
 pub const MAX_EVENT_REPLAY: u32 = 1000;
 
@@ -333,6 +421,12 @@ pub struct EventsListParams {
     pub session_id: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kinds: Option<Vec<String>>,
+}
+
+impl Checked for EventsListParams {
+    fn check(&self) -> Result<(), RpcError> {
+        check_kinds(&self.kinds)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -411,6 +505,21 @@ pub struct ConfigSetParams {
     /// Dotted key, e.g. `idle.min_idle_s`.
     pub key: String,
     pub value: Value,
+}
+
+impl Checked for ConfigSetParams {
+    fn check(&self) -> Result<(), RpcError> {
+        check_text("key", &self.key, limits::CONFIG_KEY, true)
+    }
+}
+
+impl Checked for TuningStartParams {
+    fn check(&self) -> Result<(), RpcError> {
+        match &self.model {
+            Some(m) => check_text("model", m, limits::MODEL_SPEC, true),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -171,6 +171,7 @@ impl DaemonState {
     /// `policy.get`: the stored best for the key if it is (still) a valid policy, else native with why.
     /// Always reads the store (the socket path uses [`DaemonState::policy_get_encoded`]).
     pub fn policy_get(&self, p: &PolicyGetParams) -> Result<PolicyGetResult, RpcError> {
+        p.check()?;
         let key = self.best_key(p);
         let store = self.store();
         self.policy_get_from(&store, key)
@@ -180,6 +181,7 @@ impl DaemonState {
     /// since it was encoded (see [`PolicyCache`]); byte for byte what encoding
     /// [`DaemonState::policy_get`]'s result gives.
     pub fn policy_get_encoded(&self, p: &PolicyGetParams) -> Result<Arc<str>, RpcError> {
+        p.check()?;
         let key = self.best_key(p);
         // The store lock is held from the stamp to the insert, so the entry is tagged with a stamp
         // taken before its read: a write racing us can only cause a later miss, never a stale hit.
@@ -495,6 +497,13 @@ fn params<T: DeserializeOwned>(p: Option<Value>) -> Result<T, RpcError> {
     serde_json::from_value(p.unwrap_or_else(|| json!({}))).map_err(RpcError::invalid_params)
 }
 
+/// [`params`], then their bounds ([`Checked`]).
+fn checked<T: DeserializeOwned + Checked>(p: Option<Value>) -> Result<T, RpcError> {
+    let v: T = params(p)?;
+    v.check()?;
+    Ok(v)
+}
+
 fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
     serde_json::to_value(v).map_err(RpcError::internal)
 }
@@ -504,7 +513,7 @@ const NO_TUNING: &str = "no tuning service is attached to this daemon";
 async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub: &mut Option<Subscription>) -> Result<Value, RpcError> {
     match method {
         methods::HELLO => {
-            let h: HelloParams = params(p)?;
+            let h: HelloParams = checked(p)?;
             if h.protocol != PROTOCOL_VERSION {
                 return Err(RpcError::new(
                     codes::PROTOCOL_MISMATCH,
@@ -524,15 +533,15 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
         }
         methods::STATUS => to_value(state.status()?),
         // Answered by `handle_line` before dispatch; kept here so `dispatch` stays complete.
-        methods::POLICY_GET => to_value(state.policy_get(&params(p)?)?),
+        methods::POLICY_GET => to_value(state.policy_get(&checked(p)?)?),
         methods::HISTORY => {
-            let h: HistoryParams = params(p)?;
-            let limit = h.limit.unwrap_or(50).min(10_000);
+            let h: HistoryParams = checked(p)?;
+            let limit = h.limit.unwrap_or(50);
             let promotions = state.store().history(h.model.as_deref(), limit).map_err(RpcError::internal)?;
             to_value(HistoryResult { promotions })
         }
         methods::EVENTS_SUBSCRIBE => {
-            let s: SubscribeParams = params(p)?;
+            let s: SubscribeParams = checked(p)?;
             let rx = state.events.subscribe();
             let (backlog, replayed_up_to) = match s.since {
                 Some(after) => {
@@ -546,7 +555,7 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
             to_value(SubscribeResult { subscribed: true })
         }
         methods::EVENTS_LIST => {
-            let l: EventsListParams = params(p)?;
+            let l: EventsListParams = checked(p)?;
             let limit = l.limit.unwrap_or(50).min(MAX_EVENT_REPLAY);
             let events = state.store().recent_events(limit, l.session_id, l.kinds.as_deref()).map_err(RpcError::internal)?;
             to_value(EventsListResult { events })
@@ -558,7 +567,7 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
             to_value(ShutdownResult { stopping: true })
         }
         methods::TUNING_START => match &state.tuning {
-            Some(t) => to_value(t.start(params(p)?).await?),
+            Some(t) => to_value(t.start(checked(p)?).await?),
             None => Err(RpcError::not_available(NO_TUNING)),
         },
         methods::TUNING_STOP => match &state.tuning {
@@ -574,7 +583,7 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
             None => Err(RpcError::not_available(NO_TUNING)),
         },
         methods::CONFIG_SET => {
-            let set: ConfigSetParams = params(p)?;
+            let set: ConfigSetParams = checked(p)?;
             let config = crate::config::Config::set_in_file(&state.paths.config_file, &set.key, &set.value)
                 .map_err(|e| RpcError::invalid_params(format!("config.set {}: {e}", set.key)))?;
             info!(key = %set.key, "config changed by a client");
