@@ -15,6 +15,7 @@ pub mod llm;
 pub mod paths;
 pub mod policy;
 pub mod probe;
+pub mod python;
 pub mod schedule;
 pub mod service;
 pub mod session;

@@ -147,6 +147,7 @@ fn manager(home: &std::path::Path, llm: LlmSource) -> (SessionManager, SharedSto
         llm,
         gate: None,
         load_timeout: Duration::from_secs(300),
+        python_problem: None,
     });
     (m, store)
 }

@@ -53,6 +53,7 @@ fn rig(home: &Path, initial: ActivityFile) -> Rig {
         llm: Default::default(),
         gate: Some(scheduler.subscribe()),
         load_timeout: Duration::from_secs(300),
+        python_problem: None,
     });
     Rig { manager, store, events, activity, scheduler, _gates: gates_tx }
 }

@@ -31,6 +31,7 @@ fn manager(home: &std::path::Path) -> (SessionManager, SharedStore, EventBus) {
         llm: Default::default(),
         gate: None,
         load_timeout: Duration::from_secs(300),
+        python_problem: None,
     });
     (m, store, events)
 }

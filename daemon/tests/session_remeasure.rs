@@ -33,6 +33,7 @@ fn manager(home: &std::path::Path, env: &[(&str, &str)]) -> (SessionManager, Sha
         llm: Default::default(),
         gate: None,
         load_timeout: Duration::from_secs(300),
+        python_problem: None,
     });
     (m, store)
 }

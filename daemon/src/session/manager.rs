@@ -4,7 +4,7 @@
 use super::run::{retarget, stopped_early, Runner, SavedState};
 use super::settings::{SessionSpec, StartParams};
 use super::LlmSource;
-use crate::events::EventBus;
+use crate::events::{kind, EventBus};
 use crate::evolve::cost::Memo;
 use crate::evolve::engine::Engine;
 use crate::evolve::space::{FusionCandidate, SearchSpace, Shape};
@@ -30,6 +30,8 @@ pub enum SessionError {
     Busy(SessionId),
     #[error("worker: {0}")]
     Worker(#[from] WorkerError),
+    #[error("{0}")]
+    WorkerStart(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
 }
@@ -54,6 +56,9 @@ pub struct ManagerOptions {
     pub gate: Option<watch::Receiver<crate::gate::Decision>>,
     /// Timeout for `load` (synthesizing a model the first time takes a while).
     pub load_timeout: Duration,
+    /// Why no Python with the package was found, when none was: added to a worker that fails to
+    /// start (see `crate::python`).
+    pub python_problem: Option<String>,
 }
 
 pub(super) struct Running {
@@ -150,7 +155,21 @@ impl SessionManager {
             ));
         }
         let mut sup = Supervisor::new(self.opts.worker.clone());
-        let ready = sup.worker().await?.ready().clone();
+        let ready = match sup.worker().await {
+            Ok(w) => w.ready().clone(),
+            Err(e) => {
+                let python = self.opts.worker.python.display().to_string();
+                let why = match &self.opts.python_problem {
+                    Some(problem) => format!("the measuring worker did not start ({e}): {problem}"),
+                    None => format!(
+                        "the measuring worker did not start with {python} ({e}); if it lacks the tilewise package, name a \
+                         Python that has it: `python = \"...\"` in the config file, or TILEWISE_PYTHON"
+                    ),
+                };
+                let _ = self.opts.events.publish(kind::WORKER_FAILED, None, json!({"kind": e.kind(), "reason": why, "python": python}));
+                return Err(SessionError::WorkerStart(why));
+            }
+        };
         let spec = params.resolve(&ready.backend)?;
         let mut load = json!({"model": spec.model});
         if let Some(d) = &spec.dtype {

@@ -18,7 +18,19 @@ impl SessionManager {
     /// interpreter, worker timeouts, LLM endpoint).
     pub fn from_state(state: &crate::ipc::server::DaemonState) -> SessionManager {
         let config = state.config.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut worker = WorkerConfig::new(config.python_path());
+        // A Python that has the package (python.rs); without one, sessions fail to start and say how
+        // to name one.
+        let (python, python_problem) = match crate::python::find(&config, &state.paths.config_file) {
+            Ok(chosen) => {
+                tracing::info!(python = %chosen.path.display(), how = %chosen.how, "worker python");
+                (chosen.path, None)
+            }
+            Err(why) => {
+                tracing::warn!("{why}");
+                (config.python_path(), Some(why))
+            }
+        };
+        let mut worker = WorkerConfig::new(python);
         worker.ready_timeout = Duration::from_secs(config.worker.start_timeout_s.max(1));
         let chip = state.device.chip.clone().unwrap_or_else(|| format!("{} cpu", state.device.arch));
         SessionManager::new(ManagerOptions {
@@ -29,6 +41,7 @@ impl SessionManager {
             llm: LlmSource::Live(state.config.clone()),
             gate: None,
             load_timeout: Duration::from_secs(config.worker.request_timeout_s.max(60)),
+            python_problem,
         })
     }
 
@@ -46,7 +59,7 @@ impl From<SessionError> for RpcError {
             SessionError::InvalidPolicy(_) => codes::INVALID_POLICY,
             SessionError::NotFound(_) => codes::NOT_FOUND,
             SessionError::Busy(_) => codes::BUSY,
-            SessionError::Worker(_) | SessionError::Store(_) => codes::INTERNAL,
+            SessionError::Worker(_) | SessionError::WorkerStart(_) | SessionError::Store(_) => codes::INTERNAL,
         };
         RpcError::new(code, e.to_string())
     }

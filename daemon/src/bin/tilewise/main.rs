@@ -313,8 +313,10 @@ fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
 }
 
 /// The MLX version installed for the configured Python (what the plugin will report).
+/// The MLX version of the Python the worker would run (`tilewise::python::find`).
 fn installed_mlx_version(paths: &Paths) -> anyhow::Result<String> {
-    let python = Config::load(&paths.config_file).unwrap_or_default().python_path();
+    let config = Config::load(&paths.config_file).unwrap_or_default();
+    let python = tilewise::python::find(&config, &paths.config_file).map_err(|why| anyhow::anyhow!("{why}; or pass --mlx VERSION"))?.path;
     let out = Command::new(&python).args(["-c", "import mlx.core as mx; print(mx.__version__)"]).stderr(Stdio::null()).output();
     match out {
         Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
