@@ -14,7 +14,10 @@ pub mod kind {
     pub const SESSION_STARTED: &str = "session.started";
     pub const SESSION_PAUSED: &str = "session.paused";
     pub const SESSION_RESUMED: &str = "session.resumed";
+    /// The session ended by itself: budget spent, search exhausted, or failed (`state` says which).
     pub const SESSION_FINISHED: &str = "session.finished";
+    /// Someone stopped the session (`tilewise stop`, the app, `tuning.stop`).
+    pub const SESSION_STOPPED: &str = "session.stopped";
     pub const CANDIDATE_MEASURED: &str = "candidate.measured";
     pub const CANDIDATE_FAILED: &str = "candidate.failed";
     pub const POLICY_PROMOTED: &str = "policy.promoted";

@@ -138,6 +138,17 @@ impl Decision {
         self.reasons.join("; ")
     }
 
+    /// The decision in words, for the log: what it allows, then why ("a running session goes on,
+    /// none starts by itself: system load 5.20 (limit 1.00)").
+    pub fn describe(&self) -> String {
+        let allows = match (self.run, self.may_start) {
+            (true, true) => "tuning may run and start",
+            (true, false) => "a running session goes on, none starts by itself",
+            (false, _) => "tuning waits",
+        };
+        format!("{allows}: {}", self.summary())
+    }
+
     /// True when `other` differs in what a consumer acts on (run or the set of blocking gates);
     /// a changing idle count alone is not a change worth waking anyone for.
     pub fn differs_materially(&self, other: &Decision) -> bool {
@@ -186,5 +197,24 @@ impl Drop for PauseToken {
         if let Some(t) = self.task.take() {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_load_block_reads_as_a_start_condition_not_a_contradiction() {
+        let d = Decision {
+            run: true,
+            may_start: false,
+            reasons: vec!["system load 5.20 (limit 1.00)".into()],
+            blocked_by: vec![Gate::Load],
+            user_active_at: None,
+            activity: None,
+        };
+        assert_eq!(d.describe(), "a running session goes on, none starts by itself: system load 5.20 (limit 1.00)");
+        assert!(Decision::pending().describe().starts_with("tuning waits: "));
     }
 }

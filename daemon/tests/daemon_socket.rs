@@ -372,6 +372,8 @@ async fn a_second_daemon_refuses_with_a_clear_message() {
     assert!(!status.success());
     let stderr = std::fs::read_to_string(err_file).unwrap();
     assert!(stderr.contains("already running"), "{stderr}");
+    assert_eq!(stderr.matches("already running").count(), 1, "said once: {stderr}");
+    assert!(!stderr.contains('\x1b'), "no colour codes into a file: {stderr:?}");
     assert!(stderr.contains(&format!("pid {}", d.pid())), "{stderr}");
     assert!(stderr.contains(&d.paths.lock_file.display().to_string()), "{stderr}");
     // The first one is unharmed.
@@ -504,9 +506,21 @@ fn cli_works_against_the_real_daemon() {
     assert!(out.status.success());
     let probe: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(probe["fingerprint"].as_str().unwrap().len() > 8);
-
-    let out = cli(&["daemon", "start"]);
+    let out = cli(&["probe"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches(probe["fingerprint"].as_str().unwrap()).count(), 1, "the fingerprint once: {text}");
+    // Stopping a daemon that is not running is already done: exit 0, says so.
+    let out = cli(&["daemon", "stop", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap()["outcome"], "not_running");
+
+    let out = cli(&["daemon", "start", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let started: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(started["outcome"], "started", "{started}");
+    let out = cli(&["daemon", "start", "--json"]);
+    let again: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((again["outcome"].as_str(), &again["pid"]), (Some("already_running"), &started["pid"]), "{again}");
     let out = cli(&["status", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -516,8 +530,10 @@ fn cli_works_against_the_real_daemon() {
     assert_eq!(r["source"], json!("native"));
     let out = cli(&["history", "--json"]);
     assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), json!({"promotions": []}));
-    let out = cli(&["daemon", "stop"]);
+    let out = cli(&["daemon", "stop", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stopped: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((stopped["outcome"].as_str(), &stopped["pid"]), (Some("stopped"), &started["pid"]), "{stopped}");
     assert!(std::fs::symlink_metadata(home.path().join("run/tilewised.sock")).is_err());
 }
 

@@ -77,11 +77,20 @@ async fn tilewise_events_prints_the_newest() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.lines().any(|l| l.contains("daemon.started")), "{text}");
-    assert!(text.lines().any(|l| l.contains("client.hello") && l.contains("printed-client")), "{text}");
+    assert!(!text.contains("client.hello"), "hellos are left out by default: {text}");
     let out = std::process::Command::new(TILEWISE)
         .env("TILEWISE_HOME", d.home.path())
         .env_remove("TILEWISE_SOCKET")
-        .args(["events", "--limit", "2", "--json"])
+        .args(["events", "--limit", "50", "--all"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.contains("client.hello") && l.contains("printed-client")), "{text}");
+    assert!(!text.contains("tilewise-cli/"), "the command line's own hellos are not stored: {text}");
+    let out = std::process::Command::new(TILEWISE)
+        .env("TILEWISE_HOME", d.home.path())
+        .env_remove("TILEWISE_SOCKET")
+        .args(["events", "--limit", "2", "--all", "--json"])
         .output()
         .unwrap();
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();

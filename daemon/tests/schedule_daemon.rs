@@ -62,7 +62,7 @@ async fn the_daemon_pauses_on_activity_and_follows_a_changed_model() {
     assert!(st.success());
     let changed = next(&mut events, "model.changed", Duration::from_secs(15)).await;
     assert_eq!(changed.data["dir"], json!(dir));
-    let finished = next(&mut events, "session.finished", Duration::from_secs(30)).await;
+    let finished = next(&mut events, "session.stopped", Duration::from_secs(30)).await;
     assert_eq!((finished.session_id, finished.data["state"].as_str()), (Some(sid), Some("stopped")));
     let restarted = next(&mut events, "session.started", Duration::from_secs(120)).await;
     let fp2 = restarted.data["target"]["model"].as_str().unwrap();

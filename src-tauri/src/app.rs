@@ -14,13 +14,15 @@ use tauri::{AppHandle, Emitter, Manager, RunEvent, WindowEvent, Wry};
 /// Label of the dashboard window in tauri.conf.json.
 const DASHBOARD: &str = "dashboard";
 /// Event kinds after which the tray's status line may have changed.
-const TRAY_KINDS: [&str; 8] = [
+const TRAY_KINDS: &[&str] = &[
     "session.started",
     "session.paused",
     "session.resumed",
     "session.finished",
+    "session.stopped",
     "candidate.measured",
     "policy.promoted",
+    "policy.demoted",
     "config.reloaded",
     "daemon.started",
 ];

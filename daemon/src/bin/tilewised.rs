@@ -3,12 +3,13 @@
 //! Logs go to `<logs dir>/tilewised.<date>.log` (one file a day, the last 14 kept) and to stderr.
 
 use clap::Parser;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 use tilewise::config::Config;
 use tilewise::ipc::server::{DaemonState, Server};
 use tilewise::paths::Paths;
-use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+use tracing_subscriber::{filter::filter_fn, fmt, prelude::*, EnvFilter};
 
 #[derive(Parser, Debug)]
 #[command(name = "tilewised", version, about = "tilewise daemon: finds and serves a proven-faster matmul policy for MLX-LM")]
@@ -92,10 +93,14 @@ fn main() -> ExitCode {
     })
 }
 
+/// Target of the log line that records a startup failure in the log file only: the terminal gets
+/// the plain message once.
+const STARTUP_FAILURE: &str = "tilewised::startup_failure";
+
 /// Prints a startup failure for a person and logs it; exit code 1.
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("tilewised: {e}");
-    tracing::error!("{e}");
+    tracing::error!(target: STARTUP_FAILURE, "{e}");
     ExitCode::FAILURE
 }
 
@@ -115,7 +120,12 @@ fn init_logging(paths: &Paths, level: &str) -> Result<tracing_appender::non_bloc
     let (file, guard) = tracing_appender::non_blocking(file);
     tracing_subscriber::registry()
         .with(filter)
-        .with(fmt::layer().with_writer(std::io::stderr))
+        .with(
+            fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .with_filter(filter_fn(|m| m.target() != STARTUP_FAILURE)),
+        )
         .with(fmt::layer().with_ansi(false).with_writer(file))
         .try_init()
         .map_err(|e| e.to_string())?;

@@ -21,6 +21,9 @@ pub const DAEMON_NAME: &str = "tilewised";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Method name of event notifications sent to subscribers.
 pub const EVENT_NOTIFICATION: &str = "event";
+/// Client names of the `tilewise` command line start with this; the daemon does not store their
+/// `client.hello` events.
+pub const CLI_CLIENT_PREFIX: &str = "tilewise-cli/";
 
 /// Method names.
 pub mod methods {
@@ -373,13 +376,13 @@ impl Checked for HistoryParams {
     }
 }
 
-fn check_kinds(kinds: &Option<Vec<String>>) -> Result<(), RpcError> {
+fn check_kinds(field: &str, kinds: &Option<Vec<String>>) -> Result<(), RpcError> {
     let Some(kinds) = kinds else { return Ok(()) };
     if kinds.len() > limits::EVENT_KINDS {
-        return Err(RpcError::invalid_params(format!("kinds: at most {} (got {})", limits::EVENT_KINDS, kinds.len())));
+        return Err(RpcError::invalid_params(format!("{field}: at most {} (got {})", limits::EVENT_KINDS, kinds.len())));
     }
     for (i, k) in kinds.iter().enumerate() {
-        check_text(&format!("kinds[{i}]"), k, limits::EVENT_KIND, true)?;
+        check_text(&format!("{field}[{i}]"), k, limits::EVENT_KIND, true)?;
     }
     Ok(())
 }
@@ -403,7 +406,7 @@ pub struct SubscribeParams {
 
 impl Checked for SubscribeParams {
     fn check(&self) -> Result<(), RpcError> {
-        check_kinds(&self.kinds)
+        check_kinds("kinds", &self.kinds)
     }
 }
 
@@ -419,13 +422,18 @@ pub struct EventsListParams {
     pub limit: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<i64>,
+    /// Only these kinds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kinds: Option<Vec<String>>,
+    /// Not these kinds (`tilewise events` leaves `client.hello` out unless asked for `--all`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_kinds: Option<Vec<String>>,
 }
 
 impl Checked for EventsListParams {
     fn check(&self) -> Result<(), RpcError> {
-        check_kinds(&self.kinds)
+        check_kinds("kinds", &self.kinds)?;
+        check_kinds("exclude_kinds", &self.exclude_kinds)
     }
 }
 

@@ -523,7 +523,11 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
                     ),
                 ));
             }
-            let _ = state.events.publish(kind::CLIENT_HELLO, None, json!({"client": h.client}));
+            // The command-line client says hello on every command (`events -f` included): its
+            // hellos would bury what the daemon did. MLX processes and the app are recorded.
+            if !h.client.starts_with(CLI_CLIENT_PREFIX) {
+                let _ = state.events.publish(kind::CLIENT_HELLO, None, json!({"client": h.client}));
+            }
             to_value(HelloResult {
                 daemon: DAEMON_NAME.into(),
                 version: VERSION.into(),
@@ -557,7 +561,10 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
         methods::EVENTS_LIST => {
             let l: EventsListParams = checked(p)?;
             let limit = l.limit.unwrap_or(50).min(MAX_EVENT_REPLAY);
-            let events = state.store().recent_events(limit, l.session_id, l.kinds.as_deref()).map_err(RpcError::internal)?;
+            let events = state
+                .store()
+                .recent_events(limit, l.session_id, l.kinds.as_deref(), l.exclude_kinds.as_deref())
+                .map_err(RpcError::internal)?;
             to_value(EventsListResult { events })
         }
         methods::CONFIG_GET => to_value(&*state.config.read().unwrap_or_else(|p| p.into_inner())),

@@ -254,7 +254,7 @@ async fn run(mut deps: AutoStartDeps, daemon_started: Instant) {
                     _ => {}
                 }
             }
-            Err(crate::session::SessionError::Busy(_)) => {} // someone started one first: wait for it
+            Err(crate::session::SessionError::Busy(..)) => {} // someone started one first: wait for it
             Err(e) => {
                 state.failures += 1;
                 let wait = backoff(state.failures);

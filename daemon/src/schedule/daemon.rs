@@ -77,7 +77,7 @@ impl ScheduleServices {
             }
         }));
 
-        // Measurements may run between session.started/resumed and session.paused/finished.
+        // Measurements may run between session.started/resumed and session.paused/finished/stopped.
         let (busy_tx, busy_rx) = tokio_watch::channel(false);
         let mut bus_rx = bus.subscribe();
         tasks.push(tokio::spawn(async move {
@@ -88,7 +88,7 @@ impl ScheduleServices {
                         kind::SESSION_STARTED | kind::SESSION_RESUMED => {
                             busy_tx.send_replace(true);
                         }
-                        kind::SESSION_PAUSED | kind::SESSION_FINISHED => {
+                        kind::SESSION_PAUSED | kind::SESSION_FINISHED | kind::SESSION_STOPPED => {
                             busy_tx.send_replace(false);
                         }
                         _ => {}

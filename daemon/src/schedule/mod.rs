@@ -152,7 +152,7 @@ async fn run(
         tx.send_if_modified(|old| {
             let notify = old.differs_materially(&decision);
             if notify {
-                tracing::info!(run = decision.run, reasons = %decision.summary(), "tuning gate changed");
+                tracing::info!("tuning gate changed: {}", decision.describe());
             }
             *old = decision;
             notify

@@ -26,8 +26,8 @@ pub enum SessionError {
     InvalidPolicy(String),
     #[error("session {0} not found")]
     NotFound(SessionId),
-    #[error("busy: session {0} is running; stop it first")]
-    Busy(SessionId),
+    #[error("busy: session {0} is tuning model {1}; stop it first (`tilewise stop`)")]
+    Busy(SessionId, String),
     #[error("worker: {0}")]
     Worker(#[from] WorkerError),
     #[error("{0}")]
@@ -143,11 +143,8 @@ impl SessionManager {
             if same {
                 return Ok((id, true));
             }
-            let r = self.running.lock().unwrap();
-            let running_model = r.as_ref().map(|r| r.target.model.clone()).unwrap_or_default();
-            drop(r);
-            let _ = running_model;
-            return Err(SessionError::Busy(id));
+            let model = self.running.lock().unwrap().as_ref().map(|r| r.target.model.clone()).unwrap_or_default();
+            return Err(SessionError::Busy(id, model));
         }
         if params.llm == Some(true) && self.opts.llm.current().is_none() {
             return Err(SessionError::BadParams(

@@ -58,7 +58,7 @@ impl From<SessionError> for RpcError {
             SessionError::BadParams(_) => codes::INVALID_PARAMS,
             SessionError::InvalidPolicy(_) => codes::INVALID_POLICY,
             SessionError::NotFound(_) => codes::NOT_FOUND,
-            SessionError::Busy(_) => codes::BUSY,
+            SessionError::Busy(..) => codes::BUSY,
             SessionError::Worker(_) | SessionError::WorkerStart(_) | SessionError::Store(_) => codes::INTERNAL,
         };
         RpcError::new(code, e.to_string())

@@ -145,13 +145,13 @@ impl Runner {
         };
         self.abandon_llm_request();
         let _ = self.save();
-        let (state, reason) = match &end {
-            End::Finished(r) => (SessionState::Finished, r.clone()),
+        let (state, reason, event) = match &end {
+            End::Finished(r) => (SessionState::Finished, r.clone(), kind::SESSION_FINISHED),
             End::Stopped if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) => {
-                (SessionState::Paused, "daemon stopped; resumes when it starts again".to_string())
+                (SessionState::Paused, "daemon stopped; resumes when it starts again".to_string(), kind::SESSION_PAUSED)
             }
-            End::Stopped => (SessionState::Stopped, "stopped".to_string()),
-            End::Failed(r) => (SessionState::Failed, r.clone()),
+            End::Stopped => (SessionState::Stopped, "stopped on request".to_string(), kind::SESSION_STOPPED),
+            End::Failed(r) => (SessionState::Failed, r.clone(), kind::SESSION_FINISHED),
         };
         let stored = self.store().set_session_state(self.session_id, state, Some(&reason));
         self.live.lock().unwrap().last_end = Some(match &stored {
@@ -165,7 +165,7 @@ impl Runner {
         let summary = self.store().session(self.session_id).ok().flatten();
         let best = self.store().best(&self.key).ok().flatten();
         self.publish(
-            kind::SESSION_FINISHED,
+            event,
             json!({"state": state.as_str(), "reason": reason, "session": summary,
                    "best": best.map(|b| json!({"hash": b.hash, "ratio": b.ratio, "lo": b.lo, "hi": b.hi, "session_id": b.session_id}))}),
         );

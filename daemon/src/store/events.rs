@@ -52,16 +52,25 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// The newest `limit` events, oldest first; optionally one session's only, only `kinds`.
-    pub fn recent_events(&self, limit: u32, session_id: Option<SessionId>, kinds: Option<&[String]>) -> Result<Vec<Event>> {
-        let kinds_json = kinds.map(|k| serde_json::to_string(k).expect("strings serialize"));
+    /// The newest `limit` events, oldest first; optionally one session's only, only `kinds`, none of
+    /// `exclude`.
+    pub fn recent_events(
+        &self,
+        limit: u32,
+        session_id: Option<SessionId>,
+        kinds: Option<&[String]>,
+        exclude: Option<&[String]>,
+    ) -> Result<Vec<Event>> {
+        let as_json = |k: &[String]| serde_json::to_string(k).expect("strings serialize");
+        let (kinds_json, exclude_json) = (kinds.map(as_json), exclude.map(as_json));
         let mut st = self.conn.prepare_cached(
             "SELECT id, at, kind, session_id, data_json FROM events
              WHERE (?1 IS NULL OR session_id = ?1)
                AND (?2 IS NULL OR kind IN (SELECT value FROM json_each(?2)))
+               AND (?4 IS NULL OR kind NOT IN (SELECT value FROM json_each(?4)))
              ORDER BY id DESC LIMIT ?3",
         )?;
-        let rows = st.query_map(params![session_id, kinds_json, limit], |r| {
+        let rows = st.query_map(params![session_id, kinds_json, limit, exclude_json], |r| {
             Ok(Event { id: r.get(0)?, at: r.get(1)?, kind: r.get(2)?, session_id: r.get(3)?, data: json_col(r, "data_json")? })
         })?;
         let mut out: Vec<Event> = rows.collect::<rusqlite::Result<_>>()?;

@@ -12,7 +12,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 use tilewise::config::Config;
 use tilewise::ipc::client::{Client, ClientError};
-use tilewise::ipc::protocol::{HistoryParams, PolicyGetParams, PolicySource, VERSION};
+use tilewise::ipc::protocol::{HistoryParams, PolicyGetParams, PolicySource, CLI_CLIENT_PREFIX, VERSION};
 use tilewise::paths::Paths;
 
 #[derive(Parser, Debug)]
@@ -54,6 +54,9 @@ enum Cmd {
         /// Keep printing new events as they happen (Ctrl-C ends).
         #[arg(long, short)]
         follow: bool,
+        /// Include `client.hello` (one per MLX process start), left out by default.
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -105,9 +108,9 @@ enum PolicyCmd {
 #[derive(Subcommand, Debug)]
 enum DaemonCmd {
     /// Start `tilewised` in the background and wait until it answers.
-    Start,
-    /// Ask the daemon to stop and wait until its socket is gone.
-    Stop,
+    Start(JsonFlag),
+    /// Ask the daemon to stop and wait until its socket is gone (nothing to do when none runs).
+    Stop(JsonFlag),
 }
 
 fn main() -> ExitCode {
@@ -138,7 +141,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_json(&serde_json::json!({"device": device, "fingerprint": device.fingerprint()}))
             } else {
                 println!("{}", tilewise::probe::render_human(&device).trim_end());
-                println!("fingerprint: {}", device.fingerprint());
                 Ok(())
             }
         }
@@ -156,13 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.device_fingerprint,
                 s.device.backend.as_str()
             );
-            let t = &s.tuning;
-            println!(
-                "tuning:   {}{}{}",
-                t.state,
-                t.session_id.map(|i| format!(" (session {i})")).unwrap_or_default(),
-                t.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
-            );
+            println!("tuning:   {}", tuning_line(&s.tuning));
             Ok(())
         }
         Cmd::Policy(PolicyCmd::Get { model, mlx, backend, device, json }) => {
@@ -230,10 +226,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Tune(args) => tune::run(args, connect(&paths).await?, connect(&paths).await?).await,
-        Cmd::Events { limit, session, follow, json } => {
+        Cmd::Events { limit, session, follow, all, json } => {
             let mut c = connect(&paths).await?;
-            let listed =
-                c.events_list(&tilewise::ipc::protocol::EventsListParams { limit: Some(limit), session_id: session, kinds: None }).await?;
+            let hidden: Vec<String> = if all { vec![] } else { vec![tilewise::events::kind::CLIENT_HELLO.to_string()] };
+            let listed = c
+                .events_list(&tilewise::ipc::protocol::EventsListParams {
+                    limit: Some(limit),
+                    session_id: session,
+                    kinds: None,
+                    exclude_kinds: (!hidden.is_empty()).then(|| hidden.clone()),
+                })
+                .await?;
             let print = |e: &tilewise::store::Event| -> anyhow::Result<()> {
                 if json.json {
                     println!("{}", serde_json::to_string(e)?);
@@ -252,7 +255,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let since = listed.events.last().map(|e| e.id).unwrap_or(0);
             let mut rx = connect(&paths).await?.subscribe_events_since(None, Some(since)).await?;
             while let Some(e) = rx.recv().await {
-                if session.is_none_or(|s| e.session_id == Some(s)) {
+                if session.is_none_or(|s| e.session_id == Some(s)) && !hidden.contains(&e.kind) {
                     print(&e)?;
                 }
             }
@@ -275,10 +278,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Daemon(DaemonCmd::Start) => daemon_start(&paths).await,
-        Cmd::Daemon(DaemonCmd::Stop) => daemon_stop(&paths).await,
+        Cmd::Daemon(DaemonCmd::Start(f)) => daemon_start(&paths, f.json).await,
+        Cmd::Daemon(DaemonCmd::Stop(f)) => daemon_stop(&paths, f.json).await,
         Cmd::Service(c) => tilewise::service::run_cli(c, paths.logs_dir.clone()),
     }
+}
+
+/// "tuning (session 4): generation 7, 2m 10s of a 4m budget, model synthetic:tiny" or "idle: …".
+fn tuning_line(t: &tilewise::ipc::protocol::TuningStatus) -> String {
+    let mut line = t.state.clone();
+    if let Some(id) = t.session_id {
+        line.push_str(&format!(" (session {id})"));
+    }
+    if let Some(reason) = &t.reason {
+        line.push_str(&format!(": {reason}"));
+    }
+    let Some(d) = &t.detail else { return line };
+    let mut parts = vec![];
+    if let Some(g) = d["generation"].as_u64() {
+        parts.push(format!("generation {g}"));
+    }
+    let spent = d["elapsed_s"].as_f64().map(|s| humantime::format_duration(Duration::from_secs(s as u64)).to_string());
+    match (spent, d["budget"]["seconds"].as_u64(), d["budget"]["evaluations"].as_u64()) {
+        (Some(spent), Some(b), _) => parts.push(format!("{spent} of a {} budget", humantime::format_duration(Duration::from_secs(b)))),
+        (Some(spent), None, Some(n)) => parts.push(format!("{spent} so far, budget {n} evaluations")),
+        (Some(spent), None, None) => parts.push(format!("{spent} so far")),
+        _ => {}
+    }
+    if let Some(m) = d["model"].as_str() {
+        parts.push(format!("model {m}"));
+    }
+    if !parts.is_empty() {
+        line.push_str(if t.reason.is_some() { "; " } else { ": " });
+        line.push_str(&parts.join(", "));
+    }
+    line
 }
 
 /// One event for a person: time, kind, session, and the data in one line.
@@ -302,7 +336,7 @@ fn event_line(e: &tilewise::store::Event) -> String {
 }
 
 async fn connect(paths: &Paths) -> Result<Client, ClientError> {
-    let mut c = Client::connect(paths).await?.with_name(format!("tilewise-cli/{VERSION}"));
+    let mut c = Client::connect(paths).await?.with_name(format!("{CLI_CLIENT_PREFIX}{VERSION}"));
     c.hello().await?;
     Ok(c)
 }
@@ -333,11 +367,37 @@ fn daemon_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("tilewised"))
 }
 
-async fn daemon_start(paths: &Paths) -> anyhow::Result<()> {
+/// What `daemon start` / `daemon stop` did, for `--json`.
+#[derive(Serialize)]
+struct DaemonOutcome {
+    /// `started`, `already_running`, `stopped` or `not_running`.
+    outcome: &'static str,
+    pid: Option<u32>,
+    socket: PathBuf,
+    logs: PathBuf,
+}
+
+impl DaemonOutcome {
+    fn print(&self, json: bool) -> anyhow::Result<()> {
+        if json {
+            return print_json(self);
+        }
+        let pid = self.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+        match self.outcome {
+            "started" => println!("tilewised started{pid} on {}; logs in {}", self.socket.display(), self.logs.display()),
+            "already_running" => println!("tilewised is already running{pid} on {}", self.socket.display()),
+            "stopped" => println!("tilewised{pid} stopped"),
+            _ => println!("tilewised is not running (no daemon answers on {})", self.socket.display()),
+        }
+        Ok(())
+    }
+}
+
+async fn daemon_start(paths: &Paths, json: bool) -> anyhow::Result<()> {
+    let outcome = |outcome, pid, socket| DaemonOutcome { outcome, pid: Some(pid), socket, logs: paths.logs_dir.clone() };
     if let Ok(mut c) = connect(paths).await {
         let s = c.status().await?;
-        println!("tilewised is already running (pid {}) on {}", s.pid, s.socket.display());
-        return Ok(());
+        return outcome("already_running", s.pid, s.socket).print(json);
     }
     paths.ensure_dirs()?;
     let stderr_path = paths.logs_dir.join("tilewised.stderr.log");
@@ -361,8 +421,7 @@ async fn daemon_start(paths: &Paths) -> anyhow::Result<()> {
         }
         if let Ok(mut c) = connect(paths).await {
             let s = c.status().await?;
-            println!("tilewised started (pid {}) on {}; logs in {}", s.pid, s.socket.display(), paths.logs_dir.display());
-            return Ok(());
+            return outcome("started", s.pid, s.socket).print(json);
         }
         if Instant::now() > deadline {
             anyhow::bail!("tilewised (pid {}) did not answer within 30 s; see {}", child.id(), paths.logs_dir.display());
@@ -371,12 +430,19 @@ async fn daemon_start(paths: &Paths) -> anyhow::Result<()> {
     }
 }
 
-async fn daemon_stop(paths: &Paths) -> anyhow::Result<()> {
-    let mut c = connect(paths).await?;
+async fn daemon_stop(paths: &Paths, json: bool) -> anyhow::Result<()> {
+    let socket = paths.client_socket();
+    let mut c = match connect(paths).await {
+        Ok(c) => c,
+        // Stopping what is not running is done already, not an error.
+        Err(ClientError::DaemonNotRunning { .. }) => {
+            return DaemonOutcome { outcome: "not_running", pid: None, socket, logs: paths.logs_dir.clone() }.print(json);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let pid = c.status().await?.pid;
     c.shutdown().await?;
     drop(c);
-    let socket = paths.client_socket();
     let deadline = Instant::now() + Duration::from_secs(30);
     while socket_exists(&socket) {
         if Instant::now() > deadline {
@@ -384,8 +450,7 @@ async fn daemon_stop(paths: &Paths) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("tilewised (pid {pid}) stopped");
-    Ok(())
+    DaemonOutcome { outcome: "stopped", pid: Some(pid), socket, logs: paths.logs_dir.clone() }.print(json)
 }
 
 fn socket_exists(p: &Path) -> bool {

@@ -6,6 +6,7 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
+use std::io::IsTerminal;
 use std::time::Duration;
 use tilewise::ipc::client::Client;
 use tilewise::store::{Budget, Event};
@@ -50,7 +51,11 @@ pub fn parse_budget(text: &str) -> Result<Budget, String> {
         }
         return Ok(Budget { evaluations: Some(n), seconds: None });
     }
-    let d = humantime::parse_duration(&t).map_err(|e| format!("{text:?} is neither a duration (10m, 90s) nor a count (50evals): {e}"))?;
+    let d = humantime::parse_duration(&t).map_err(|e| {
+        // humantime's own words help only when the text began like a duration ("10x": unknown unit).
+        let detail = if digits.is_empty() { String::new() } else { format!(" ({e})") };
+        format!("{text:?} is neither a duration (10m, 90s, 1h30m) nor a count of evaluations (50evals){detail}")
+    })?;
     if d.as_secs() == 0 {
         return Err("the budget must be at least 1 s".into());
     }
@@ -92,7 +97,7 @@ impl Progress {
                 }
             }
             "session.paused" => self.last = Some(format!("paused: {}", d["reason"].as_str().unwrap_or(""))),
-            "session.finished" => return true,
+            "session.finished" | "session.stopped" => return true,
             _ => {}
         }
         false
@@ -146,6 +151,14 @@ pub async fn run(args: TuneArgs, events: Client, mut rpc: Client) -> anyhow::Res
         shown["session"]["seed"],
         budget_text(&budget)
     );
+    if let Some(asked) = args.budget.filter(|b| resumed && *b != budget) {
+        eprintln!(
+            "tilewise: note: session {sid} continues with its own budget ({}); --budget {} applies to a new session \
+             (`tilewise stop`, then `tilewise tune --budget …`)",
+            budget_text(&budget),
+            budget_text(&asked)
+        );
+    }
     if args.detach {
         println!("{sid}");
         return Ok(());
@@ -168,8 +181,20 @@ pub async fn run(args: TuneArgs, events: Client, mut rpc: Client) -> anyhow::Res
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
+    // The bar draws only on a terminal; into a pipe or a log file, a line per generation and per
+    // promotion instead.
+    let lines = !std::io::stderr().is_terminal();
+    let mut printed: Option<(u64, Option<(f64, f64, f64)>)> = None;
     let started_at = std::time::Instant::now();
     let finished = loop {
+        if lines && printed != Some((progress.generation, progress.best)) {
+            printed = Some((progress.generation, progress.best));
+            eprintln!(
+                "tilewise: [{}] {}",
+                humantime::format_duration(Duration::from_secs(started_at.elapsed().as_secs())),
+                progress.message()
+            );
+        }
         bar.set_position(if budget.evaluations.is_some() {
             progress.evaluations + progress.failures
         } else {
@@ -219,11 +244,18 @@ fn budget_text(b: &Budget) -> String {
 pub fn render_table(shown: &Value) -> String {
     let mut out = String::new();
     let s = &shown["session"];
+    let (state, reason) = (s["state"].as_str().unwrap_or("?"), s["reason"].as_str().unwrap_or(""));
+    // "session 3 stopped on request", "session 2 finished — budget of 4m spent".
+    let ended = if reason.starts_with(state) {
+        reason.to_string()
+    } else if reason.is_empty() {
+        state.to_string()
+    } else {
+        format!("{state} — {reason}")
+    };
     out.push_str(&format!(
-        "\nsession {} {} — {} ({} evaluations, {} failed, {} promoted; {} screened by the cost model, memo {} shapes)\n",
+        "\nsession {} {ended} ({} evaluations, {} failed, {} promoted; {} screened by the cost model, memo {} shapes)\n",
         s["id"],
-        s["state"].as_str().unwrap_or("?"),
-        s["reason"].as_str().unwrap_or(""),
         s["evaluations"],
         s["failures"],
         s["promotions"],
@@ -297,6 +329,9 @@ mod tests {
         assert_eq!(parse_budget("7").unwrap(), Budget { evaluations: Some(7), seconds: None });
         assert!(parse_budget("0").is_err());
         assert!(parse_budget("soon").unwrap_err().contains("neither a duration"));
+        // No parser jargon for text that is not a number at all.
+        assert!(!parse_budget("abc").unwrap_err().contains("expected number"), "{}", parse_budget("abc").unwrap_err());
+        assert!(parse_budget("10x").unwrap_err().contains("unknown time unit"), "{}", parse_budget("10x").unwrap_err());
     }
 
     #[test]
@@ -316,5 +351,8 @@ mod tests {
             "memo_size": 12, "search": {"screened": 4}, "best": null}),
         );
         assert!(table.contains("0.970×") && table.contains("served: native"), "{table}");
+        assert!(table.contains("session 1 finished — budget ("), "{table}");
+        let stopped = render_table(&json!({"session": {"id": 2, "state": "stopped", "reason": "stopped on request"}, "best": null}));
+        assert!(stopped.contains("session 2 stopped on request ("), "{stopped}");
     }
 }
