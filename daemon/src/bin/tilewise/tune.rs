@@ -62,13 +62,16 @@ pub fn parse_budget(text: &str) -> Result<Budget, String> {
     Ok(Budget { evaluations: None, seconds: Some(d.as_secs()) })
 }
 
+/// A speedup with its 95 % interval: (ratio, lo, hi).
+type Speedup = (f64, f64, f64);
+
 /// Progress as the events tell it.
 #[derive(Debug, Default, Clone)]
 pub struct Progress {
     pub generation: u64,
     pub evaluations: u64,
     pub failures: u64,
-    pub best: Option<(f64, f64, f64)>,
+    pub best: Option<Speedup>,
     pub last: Option<String>,
 }
 
@@ -184,7 +187,7 @@ pub async fn run(args: TuneArgs, events: Client, mut rpc: Client) -> anyhow::Res
     // The bar draws only on a terminal; into a pipe or a log file, a line per generation and per
     // promotion instead.
     let lines = !std::io::stderr().is_terminal();
-    let mut printed: Option<(u64, Option<(f64, f64, f64)>)> = None;
+    let mut printed: Option<(u64, Option<Speedup>)> = None;
     let started_at = std::time::Instant::now();
     let finished = loop {
         if lines && printed != Some((progress.generation, progress.best)) {
