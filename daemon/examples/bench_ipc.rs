@@ -146,7 +146,14 @@ async fn orchestrate(iters: usize) {
 
     let daemon = spawn_self(&["--serve-daemon", home.path().to_str().unwrap()]);
     wait_for(&paths.socket).await;
-    let params = PolicyGetParams { model: key.model.clone(), mlx: key.mlx.clone(), backend: Some("cpu".into()), device: None };
+    let params = PolicyGetParams {
+        model: key.model.clone(),
+        mlx: key.mlx.clone(),
+        backend: Some("cpu".into()),
+        device: None,
+        model_name: None,
+        dtype: None,
+    };
     let mut client = Client::connect_path(&paths.socket).await.unwrap();
     client.hello().await.unwrap();
     let first = client.policy_get(&params).await.unwrap();

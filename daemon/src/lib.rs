@@ -20,4 +20,5 @@ pub mod schedule;
 pub mod service;
 pub mod session;
 pub mod store;
+pub mod usage;
 pub mod worker;

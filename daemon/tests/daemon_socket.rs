@@ -51,8 +51,17 @@ async fn hello_reports_daemon_and_protocol_versions() {
 async fn unknown_model_gets_native_with_a_reason() {
     let d = TestDaemon::start();
     let mut c = d.client().await;
-    let r =
-        c.policy_get(&PolicyGetParams { model: "no-such-model".into(), mlx: "0.32.4".into(), backend: None, device: None }).await.unwrap();
+    let r = c
+        .policy_get(&PolicyGetParams {
+            model: "no-such-model".into(),
+            mlx: "0.32.4".into(),
+            backend: None,
+            device: None,
+            model_name: None,
+            dtype: None,
+        })
+        .await
+        .unwrap();
     assert_eq!(r.source, PolicySource::Native);
     assert_eq!(r.hash, Policy::native().content_hash());
     assert_eq!(r.policy.to_value(), Policy::native().to_value());
@@ -98,7 +107,14 @@ async fn a_stored_best_is_served_only_for_its_exact_key() {
             })
             .unwrap();
     }
-    let get = |mlx: &str| PolicyGetParams { model: "model-a".into(), mlx: mlx.into(), backend: Some("cpu".into()), device: None };
+    let get = |mlx: &str| PolicyGetParams {
+        model: "model-a".into(),
+        mlx: mlx.into(),
+        backend: Some("cpu".into()),
+        device: None,
+        model_name: None,
+        dtype: None,
+    };
     let r = c.policy_get(&get("0.32.4")).await.unwrap();
     assert_eq!(r.source, PolicySource::Best, "{}", r.reason);
     assert_eq!((r.hash.as_str(), &r.policy.to_value()), (hash.as_str(), &doc));
@@ -133,7 +149,14 @@ async fn a_stored_best_is_served_only_for_its_exact_key() {
         })
         .unwrap();
     let r = c
-        .policy_get(&PolicyGetParams { model: "model-b".into(), mlx: "0.32.4".into(), backend: Some("cpu".into()), device: None })
+        .policy_get(&PolicyGetParams {
+            model: "model-b".into(),
+            mlx: "0.32.4".into(),
+            backend: Some("cpu".into()),
+            device: None,
+            model_name: None,
+            dtype: None,
+        })
         .await
         .unwrap();
     assert_eq!(r.source, PolicySource::Native);
@@ -172,7 +195,14 @@ async fn policy_get_never_serves_a_stale_best_after_another_connection_writes() 
     let mut c = d.client().await;
     let device = c.status().await.unwrap().device_fingerprint;
     let key = BestKey { device, model: "model-c".into(), mlx: "0.32.4".into(), backend: "cpu".into() };
-    let get = PolicyGetParams { model: key.model.clone(), mlx: key.mlx.clone(), backend: Some("cpu".into()), device: None };
+    let get = PolicyGetParams {
+        model: key.model.clone(),
+        mlx: key.mlx.clone(),
+        backend: Some("cpu".into()),
+        device: None,
+        model_name: None,
+        dtype: None,
+    };
     // Asked twice first, so a cached native answer exists before the write.
     for _ in 0..2 {
         assert_eq!(c.policy_get(&get).await.unwrap().source, PolicySource::Native);
@@ -222,7 +252,14 @@ async fn policy_get_never_serves_a_stale_best_after_the_daemon_itself_promotes()
     });
     let mut c = Client::connect_path(&state.paths.socket).await.unwrap();
     let key = BestKey { device: state.device_fingerprint.clone(), model: "model-e".into(), mlx: "0.32.4".into(), backend: "cpu".into() };
-    let get = PolicyGetParams { model: key.model.clone(), mlx: key.mlx.clone(), backend: Some("cpu".into()), device: None };
+    let get = PolicyGetParams {
+        model: key.model.clone(),
+        mlx: key.mlx.clone(),
+        backend: Some("cpu".into()),
+        device: None,
+        model_name: None,
+        dtype: None,
+    };
     for _ in 0..2 {
         assert_eq!(c.policy_get(&get).await.unwrap().source, PolicySource::Native);
     }
@@ -525,7 +562,7 @@ fn cli_works_against_the_real_daemon() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["device_fingerprint"], probe["fingerprint"]);
-    let out = cli(&["policy", "get", "--model", "m", "--mlx", "0.32.4", "--json"]);
+    let out = cli(&["policy", "get", "--model", "mdl-0123456789abcdef0123456789abcdef", "--mlx", "0.32.4", "--json"]);
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["source"], json!("native"));
     let out = cli(&["history", "--json"]);
@@ -655,7 +692,14 @@ async fn a_fusion_policys_summary_is_served_and_printed() {
         })
         .unwrap();
     let r = c
-        .policy_get(&PolicyGetParams { model: "model-f".into(), mlx: "0.32.4".into(), backend: Some("cpu".into()), device: None })
+        .policy_get(&PolicyGetParams {
+            model: "model-f".into(),
+            mlx: "0.32.4".into(),
+            backend: Some("cpu".into()),
+            device: None,
+            model_name: None,
+            dtype: None,
+        })
         .await
         .unwrap();
     assert_eq!(r.hash, hash);

@@ -99,6 +99,8 @@ async fn policy_get_serves_the_best_only_for_its_exact_key() {
         mlx: mlx.into(),
         backend: Some(backend.into()),
         device: device.map(Into::into),
+        model_name: None,
+        dtype: None,
     };
     // Exact key (device defaulting to this machine, and given explicitly): the proven best.
     for dev in [None, Some(device.as_str())] {

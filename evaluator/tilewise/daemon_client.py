@@ -208,15 +208,29 @@ class DaemonClient:
     # -- methods --------------------------------------------------------------------------------
     def hello(self) -> dict:
         """The handshake; refuses a daemon whose protocol major version differs from ours."""
-        result = self.call("hello", {"client": _client_name(), "protocol": PROTOCOL})
+        result = self.call("hello", {"client": _client_name(), "protocol": PROTOCOL, "pid": os.getpid()})
         if not isinstance(result, dict) or result.get("protocol") != PROTOCOL:
             raise DaemonUnavailable(f"daemon speaks protocol {result!r}, this client speaks {PROTOCOL}")
         return result
 
-    def policy_get(self, model: str, mlx: str, backend: str, device: Optional[str] = None) -> dict:
+    def policy_get(
+        self,
+        model: str,
+        mlx: str,
+        backend: str,
+        device: Optional[str] = None,
+        model_name: Optional[str] = None,
+        dtype: Optional[str] = None,
+    ) -> dict:
+        """``model_name`` (how the model was loaded) and ``dtype`` (``bfloat16``, ``q4``...) are
+        recorded by the daemon with the fetch, for ``tilewise models`` and ``tilewise status``."""
         params = {"model": model, "mlx": mlx, "backend": backend}
         if device is not None:
             params["device"] = device
+        if model_name:
+            params["model_name"] = model_name[:4096]
+        if dtype:
+            params["dtype"] = dtype[:32]
         result = self.call("policy.get", params)
         if not isinstance(result, dict) or not isinstance(result.get("policy"), dict):
             raise DaemonUnavailable(f"policy.get returned no policy object: {str(result)[:120]}")

@@ -206,6 +206,7 @@ def load_model(spec, dtype=None):
         "model_path": str(path),
         "config": config,
         "dtype": dtype or model_dtype(model),
+        "weights": weights_label(model),
         "model_fingerprint": fingerprint(model),
     }
     return model, tokenizer, info
@@ -217,6 +218,19 @@ def model_dtype(model):
         if mx.issubdtype(v.dtype, mx.floating):
             return str(v.dtype).split(".")[-1]
     return "float32"
+
+
+def weights_label(model):
+    """How a person names the model's weight type: "q4" for 4-bit quantized linears (the most
+    common bit width), else the floating dtype ("bfloat16")."""
+    import collections
+
+    import mlx.nn as nn
+
+    bits = collections.Counter(m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear))
+    if bits:
+        return f"q{bits.most_common(1)[0][0]}"
+    return model_dtype(model)
 
 
 def _json_safe(v):

@@ -70,7 +70,7 @@ import mlx_lm
 import mlx_lm.utils as mlx_lm_utils
 from mlx.utils import tree_flatten
 
-from . import backend, fusion, models, patch, policy, tabulate
+from . import backend, fusion, models, patch, policy, tabulate, usage
 from .daemon_client import DEFAULT_TIMEOUT_S, DaemonClient, DaemonError, DaemonUnavailable, cache_dir
 
 log = logging.getLogger("tilewise.plugin")
@@ -239,12 +239,14 @@ def enable_optimizations(source=None, *, model=None, timeout: Optional[float] = 
     return status()
 
 
-def apply_to(model, source=...):
+def apply_to(model, source=..., *, name: Optional[str] = None):
     """Resolves and applies the policy for an already loaded ``model``; returns its ModelRecord.
-    ``source`` defaults to the one given to enable_optimizations (else the daemon)."""
+    ``source`` defaults to the one given to enable_optimizations (else the daemon). ``name``: how
+    the model was loaded (a path or Hugging Face id), which the daemon shows in ``tilewise models``
+    (the load hook passes it)."""
     src = _state.source if source is ... else (None if source is None else os.fspath(source))
     try:
-        record = _apply(model, src)
+        record = _apply(model, src, name)
     except Exception as e:  # the plugin must never break the user's program
         try:
             _unpatch(model)
@@ -280,6 +282,7 @@ def status() -> Status:
 def disable() -> None:
     """Restores ``mlx_lm.load`` and unpatches every model this plugin patched (that is still alive)."""
     _uninstall_load_hook()
+    usage.unwatch_all()
     for ref in list(_state.patched.values()):
         m = ref()
         if m is not None:
@@ -350,13 +353,18 @@ def check_policy(doc: Any, want: dict, expected_hash: Optional[str] = None) -> s
     return digest
 
 
-def _apply(model, src: Optional[str]) -> ModelRecord:
+def _apply(model, src: Optional[str], name: Optional[str] = None) -> ModelRecord:
     _unpatch(model)  # a re-applied model starts from stock (its fingerprint is the stock layout's)
     want = this_target(model)
     if src is None:
-        r = _from_daemon(want, _state.timeout)
+        r = _from_daemon(want, _state.timeout, name=name, weights=models.weights_label(model))
     else:
         r = _from_file(Path(src), model, want)
+    # What this process runs with the model goes to the daemon (tilewise.usage: sizes and counts only).
+    try:
+        usage.watch(model, want["model"], name, models.model_shapes(model))
+    except Exception as e:  # usage is a view for the daemon: never worth a policy
+        log.info("usage of %s not recorded: %s: %s", want["model"], type(e).__name__, e)
     if r.warn:
         _warn(r.reason)
     rec = ModelRecord(want["model"], r.source, r.reason, evidence=r.evidence, fetched_at=r.fetched_at)
@@ -405,13 +413,13 @@ def _patch_reachable_layers(model, doc: dict) -> int:
     return len(patch.apply(model, doc, reachable_only=True).layers)
 
 
-def _from_daemon(want: dict, timeout: float) -> _Resolved:
+def _from_daemon(want: dict, timeout: float, name: Optional[str] = None, weights: Optional[str] = None) -> _Resolved:
     key = (want["model"], want["mlx"], want["backend"])
     try:
         with DaemonClient(timeout=timeout) as client:
             client.hello()
             device = client.status().get("device_fingerprint")
-            answer = client.policy_get(want["model"], want["mlx"], want["backend"])
+            answer = client.policy_get(want["model"], want["mlx"], want["backend"], model_name=name, dtype=weights)
     except (DaemonUnavailable, DaemonError) as e:
         return _from_cache(key, why=str(e))
     if not isinstance(device, str) or not device:
@@ -817,7 +825,8 @@ def _install_load_hook() -> None:
         def load(*args, **kwargs):
             out = original(*args, **kwargs)
             if _state.enabled:
-                apply_to(out[0])
+                name = args[0] if args else kwargs.get("path_or_hf_repo")
+                apply_to(out[0], name=os.fspath(name) if isinstance(name, (str, os.PathLike)) else None)
             return out
 
         return load

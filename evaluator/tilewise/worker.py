@@ -281,6 +281,7 @@ def op_load(w, req):
         "model_path": info["model_path"],
         "config": info["config"],
         "dtype": info["dtype"],
+        "weights": info["weights"],
         "backend": workloads.backend(),
         "mlx": mx.__version__,
         "device_name": workloads.device_name(),

@@ -132,7 +132,7 @@ impl Client {
 
     /// The handshake: daemon name, version, protocol (a protocol mismatch is an `Rpc` error -32005).
     pub async fn hello(&mut self) -> Result<HelloResult, ClientError> {
-        let p = HelloParams { client: self.name.clone(), protocol: PROTOCOL_VERSION };
+        let p = HelloParams { client: self.name.clone(), protocol: PROTOCOL_VERSION, pid: Some(std::process::id()) };
         self.call_typed(methods::HELLO, &p).await
     }
 
@@ -146,6 +146,16 @@ impl Client {
 
     pub async fn history(&mut self, params: &HistoryParams) -> Result<HistoryResult, ClientError> {
         self.call_typed(methods::HISTORY, params).await
+    }
+
+    /// The models the daemon has seen (`models.list`).
+    pub async fn models_list(&mut self) -> Result<ModelsListResult, ClientError> {
+        self.call_typed(methods::MODELS_LIST, &ModelsListParams::default()).await
+    }
+
+    /// The processes that fetched a policy (`clients.list`).
+    pub async fn clients_list(&mut self, p: &ClientsListParams) -> Result<ClientsListResult, ClientError> {
+        self.call_typed(methods::CLIENTS_LIST, p).await
     }
 
     pub async fn config_get(&mut self) -> Result<Config, ClientError> {
@@ -291,7 +301,14 @@ mod tests {
 
     #[test]
     fn requests_are_written_as_the_protocol_type_would_write_them() {
-        let p = PolicyGetParams { model: "m".into(), mlx: "0.32.4".into(), backend: Some("cpu".into()), device: None };
+        let p = PolicyGetParams {
+            model: "m".into(),
+            mlx: "0.32.4".into(),
+            backend: Some("cpu".into()),
+            device: None,
+            model_name: None,
+            dtype: None,
+        };
         let line =
             serde_json::to_string(&OutgoingRequest { jsonrpc: "2.0", id: 3, method: methods::POLICY_GET, params: Some(&p) }).unwrap();
         let as_request: Request = serde_json::from_str(&line).unwrap();

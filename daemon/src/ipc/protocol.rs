@@ -40,6 +40,12 @@ pub mod methods {
     pub const SESSION_LIST: &str = "session.list";
     pub const SESSION_SHOW: &str = "session.show";
     pub const DAEMON_SHUTDOWN: &str = "daemon.shutdown";
+    /// A plugin's record of what its process runs (shapes and counts, never text).
+    pub const USAGE_REPORT: &str = "usage.report";
+    /// The models the daemon has seen, with usage and best policy.
+    pub const MODELS_LIST: &str = "models.list";
+    /// The processes that fetched a policy, live ones first.
+    pub const CLIENTS_LIST: &str = "clients.list";
 }
 
 /// Error codes (JSON-RPC's standard ones, and ours in -32000..-32099).
@@ -168,6 +174,10 @@ pub struct HelloParams {
     /// Who is calling, e.g. `tilewise-cli/0.1.0`.
     pub client: String,
     pub protocol: u32,
+    /// The caller's process id, recorded with its policy fetches where the kernel does not tell the
+    /// daemon the peer's pid (macOS: the socket's credentials carry no pid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }
 
 /// Limits on what a client may send, so that no request makes the daemon store or echo unbounded
@@ -185,6 +195,15 @@ pub mod limits {
     pub const EVENT_KINDS: usize = 64;
     pub const CONFIG_KEY: usize = 128;
     pub const HISTORY_LIMIT: u32 = 10_000;
+    /// A usage report: distinct generation kinds and shapes in one report, and the counts' ceiling.
+    pub const USAGE_GENERATIONS: usize = 64;
+    pub const USAGE_SHAPES: usize = 512;
+    pub const USAGE_COUNT: u64 = 1 << 40;
+    /// Batch, token and feature sizes a report may name.
+    pub const USAGE_SIZE: u32 = 1 << 24;
+    /// The longest period one report may cover (a week).
+    pub const USAGE_PERIOD_S: f64 = 7.0 * 24.0 * 3600.0;
+    pub const DTYPE: usize = 32;
 }
 
 /// Params that check their own bounds (see [`limits`]).
@@ -208,6 +227,14 @@ impl Checked for HelloParams {
     fn check(&self) -> Result<(), RpcError> {
         check_text("client", &self.client, limits::CLIENT_NAME, true)
     }
+}
+
+/// `field` is within `1..=max`.
+fn check_size(field: &str, value: u64, max: u64) -> Result<(), RpcError> {
+    if value == 0 || value > max {
+        return Err(RpcError::invalid_params(format!("{field}: from 1 to {max} (got {value})")));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -252,6 +279,9 @@ pub struct StatusResult {
     pub tuning: TuningStatus,
     /// Connections open now (this one included).
     pub clients: usize,
+    /// Processes running a model that fetched a policy and still exist (at most 50).
+    #[serde(default)]
+    pub processes: Vec<ClientRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -266,6 +296,13 @@ pub struct PolicyGetParams {
     /// Device fingerprint; default: this machine's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// How the caller named the model it loaded (a path or Hugging Face id): recorded with the
+    /// fetch, so `tilewise models` can show names, not only fingerprints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_name: Option<String>,
+    /// The model's weight type as loaded (`bfloat16`, `q4`...), recorded likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,6 +324,12 @@ impl Checked for PolicyGetParams {
         }
         if let Some(d) = &self.device {
             check_text("device", d, limits::FINGERPRINT, true)?;
+        }
+        if let Some(n) = &self.model_name {
+            check_text("model_name", n, limits::MODEL_SPEC, true)?;
+        }
+        if let Some(d) = &self.dtype {
+            check_text("dtype", d, limits::DTYPE, true)?;
         }
         Ok(())
     }
@@ -533,6 +576,159 @@ impl Checked for TuningStartParams {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShutdownResult {
     pub stopping: bool,
+}
+
+// ---- usage, clients, models ----
+
+pub use crate::store::{GenerationUsage, ShapeUsage};
+
+/// `usage.report`: what one process ran with one model since its previous report.
+pub use crate::store::UsageReport as UsageReportParams;
+
+impl Checked for UsageReportParams {
+    fn check(&self) -> Result<(), RpcError> {
+        check_text("model", &self.model, limits::FINGERPRINT, true)?;
+        if let Some(n) = &self.model_name {
+            check_text("model_name", n, limits::MODEL_SPEC, true)?;
+        }
+        if !(self.period_s.is_finite() && self.period_s >= 0.0 && self.period_s <= limits::USAGE_PERIOD_S) {
+            return Err(RpcError::invalid_params(format!("period_s: from 0 to {} seconds", limits::USAGE_PERIOD_S)));
+        }
+        if self.generations.len() > limits::USAGE_GENERATIONS {
+            return Err(RpcError::invalid_params(format!(
+                "generations: at most {} kinds (got {})",
+                limits::USAGE_GENERATIONS,
+                self.generations.len()
+            )));
+        }
+        if self.shapes.len() > limits::USAGE_SHAPES {
+            return Err(RpcError::invalid_params(format!("shapes: at most {} (got {})", limits::USAGE_SHAPES, self.shapes.len())));
+        }
+        let size = u64::from(limits::USAGE_SIZE);
+        for (i, g) in self.generations.iter().enumerate() {
+            check_size(&format!("generations[{i}].batch"), g.batch.into(), size)?;
+            check_size(&format!("generations[{i}].prompt_tokens"), g.prompt_tokens.into(), size)?;
+            check_size(&format!("generations[{i}].generated_tokens"), g.generated_tokens.into(), size)?;
+            if let Some(p) = g.prefill_step {
+                check_size(&format!("generations[{i}].prefill_step"), p.into(), size)?;
+            }
+            check_size(&format!("generations[{i}].count"), g.count, limits::USAGE_COUNT)?;
+        }
+        for (i, s) in self.shapes.iter().enumerate() {
+            check_size(&format!("shapes[{i}].m"), s.m.into(), size)?;
+            check_size(&format!("shapes[{i}].n"), s.n.into(), size)?;
+            check_size(&format!("shapes[{i}].k"), s.k.into(), size)?;
+            check_size(&format!("shapes[{i}].calls"), s.calls, limits::USAGE_COUNT)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageReportResult {
+    pub stored: bool,
+}
+
+/// A process that fetched a policy: the newest fetch per (pid, model).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientRecord {
+    pub client: String,
+    pub pid: Option<u32>,
+    /// The process still exists (checked when asked; a pid may be reused by an unrelated process
+    /// long after, so records older than a day are never called live).
+    pub live: bool,
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_name: Option<String>,
+    /// `best` or `native`.
+    pub source: String,
+    pub policy_hash: String,
+    /// The served best's proven speedup (absent for native).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+    pub fetches: u64,
+    pub first_at: String,
+    pub last_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ClientsListParams {
+    /// Only processes that still exist.
+    #[serde(default)]
+    pub live_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+impl Checked for ClientsListParams {
+    fn check(&self) -> Result<(), RpcError> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientsListResult {
+    pub clients: Vec<ClientRecord>,
+}
+
+/// What the recorded usage of a model adds up to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct UsageSummary {
+    pub reports: u64,
+    pub generations: u64,
+    pub generated_tokens: u64,
+    /// The batch size that generated the most tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main_batch: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_report_at: Option<String>,
+}
+
+/// A model the daemon has seen (tuned by a session or fetched for by a plugin).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub fingerprint: String,
+    /// How it was named when loaded: a directory, a Hugging Face id, `synthetic:<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `bfloat16`, `float16`, `q4`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
+    pub first_seen: String,
+    /// Last time a process fetched its policy or a session loaded it.
+    pub last_used: String,
+    pub usage: UsageSummary,
+    /// The best proven policy for it on this device (any MLX version), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<ModelBest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelBest {
+    pub hash: String,
+    pub ratio: f64,
+    pub lo: f64,
+    pub hi: f64,
+    pub mlx: String,
+    pub backend: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ModelsListParams {}
+
+impl Checked for ModelsListParams {
+    fn check(&self) -> Result<(), RpcError> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelsListResult {
+    pub models: Vec<ModelInfo>,
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use crate::paths::{Paths, PathsError};
 use crate::policy::Policy;
 use crate::probe::Device;
 use crate::store::{BestKey, BestStamp, Event, SharedStore, Store, StoreError};
+use crate::usage::FetchLog;
 use futures_util::{SinkExt, StreamExt};
 use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
@@ -64,7 +65,32 @@ pub struct DaemonState {
     validated: Mutex<HashSet<String>>,
     /// `policy.get` answers, already encoded, valid for one [`BestStamp`] of the store.
     policy_cache: Mutex<PolicyCache>,
+    /// Policy fetches noted on the hot path, written in batches (`usage::spawn_upkeep`).
+    pub fetches: Arc<FetchLog>,
     lock: Mutex<Option<InstanceLock>>,
+}
+
+/// A `policy.get` answer as served: the encoded result, and what the fetch log records of it.
+#[derive(Clone)]
+pub struct Answer {
+    pub encoded: Arc<str>,
+    pub best: bool,
+    pub hash: Arc<str>,
+}
+
+/// Who is on the other end of a connection: the name it gave in `hello` and its process id (the
+/// kernel's where it tells, else the one the client stated; 0 unknown).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub client: Arc<str>,
+    pub pid: u32,
+    kernel_pid: bool,
+}
+
+impl Default for Peer {
+    fn default() -> Self {
+        Peer { client: Arc::from("unnamed"), pid: 0, kernel_pid: false }
+    }
 }
 
 /// Encoded `policy.get` results per resolved key, valid for one [`BestStamp`] of the store.
@@ -80,8 +106,11 @@ pub struct DaemonState {
 struct PolicyCache {
     stamp: Option<BestStamp>,
     /// The JSON text of each `PolicyGetResult`, exactly as `to_line` would have encoded it.
-    entries: HashMap<BestKey, Arc<str>>,
+    entries: HashMap<BestKey, Answer>,
 }
+
+/// Live processes listed in `status` at most (`clients.list` has them all).
+const STATUS_PROCESSES: u32 = 50;
 
 /// Cap on cached keys: clients choose the keys, so memory must stay bounded; past it the cache
 /// starts over (real use asks for a handful of keys).
@@ -118,6 +147,7 @@ impl DaemonState {
             },
             validated: Mutex::new(HashSet::new()),
             policy_cache: Mutex::new(PolicyCache::default()),
+            fetches: Arc::new(FetchLog::default()),
             lock: Mutex::new(Some(lock)),
         })
     }
@@ -133,8 +163,18 @@ impl DaemonState {
         self.clients.load(Ordering::Relaxed)
     }
 
+    /// Writes the fetches noted so far (before a view of them is read).
+    fn flush_fetches(&self) {
+        if let Err(e) = self.fetches.flush(&self.store()) {
+            warn!("could not record policy fetches: {e}");
+        }
+    }
+
     fn status(&self) -> Result<StatusResult, RpcError> {
+        self.flush_fetches();
         let schema_version = self.store().schema_version().map_err(RpcError::internal)?;
+        let processes =
+            crate::usage::clients(&self.store(), &self.device_fingerprint, true, STATUS_PROCESSES).map_err(RpcError::internal)?;
         let tuning = match &self.tuning {
             Some(t) => t.status(),
             None => TuningStatus {
@@ -155,6 +195,7 @@ impl DaemonState {
             db: DbStatus { path: self.paths.db_file.clone(), schema_version },
             tuning,
             clients: self.clients(),
+            processes,
         })
     }
 
@@ -180,7 +221,7 @@ impl DaemonState {
     /// `policy.get`'s result as JSON text, served from the cache when the store has not changed
     /// since it was encoded (see [`PolicyCache`]); byte for byte what encoding
     /// [`DaemonState::policy_get`]'s result gives.
-    pub fn policy_get_encoded(&self, p: &PolicyGetParams) -> Result<Arc<str>, RpcError> {
+    pub fn policy_get_encoded(&self, p: &PolicyGetParams) -> Result<Answer, RpcError> {
         p.check()?;
         let key = self.best_key(p);
         // The store lock is held from the stamp to the insert, so the entry is tagged with a stamp
@@ -197,16 +238,18 @@ impl DaemonState {
         }
         drop(cache);
         let result = self.policy_get_from(&store, key.clone())?;
+        let (best, hash) = (result.source == PolicySource::Best, Arc::from(result.hash.as_str()));
         // Through a `Value` on purpose: the same key order, hence the same bytes, as `to_line`.
         let encoded: Arc<str> = serde_json::to_string(&to_value(result)?).map_err(RpcError::internal)?.into();
+        let answer = Answer { encoded, best, hash };
         let mut cache = self.policy_cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.stamp == Some(stamp) {
             if cache.entries.len() >= POLICY_CACHE_MAX {
                 cache.entries.clear();
             }
-            cache.entries.insert(key, encoded.clone());
+            cache.entries.insert(key, answer.clone());
         }
-        Ok(encoded)
+        Ok(answer)
     }
 
     fn policy_get_from(&self, store: &Store, key: BestKey) -> Result<PolicyGetResult, RpcError> {
@@ -316,6 +359,7 @@ impl Server {
             t.shutdown().await;
         }
         drop(listener);
+        state.flush_fetches();
         match std::fs::remove_file(&state.paths.socket) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -369,13 +413,16 @@ async fn next_event(sub: &mut Option<Subscription>) -> Result<Event, broadcast::
 async fn serve_connection(state: Arc<DaemonState>, stream: Stream) {
     // Only this user's processes may talk to the daemon (the 0700 dir is the first fence).
     let me = unsafe { libc::geteuid() };
-    match stream.peer_creds().map(|c| c.euid()) {
+    let creds = stream.peer_creds();
+    match creds.as_ref().map(|c| c.euid()) {
         Ok(Some(uid)) if uid == me => {}
         other => {
             warn!(peer = ?other, "refused a connection from another user");
             return;
         }
     }
+    let kernel_pid = creds.ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
+    let mut peer = Peer { pid: kernel_pid.unwrap_or(0), kernel_pid: kernel_pid.is_some(), ..Peer::default() };
     let _guard = ClientGuard::new(&state.clients);
     let mut framed = Framed::new(stream, LinesCodec::new_with_max_length(MAX_REQUEST_LINE));
     let mut sub: Option<Subscription> = None;
@@ -390,7 +437,7 @@ async fn serve_connection(state: Arc<DaemonState>, stream: Stream) {
                     if line.trim().is_empty() {
                         continue;
                     }
-                    handle_line(&state, &line, &mut sub).await
+                    handle_line(&state, &line, &mut sub, &mut peer).await
                 }
                 Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
                     let err = RpcError::new(
@@ -441,11 +488,11 @@ fn to_line<T: serde::Serialize>(v: &T) -> String {
 /// stream to).
 pub async fn handle_request_line(state: &Arc<DaemonState>, line: &str) -> Option<String> {
     let mut sub = None;
-    handle_line(state, line, &mut sub).await
+    handle_line(state, line, &mut sub, &mut Peer::default()).await
 }
 
 /// One line in, at most one reply line out (`None` for notifications).
-async fn handle_line(state: &Arc<DaemonState>, line: &str, sub: &mut Option<Subscription>) -> Option<String> {
+async fn handle_line(state: &Arc<DaemonState>, line: &str, sub: &mut Option<Subscription>, peer: &mut Peer) -> Option<String> {
     // Fast path: straight into the typed request, no intermediate `Value` of the whole line. Any
     // line it cannot take (not JSON, a batch, a missing field, a duplicate key, ...) goes through
     // `decode_slow`, so every error reply is exactly what it always was.
@@ -462,7 +509,11 @@ async fn handle_line(state: &Arc<DaemonState>, line: &str, sub: &mut Option<Subs
     if req.method == methods::POLICY_GET {
         // The hot path of every MLX process start: the result comes encoded (usually from the
         // cache) and is spliced into the reply, which is byte for byte what `to_line` would build.
-        let result = params(req.params).and_then(|p| state.policy_get_encoded(&p));
+        let result = params::<PolicyGetParams>(req.params).and_then(|p| {
+            let answer = state.policy_get_encoded(&p)?;
+            state.fetches.note(&peer.client, peer.pid, &p.model, p.model_name.as_deref(), p.dtype.as_deref(), answer.best, &answer.hash);
+            Ok(answer.encoded)
+        });
         let id = req.id?;
         return Some(match result {
             Ok(encoded) => match serde_json::to_string(&id) {
@@ -472,7 +523,7 @@ async fn handle_line(state: &Arc<DaemonState>, line: &str, sub: &mut Option<Subs
             Err(e) => to_line(&Response::err(id, e)),
         });
     }
-    let result = dispatch(state, &req.method, req.params, sub).await;
+    let result = dispatch(state, &req.method, req.params, sub, peer).await;
     let id = req.id?; // a notification gets no reply
     Some(to_line(&match result {
         Ok(v) => Response::ok(id, v),
@@ -510,7 +561,13 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
 
 const NO_TUNING: &str = "no tuning service is attached to this daemon";
 
-async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub: &mut Option<Subscription>) -> Result<Value, RpcError> {
+async fn dispatch(
+    state: &Arc<DaemonState>,
+    method: &str,
+    p: Option<Value>,
+    sub: &mut Option<Subscription>,
+    peer: &mut Peer,
+) -> Result<Value, RpcError> {
     match method {
         methods::HELLO => {
             let h: HelloParams = checked(p)?;
@@ -522,6 +579,10 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
                         h.client, h.protocol
                     ),
                 ));
+            }
+            peer.client = Arc::from(h.client.as_str());
+            if !peer.kernel_pid {
+                peer.pid = h.pid.unwrap_or(0);
             }
             // The command-line client says hello on every command (`events -f` included): its
             // hellos would bury what the daemon did. MLX processes and the app are recorded.
@@ -568,6 +629,24 @@ async fn dispatch(state: &Arc<DaemonState>, method: &str, p: Option<Value>, sub:
             to_value(EventsListResult { events })
         }
         methods::CONFIG_GET => to_value(&*state.config.read().unwrap_or_else(|p| p.into_inner())),
+        methods::USAGE_REPORT => {
+            let u: UsageReportParams = checked(p)?;
+            state.store().record_usage(&peer.client, peer.pid, &u).map_err(RpcError::internal)?;
+            to_value(UsageReportResult { stored: true })
+        }
+        methods::CLIENTS_LIST => {
+            let l: ClientsListParams = checked(p)?;
+            state.flush_fetches();
+            let clients = crate::usage::clients(&state.store(), &state.device_fingerprint, l.live_only, l.limit.unwrap_or(100).min(1000))
+                .map_err(RpcError::internal)?;
+            to_value(ClientsListResult { clients })
+        }
+        methods::MODELS_LIST => {
+            let _: ModelsListParams = checked(p)?;
+            state.flush_fetches();
+            let models = crate::usage::models(&state.store(), &state.device_fingerprint).map_err(RpcError::internal)?;
+            to_value(ModelsListResult { models })
+        }
         methods::DAEMON_SHUTDOWN => {
             info!("shutdown requested by a client");
             state.shutdown.cancel();

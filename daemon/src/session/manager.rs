@@ -182,6 +182,7 @@ impl SessionManager {
         {
             let st = lock(&self.opts.store);
             st.upsert_model(&target.model, loaded.get("model_path").and_then(Value::as_str), loaded.get("config").unwrap_or(&Value::Null))?;
+            st.note_model_used(&target.model, Some(&spec.model), loaded.get("weights").and_then(Value::as_str))?;
         }
         let key = BestKey {
             device: target.device.clone(),

@@ -174,6 +174,18 @@ impl Store {
         Ok(st.query_row(params![key.device, key.model, key.mlx, key.backend], best_from_row).optional()?)
     }
 
+    /// The newest best of `model` on `device`, whatever the MLX version and backend.
+    pub fn best_for_model(&self, device: &str, model: &str) -> Result<Option<Best>> {
+        let mut st = self.conn.prepare_cached("SELECT * FROM best WHERE device = ?1 AND model = ?2 ORDER BY promoted_at DESC LIMIT 1")?;
+        Ok(st.query_row(params![device, model], best_from_row).optional()?)
+    }
+
+    /// The proven speedup of the best with this hash for `model` on `device`, if it is still one.
+    pub fn best_ratio_by_hash(&self, device: &str, model: &str, hash: &str) -> Result<Option<f64>> {
+        let mut st = self.conn.prepare_cached("SELECT ratio FROM best WHERE device = ?1 AND model = ?2 AND hash = ?3 LIMIT 1")?;
+        Ok(st.query_row(params![device, model, hash], |r| r.get(0)).optional()?)
+    }
+
     /// Makes `p` the best for its key, appends it to the history (with the hash it replaced) and
     /// counts it on its session — one transaction. Returns the history row id.
     pub fn promote(&self, p: &Promotion) -> Result<i64> {

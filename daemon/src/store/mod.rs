@@ -2,7 +2,7 @@
 //!
 //! Tables (see `schema.rs`): devices, models, sessions, candidates, measurements + samples (every
 //! raw timing), the shape memo, best (one row per device/model/mlx/backend) + best_history, events,
-//! worker_failures.
+//! worker_failures, and who uses what: fetches and usage.
 //!
 //! # Using it
 //!
@@ -39,6 +39,7 @@ mod memo;
 mod schema;
 mod search;
 mod sessions;
+mod usage;
 mod wal_watch;
 
 pub use best::{Best, BestKey, HistoryEntry, Interval, PolicySummary, Promotion, Remeasurement};
@@ -48,6 +49,10 @@ pub use measurements::{Arm, Measurement, NewMeasurement, NewSample, Sample};
 pub use memo::MemoEntry;
 pub use schema::SCHEMA_VERSION;
 pub use sessions::{Budget, Candidate, CandidateId, CandidateStatus, NewCandidate, NewSession, Session, SessionId, SessionState};
+pub use usage::{
+    merge_generations, merge_shapes, Fetch, FetchRow, GenerationUsage, ModelSeen, ShapeUsage, UsageReport, UsageRow, KEEP_USAGE_FOR,
+    MAX_FETCH_ROWS, MAX_USAGE_ROWS,
+};
 
 use rusqlite::{Connection, OpenFlags};
 use std::cell::Cell;

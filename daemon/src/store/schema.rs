@@ -186,13 +186,52 @@ ALTER TABLE best_history ADD COLUMN reason TEXT;
 ALTER TABLE best ADD COLUMN remeasured_at TEXT;
 "#;
 
+/// Schema version 5: who uses what (store/usage.rs). Models gain the name they were loaded by, their
+/// weight type and when they were last used; `fetches` holds one row per process and model that
+/// fetched a policy (pid 0: unknown), `usage` the merged usage reports of one process, model and
+/// UTC day. Both are pruned by age and capped in rows.
+const V5: &str = r#"
+ALTER TABLE models ADD COLUMN name TEXT;
+ALTER TABLE models ADD COLUMN dtype TEXT;
+ALTER TABLE models ADD COLUMN last_used TEXT;
+
+CREATE TABLE fetches (
+    client      TEXT NOT NULL,
+    pid         INTEGER NOT NULL,
+    model       TEXT NOT NULL,
+    model_name  TEXT,
+    source      TEXT NOT NULL,
+    policy_hash TEXT NOT NULL,
+    fetches     INTEGER NOT NULL,
+    first_at    TEXT NOT NULL,
+    last_at     TEXT NOT NULL,
+    PRIMARY KEY (client, pid, model)
+);
+CREATE INDEX fetches_last_at ON fetches (last_at);
+
+CREATE TABLE usage (
+    model            TEXT NOT NULL,
+    client           TEXT NOT NULL,
+    pid              INTEGER NOT NULL,
+    day              TEXT NOT NULL,
+    reports          INTEGER NOT NULL,
+    period_s         REAL NOT NULL,
+    generations_json TEXT NOT NULL,
+    shapes_json      TEXT NOT NULL,
+    first_at         TEXT NOT NULL,
+    last_at          TEXT NOT NULL,
+    PRIMARY KEY (model, client, pid, day)
+);
+CREATE INDEX usage_last_at ON usage (last_at);
+"#;
+
 /// Every migration, oldest first.
 pub(crate) fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4)])
+    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4), M::up(V5)])
 }
 
 /// The schema version this binary writes (= number of migrations).
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 use tilewise::config::Config;
 use tilewise::ipc::client::{Client, ClientError};
-use tilewise::ipc::protocol::{HistoryParams, PolicyGetParams, PolicySource, CLI_CLIENT_PREFIX, VERSION};
+use tilewise::ipc::protocol::{
+    ClientRecord, ClientsListParams, HistoryParams, ModelInfo, PolicyGetParams, PolicySource, CLI_CLIENT_PREFIX, VERSION,
+};
 use tilewise::paths::Paths;
 
 #[derive(Parser, Debug)]
@@ -31,6 +33,17 @@ enum Cmd {
     /// Policies.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// The models the daemon has seen (tuned, or loaded by a process using the plugin): name,
+    /// fingerprint, weights, last use, what was run, and the best proven policy.
+    Models(JsonFlag),
+    /// The processes that fetched a policy and what each was served (live ones first).
+    Clients {
+        /// Only processes that still run.
+        #[arg(long)]
+        live: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Past promotions of proven policies, newest first.
     History {
         /// Only this model fingerprint.
@@ -88,7 +101,8 @@ struct JsonFlag {
 enum PolicyCmd {
     /// The policy the daemon serves for a model (the proven best, or native and why).
     Get {
-        /// Model fingerprint.
+        /// The model: its fingerprint, or a name or path as it was loaded (`tilewise models`
+        /// lists them).
         #[arg(long)]
         model: String,
         /// MLX version; default: the one the configured Python has installed.
@@ -159,14 +173,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.device.backend.as_str()
             );
             println!("tuning:   {}", tuning_line(&s.tuning));
+            println!("using:    {}", processes_line(&s.processes));
+            for p in &s.processes {
+                println!("          {}", client_line(p));
+            }
             Ok(())
         }
         Cmd::Policy(PolicyCmd::Get { model, mlx, backend, device, json }) => {
+            let mut c = connect(&paths).await?;
+            let seen = c.models_list().await?.models;
+            let model = match tilewise::usage::resolve_model(&seen, &model) {
+                Ok(m) => m.fingerprint.clone(),
+                // A fingerprint the daemon has not seen is still a fair question (the answer is native).
+                Err(_) if tilewise::usage::is_model_fingerprint(&model) => model,
+                Err(e) => anyhow::bail!("--model: {e}"),
+            };
             let mlx = match mlx {
                 Some(v) => v,
                 None => installed_mlx_version(&paths)?,
             };
-            let r = connect(&paths).await?.policy_get(&PolicyGetParams { model, mlx, backend, device }).await?;
+            let asked = model.clone();
+            let r = c.policy_get(&PolicyGetParams { model, mlx, backend, device, model_name: None, dtype: None }).await?;
             if json.json {
                 return print_json(&r);
             }
@@ -174,7 +201,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 PolicySource::Best => "best",
                 PolicySource::Native => "native",
             };
-            println!("{source} policy {}", r.hash);
+            println!("{source} policy {} for model {asked}", r.hash);
             if let Some(summary) = r.evidence.as_ref().and_then(|e| e.summary.as_ref()) {
                 println!("what: {}", summary.text);
                 let measured = summary.measured_text();
@@ -184,6 +211,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("why: {}", r.reason);
             println!("{}", serde_json::to_string_pretty(&r.policy.to_value())?);
+            Ok(())
+        }
+        Cmd::Models(f) => {
+            let listed = connect(&paths).await?.models_list().await?;
+            if f.json {
+                return print_json(&listed);
+            }
+            print!("{}", render_models(&listed.models));
+            Ok(())
+        }
+        Cmd::Clients { live, json } => {
+            let listed = connect(&paths).await?.clients_list(&ClientsListParams { live_only: live, limit: None }).await?;
+            if json.json {
+                return print_json(&listed);
+            }
+            if listed.clients.is_empty() {
+                println!("no process has fetched a policy{}", if live { " and still runs" } else { "" });
+            }
+            for c in &listed.clients {
+                println!("{}", client_line(c));
+            }
             Ok(())
         }
         Cmd::History { model, limit, json } => {
@@ -282,6 +330,86 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Daemon(DaemonCmd::Stop(f)) => daemon_stop(&paths, f.json).await,
         Cmd::Service(c) => tilewise::service::run_cli(c, paths.logs_dir.clone()),
     }
+}
+
+/// "3 processes, 2 models" (or "no process is using a policy now").
+fn processes_line(processes: &[ClientRecord]) -> String {
+    if processes.is_empty() {
+        return "no process using the plugin runs now".into();
+    }
+    let pids: std::collections::BTreeSet<Option<u32>> = processes.iter().map(|p| p.pid).collect();
+    let models: std::collections::BTreeSet<&str> = processes.iter().map(|p| p.model.as_str()).collect();
+    let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    format!("{}, {}", plural(pids.len(), "process", "processes"), plural(models.len(), "model", "models"))
+}
+
+/// "pid 4121 tilewise-py/0.1.0  Qwen2.5-0.5B-Instruct → best +28.0 % (sha256:…), 3 fetches, last …".
+fn client_line(c: &ClientRecord) -> String {
+    let model = c.model_name.as_deref().map(short_name).unwrap_or(&c.model);
+    let served = match (c.source.as_str(), c.ratio) {
+        ("best", Some(r)) => format!("best policy, proven {:+.1} %", (r - 1.0) * 100.0),
+        ("best", None) => "a best policy since replaced".into(),
+        _ => "native, not tuned yet".into(),
+    };
+    format!(
+        "{} {}  {model} → {served}  ({} fetch{}, last {}){}",
+        c.pid.map(|p| format!("pid {p}")).unwrap_or_else(|| "pid ?".into()),
+        c.client,
+        c.fetches,
+        if c.fetches == 1 { "" } else { "es" },
+        c.last_at,
+        if c.live { "" } else { "  [exited]" }
+    )
+}
+
+/// The last path component of a model name (`/models/Qwen2.5-0.5B` → `Qwen2.5-0.5B`).
+fn short_name(name: &str) -> &str {
+    name.trim_end_matches('/').rsplit('/').next().filter(|s| !s.is_empty()).unwrap_or(name)
+}
+
+/// The `tilewise models` table.
+fn render_models(models: &[ModelInfo]) -> String {
+    if models.is_empty() {
+        return "no model seen yet: a model is seen when a session tunes it or a process using the plugin loads it\n".into();
+    }
+    let mut out = String::new();
+    for m in models {
+        out.push_str(&format!(
+            "{}  {}{}\n",
+            m.name.as_deref().map(short_name).unwrap_or("(unnamed)"),
+            m.fingerprint,
+            m.dtype.as_deref().map(|d| format!("  {d}")).unwrap_or_default()
+        ));
+        if let Some(n) = m.name.as_deref().filter(|n| short_name(n) != *n) {
+            out.push_str(&format!("    loaded as {n}\n"));
+        }
+        let u = &m.usage;
+        let used = if u.reports == 0 {
+            "no usage reported".to_string()
+        } else {
+            format!(
+                "{} generations, {} tokens generated{}",
+                u.generations,
+                u.generated_tokens,
+                u.main_batch.map(|b| format!(", mostly at batch {b}")).unwrap_or_default()
+            )
+        };
+        out.push_str(&format!("    last used {}; {used}\n", m.last_used));
+        match &m.best {
+            Some(b) => out.push_str(&format!(
+                "    best: {:.3}x [{:.3}, {:.3}] {} (mlx {} {}){}\n",
+                b.ratio,
+                b.lo,
+                b.hi,
+                b.hash,
+                b.mlx,
+                b.backend,
+                b.summary.as_deref().map(|s| format!(": {s}")).unwrap_or_default()
+            )),
+            None => out.push_str("    best: native (nothing proven yet)\n"),
+        }
+    }
+    out
 }
 
 /// "tuning (session 4): generation 7, 2m 10s of a 4m budget, model synthetic:tiny" or "idle: …".
