@@ -183,6 +183,38 @@ pub fn models(store: &Store, device: &str) -> Result<Vec<ModelInfo>, StoreError>
     Ok(out)
 }
 
+/// Tokens generated with `model` in the usage kept (count × batch × generated, summed).
+fn tokens_generated(store: &Store, model: &str) -> Result<u64, StoreError> {
+    let mut total = 0u64;
+    for r in store.usage_of(model)? {
+        for g in &r.generations {
+            total = total.saturating_add(g.count.saturating_mul(u64::from(g.batch)).saturating_mul(u64::from(g.generated_tokens)));
+        }
+    }
+    Ok(total)
+}
+
+/// The model people ran most (tokens generated, in the usage kept) that has no proven policy on
+/// `device`, by the name it was loaded with — what the idle auto-starter tunes when the config
+/// names no model. A name that is a path must still exist (a deleted model is not retried).
+pub fn most_used_untuned(store: &Store, device: &str) -> Result<Option<String>, StoreError> {
+    let names: std::collections::HashMap<String, Option<String>> =
+        store.models_seen()?.into_iter().map(|m| (m.fingerprint, m.name)).collect();
+    let mut best: Option<(u64, String)> = None;
+    for model in store.models_with_usage()? {
+        let Some(Some(name)) = names.get(&model) else { continue };
+        let loadable = !(name.starts_with('/') || name.starts_with('.') || name.starts_with('~')) || std::path::Path::new(name).exists();
+        if !loadable || store.best_for_model(device, &model)?.is_some() {
+            continue;
+        }
+        let tokens = tokens_generated(store, &model)?;
+        if tokens > 0 && best.as_ref().is_none_or(|(t, _)| tokens > *t) {
+            best = Some((tokens, name.clone()));
+        }
+    }
+    Ok(best.map(|(_, name)| name))
+}
+
 /// Whether `s` has the form of a model fingerprint (`mdl-` and 32 hex digits).
 pub fn is_model_fingerprint(s: &str) -> bool {
     s.strip_prefix("mdl-").is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()))

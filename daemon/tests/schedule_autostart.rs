@@ -92,3 +92,35 @@ async fn automatic_tuning_off_starts_nothing_until_turned_on() {
     let sid = auto.data["session_id"].as_i64().unwrap();
     call(&mut c, "tuning.stop", json!({"session_id": sid})).await;
 }
+
+/// With no `[idle] model`, the idle machine tunes the model people ran most through the plugin
+/// that has no proven policy, by the name they loaded it with (here a model directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_configured_model_the_most_used_untuned_model_is_tuned() {
+    let home = tempfile::tempdir().unwrap();
+    let activity = home.path().join("activity.json");
+    set(&activity, ActivityFile { user_idle_s: 0.0, ..Default::default() }); // a person is active
+    let idle = "enabled = true\nmin_idle_s = 1\nrequire_ac_power = true\nsession_evaluations = 2\nretune_after_h = 24\n";
+    let d = Daemon::start_with_idle(home.path(), &[("TILEWISE_ACTIVITY_FILE", activity.to_str().unwrap())], idle);
+    // The tiny model in a directory of its own, and its fingerprint, as a plugin would see them.
+    let out = std::process::Command::new(python())
+        .args(["-c", "from tilewise import models; d = models.synthesize('tiny'); print(d); print(models.load_model(str(d))[2]['model_fingerprint'])"])
+        .env("TILEWISE_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (dir, fp) = {
+        let mut lines = text.lines();
+        (lines.next().unwrap().to_string(), lines.next().unwrap().to_string())
+    };
+    let mut c = d.client().await;
+    let report = json!({"model": fp, "model_name": dir, "period_s": 60.0,
+                        "generations": [{"batch": 1, "prompt_tokens": 32, "generated_tokens": 16, "count": 5}]});
+    assert_eq!(call(&mut c, "usage.report", report).await["stored"], true);
+    let mut events = d.client().await.subscribe_events(None).await.unwrap();
+    set(&activity, ActivityFile::default()); // the person leaves
+    let auto = next(&mut events, "tuning.auto_started", Duration::from_secs(60)).await;
+    assert_eq!(auto.data["model"], json!(dir), "{}", auto.data);
+    assert_eq!(call(&mut c, "tuning.stop", json!({})).await["stopped"], true);
+}

@@ -212,6 +212,19 @@ def test_evaluate_reports_gate_timing_and_calls(loaded):
     )["result"]
     assert only_inf["training"] is None and only_inf["combined"]["ratio"] == only_inf["inference"]["ratio"]
 
+    batched = loaded.call(
+        42,
+        "evaluate",
+        policy=P.native(),
+        pairs=2,
+        warmup=0,
+        training=None,
+        inference={**SMALL["inference"], "batch": 4},
+    )["result"]
+    assert batched["inference"]["sizes"]["batch"] == 4
+    # tokens per second count every sequence of the batch
+    assert batched["inference"]["decode_tok_s"]["stock"] > 0
+
 
 def test_planted_wrong_plan_is_reported_incorrect(tiny):
     w = Worker(env={"TILEWISE_PLANT_BUG": "drop_last_k_tile"})

@@ -40,11 +40,17 @@ def evaluate(
     pays for concatenation; the training arm runs fused only when the policy fuses for training."""
     policy.validate_for_backend(doc, workloads.backend())
     progress = progress or (lambda *a: None)
-    inf = None if skip_inference else {**workloads.defaults("inference"), **(inference or {})}
+    inf = None if skip_inference else {"batch": 1, **workloads.defaults("inference"), **(inference or {})}
     trn = None if skip_training else {**workloads.defaults("training"), **(training or {})}
     vocab = workloads.vocab_size(model)
     prompt = workloads.token_ids(vocab, (inf or workloads.defaults("inference"))["prompt_tokens"], seed)
     batch = workloads.make_batch(model, trn["batch"], trn["seq"], seed + 1) if trn else None
+    # A batched inference workload (what a batching server runs) times B prompts together; the
+    # correctness gate still generates from the single prompt.
+    prompts = None
+    if inf is not None and inf["batch"] > 1:
+        prompts = workloads.token_ids(vocab, inf["batch"] * inf["prompt_tokens"], seed + 2)
+        prompts = prompts.reshape(inf["batch"], inf["prompt_tokens"])
 
     result = {
         "policy_hash": policy.content_hash(doc),
@@ -70,6 +76,7 @@ def evaluate(
             inf=inf,
             trn=trn,
             prompt=prompt,
+            prompts=prompts,
             batch=batch,
             pairs=pairs,
             warmup=warmup,
@@ -92,6 +99,7 @@ def _gate_and_time(
     inf,
     trn,
     prompt,
+    prompts,
     batch,
     pairs,
     warmup,
@@ -142,12 +150,14 @@ def _gate_and_time(
         return run
 
     if inf is not None:
-        run_stock = without_policy(
-            lambda: workloads.run_inference(model, prompt, inf["gen_tokens"], should_stop=should_stop)
-        )
-        run_cand = with_policy(
-            lambda: workloads.run_inference(model, prompt, inf["gen_tokens"], prefill_step, should_stop=should_stop)
-        )
+
+        def generate(step):
+            if prompts is None:
+                return workloads.run_inference(model, prompt, inf["gen_tokens"], step, should_stop=should_stop)
+            return workloads.run_batch_inference(model, prompts, inf["gen_tokens"], step, should_stop=should_stop)
+
+        run_stock = without_policy(lambda: generate(2048))
+        run_cand = with_policy(lambda: generate(prefill_step))
         r = measure.interleaved(
             {"stock": run_stock, "candidate": run_cand},
             pairs,
@@ -156,8 +166,8 @@ def _gate_and_time(
             should_stop=should_stop,
             on_sample=lambda d, t: progress("inference", d, t),
         )
-        r["prefill_tok_s"] = _tok_s(r["samples"], "prefill_s", inf["prompt_tokens"])
-        r["decode_tok_s"] = _tok_s(r["samples"], "decode_s", max(inf["gen_tokens"] - 1, 1))
+        r["prefill_tok_s"] = _tok_s(r["samples"], "prefill_s", inf["prompt_tokens"] * inf["batch"])
+        r["decode_tok_s"] = _tok_s(r["samples"], "decode_s", max(inf["gen_tokens"] - 1, 1) * inf["batch"])
         # The same statistic over each phase of the generation alone (secondary: what a user of
         # decode or of long prompts would see).
         for phase in ("prefill", "decode"):

@@ -326,7 +326,7 @@ def op_evaluate(w, req):
 
     w.need_model()
     doc = _policy_field(req.get("policy"), workloads.backend())
-    inference = _sizes(req, "inference", ("prompt_tokens", "gen_tokens"))
+    inference = _sizes(req, "inference", ("prompt_tokens", "gen_tokens", "batch"))
     training = _sizes(req, "training", ("batch", "seq"))
     if inference is None and training is None:
         raise _bad("inference and training are both null: nothing to measure")

@@ -74,6 +74,55 @@ def run_inference(model, prompt, gen_tokens, prefill_step_size=2048, should_stop
     }
 
 
+def run_batch_inference(model, prompts, gen_tokens, prefill_step_size=2048, should_stop=None):
+    """A batched generation, as a batching server runs it: B prompts of P tokens prefilled together
+    (in steps of `prefill_step_size`, as generate_step does), then `gen_tokens` greedy steps of the
+    whole batch, pipelined with async_eval like mlx_lm's generators. Same result keys as
+    run_inference; `tokens` holds one list of B ids per step."""
+    from mlx_lm.generate import generation_stream
+    from mlx_lm.models.cache import make_prompt_cache
+
+    def step(tokens):
+        with mx.stream(generation_stream):
+            return mx.argmax(model(tokens, cache=cache)[:, -1, :], axis=-1)
+
+    cpu = time.process_time()
+    tic = time.perf_counter()
+    cache = make_prompt_cache(model)
+    rest = prompts
+    while rest.shape[1] > 1:
+        n = min(prefill_step_size, rest.shape[1] - 1)
+        with mx.stream(generation_stream):
+            model(rest[:, :n], cache=cache)
+        mx.eval([c.state for c in cache])
+        rest = rest[:, n:]
+    y = step(rest)
+    mx.eval(y)
+    first = time.perf_counter()
+    tokens = [y.tolist()]
+    nxt = step(y[:, None]) if gen_tokens > 1 else None
+    if nxt is not None:
+        mx.async_eval(nxt)
+    for i in range(1, gen_tokens):
+        cur = nxt
+        if i < gen_tokens - 1:
+            nxt = step(cur[:, None])
+            mx.async_eval(nxt)
+        tokens.append(cur.tolist())
+        if should_stop is not None and should_stop():
+            from .measure import Cancelled
+
+            raise Cancelled()
+    end = time.perf_counter()
+    return {
+        "seconds": end - tic,
+        "prefill_s": first - tic,
+        "decode_s": end - first,
+        "cpu_s": time.process_time() - cpu,
+        "tokens": tokens,
+    }
+
+
 def make_batch(model, batch, seq, seed):
     """A fixed (inputs, targets) batch of B sequences of L tokens (targets = inputs shifted)."""
     ids = token_ids(vocab_size(model), batch * (seq + 1), seed).reshape(batch, seq + 1)

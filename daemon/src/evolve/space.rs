@@ -74,6 +74,18 @@ pub struct Workload {
 pub struct Inference {
     pub prompt_tokens: u64,
     pub gen_tokens: u64,
+    /// Sequences generated together: 1 is `generate`; more is what a batching server runs (the
+    /// evaluator then times B prompts prefilled and decoded together).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub batch: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,9 +107,15 @@ impl Workload {
     /// The evaluator's per-backend defaults (evaluator/tilewise/workloads.py `DEFAULTS`).
     pub fn default_for(backend: &str) -> Workload {
         if backend == "cpu" {
-            Workload { inference: Some(Inference { prompt_tokens: 64, gen_tokens: 16 }), training: Some(Training { batch: 2, seq: 64 }) }
+            Workload {
+                inference: Some(Inference { prompt_tokens: 64, gen_tokens: 16, batch: 1 }),
+                training: Some(Training { batch: 2, seq: 64 }),
+            }
         } else {
-            Workload { inference: Some(Inference { prompt_tokens: 512, gen_tokens: 64 }), training: Some(Training { batch: 4, seq: 512 }) }
+            Workload {
+                inference: Some(Inference { prompt_tokens: 512, gen_tokens: 64, batch: 1 }),
+                training: Some(Training { batch: 4, seq: 512 }),
+            }
         }
     }
 
@@ -107,9 +125,10 @@ impl Workload {
     pub fn m_values(&self) -> Vec<WorkM> {
         let mut out = Vec::new();
         if let Some(i) = self.inference {
+            let b = i.batch.max(1);
             let prefill = i.prompt_tokens.saturating_sub(1).clamp(1, 2048);
-            out.push(WorkM { m: prefill, weight: 1.0, training: false });
-            out.push(WorkM { m: 1, weight: i.gen_tokens.max(1) as f64, training: false });
+            out.push(WorkM { m: b * prefill, weight: 1.0, training: false });
+            out.push(WorkM { m: b, weight: i.gen_tokens.max(1) as f64, training: false });
         }
         if let Some(t) = self.training {
             out.push(WorkM { m: (t.batch * t.seq).max(1), weight: 3.0, training: true });
@@ -117,11 +136,15 @@ impl Workload {
         out
     }
 
-    /// The fields for the worker's `evaluate` request.
+    /// The fields for the worker's `evaluate` request; a workload left out is sent as `null` (the
+    /// worker would otherwise measure its default for it).
     pub fn request_fields(&self) -> Value {
-        let mut v = json!({});
+        let mut v = json!({"inference": null, "training": null});
         if let Some(i) = self.inference {
             v["inference"] = json!({"prompt_tokens": i.prompt_tokens, "gen_tokens": i.gen_tokens});
+            if i.batch > 1 {
+                v["inference"]["batch"] = json!(i.batch);
+            }
         }
         if let Some(t) = self.training {
             v["training"] = json!({"batch": t.batch, "seq": t.seq});

@@ -3,7 +3,8 @@
 //! The scheduler says *whether* tuning may run ([`Decision::may_start`]); this task decides
 //! *when to start a session* and which one. It starts (or resumes, through
 //! [`SessionManager::start`], which picks up an unfinished session of the same target) a session
-//! of the idle model (`[idle] model`, else the backend's embedded default) with the
+//! of the idle model (`[idle] model`; else the model people ran most through the plugin that has no
+//! proven policy yet, by the name they loaded it with; else the backend's embedded default) with the
 //! `[idle] session_evaluations` budget, when all of these hold:
 //!
 //! - `[idle] enabled` is true and the gates allow a start (`may_start`: idle, AC, not Low Power
@@ -168,7 +169,14 @@ async fn run(mut deps: AutoStartDeps, daemon_started: Instant) {
             state.stopped_until = None;
         }
         let config = deps.config.borrow_and_update().clone();
-        let model = idle_model(&config.idle, &deps.backend);
+        let model = match &config.idle.model {
+            Some(m) => m.clone(),
+            // What people run most and is not tuned yet, else the embedded default.
+            None => {
+                let used = crate::usage::most_used_untuned(&deps.store.lock().unwrap_or_else(|p| p.into_inner()), &deps.device);
+                used.ok().flatten().unwrap_or_else(|| idle_model(&config.idle, &deps.backend))
+            }
+        };
         let now = Instant::now();
         let ago = last_finished_ago(&deps.store, &deps.device, &model);
         let step = next_step(now, &state, &decision, &config.idle, now - daemon_started, ago);

@@ -167,7 +167,7 @@ impl SessionManager {
                 return Err(SessionError::WorkerStart(why));
             }
         };
-        let spec = params.resolve(&ready.backend)?;
+        let mut spec = params.resolve(&ready.backend)?;
         let mut load = json!({"model": spec.model});
         if let Some(d) = &spec.dtype {
             load["dtype"] = json!(d);
@@ -183,6 +183,14 @@ impl SessionManager {
             let st = lock(&self.opts.store);
             st.upsert_model(&target.model, loaded.get("model_path").and_then(Value::as_str), loaded.get("config").unwrap_or(&Value::Null))?;
             st.note_model_used(&target.model, Some(&spec.model), loaded.get("weights").and_then(Value::as_str))?;
+            // Tune what people run with this model, unless the caller named a workload.
+            if params.workload.is_none() {
+                if let Some((workload, why)) = super::usage_mix::workload_from_usage(&st.usage_of(&target.model)?, &ready.backend) {
+                    tracing::info!(model = %target.model, "workload {why}");
+                    spec.workload = workload;
+                    spec.workload_from = Some(why);
+                }
+            }
         }
         let key = BestKey {
             device: target.device.clone(),
@@ -364,6 +372,7 @@ impl SessionManager {
                 "seed": state.spec.seed, "model": state.spec.model, "generation": state.engine.generation,
                 "archive_cells": state.engine.archive.len(), "screened": state.screened, "shape_items": state.shape_items,
                 "elapsed_s": state.elapsed_s, "budget": state.spec.budget, "llm": state.llm,
+                "workload": state.spec.workload, "workload_from": state.spec.workload_from,
                 "screen_bias": state.calibration.bias(), "screen_bias_samples": state.calibration.pairs.len(),
             })
         });

@@ -33,6 +33,7 @@ mod rpc;
 mod run;
 mod screen;
 pub mod settings;
+mod usage_mix;
 
 pub use llm::LlmSource;
 pub use manager::{DeviceInfo, ManagerOptions, SessionError, SessionManager};

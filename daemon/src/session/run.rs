@@ -137,7 +137,8 @@ impl Runner {
         self.publish(
             if resumed { kind::SESSION_RESUMED } else { kind::SESSION_STARTED },
             json!({"model": self.state.spec.model, "seed": self.state.spec.seed, "budget": self.state.spec.budget,
-                   "target": self.key, "resumed": resumed}),
+                   "target": self.key, "resumed": resumed, "workload": self.state.spec.workload,
+                   "workload_from": self.state.spec.workload_from}),
         );
         let end = match self.run_loop().await {
             Ok(end) => end,

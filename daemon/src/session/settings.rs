@@ -100,6 +100,10 @@ pub struct SessionSpec {
     /// Only re-measure the best policy (see `StartParams::remeasure`).
     #[serde(default)]
     pub remeasure: bool,
+    /// Where `workload` came from when it was derived from the model's usage (`usage_mix`); `None`
+    /// when given by the caller or the backend's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_from: Option<String>,
 }
 
 impl StartParams {
@@ -147,6 +151,7 @@ impl StartParams {
             engine: EngineConfig::default(),
             now: self.now.unwrap_or(false),
             remeasure: self.remeasure.unwrap_or(false),
+            workload_from: None,
         })
     }
 }

@@ -262,6 +262,13 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// The models that have usage rows.
+    pub fn models_with_usage(&self) -> Result<Vec<String>> {
+        let mut st = self.conn.prepare_cached("SELECT DISTINCT model FROM usage ORDER BY model")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// The models seen, most recently used first.
     pub fn models_seen(&self) -> Result<Vec<ModelSeen>> {
         let mut st = self.conn.prepare_cached(

@@ -154,6 +154,9 @@ pub async fn run(args: TuneArgs, events: Client, mut rpc: Client) -> anyhow::Res
         shown["session"]["seed"],
         budget_text(&budget)
     );
+    if let Some(why) = shown["search"]["workload_from"].as_str() {
+        eprintln!("tilewise: workload {why}");
+    }
     if let Some(asked) = args.budget.filter(|b| resumed && *b != budget) {
         eprintln!(
             "tilewise: note: session {sid} continues with its own budget ({}); --budget {} applies to a new session \
