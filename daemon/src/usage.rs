@@ -6,7 +6,7 @@
 //! written in batches by [`spawn_upkeep`] every [`FLUSH_EVERY`], before any view is read, and at
 //! shutdown.
 
-use crate::ipc::protocol::{ClientRecord, ModelBest, ModelInfo, UsageSummary, CLI_CLIENT_PREFIX};
+use crate::ipc::protocol::{ClientRecord, ModelBest, ModelInfo, UsageSummary, TOOL_CLIENT_PREFIXES};
 use crate::store::{Fetch, SharedStore, Store, StoreError, KEEP_USAGE_FOR};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -40,8 +40,8 @@ pub struct FetchLog {
 }
 
 impl FetchLog {
-    /// Notes one `policy.get` answered for a process. The command line's own `policy get` is not a
-    /// process running a model and is not noted.
+    /// Notes one `policy.get` answered for a process. tilewise's own tools (the command line, the
+    /// app) show policies to people; they are not processes running a model and are not noted.
     #[allow(clippy::too_many_arguments)]
     pub fn note(
         &self,
@@ -53,7 +53,7 @@ impl FetchLog {
         best: bool,
         hash: &Arc<str>,
     ) {
-        if client.starts_with(CLI_CLIENT_PREFIX) {
+        if TOOL_CLIENT_PREFIXES.iter().any(|p| client.starts_with(p)) {
             return;
         }
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());

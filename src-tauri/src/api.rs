@@ -13,8 +13,19 @@ use serde_json::{json, Value};
 
 /// Daemon methods the dashboard may call. Not `daemon.shutdown` or `config.set` with arbitrary
 /// keys: stopping the daemon and changing settings are tray actions with fixed arguments.
-pub const DASHBOARD_METHODS: [&str; 9] =
-    ["status", "policy.get", "history", "session.list", "session.show", "tuning.start", "tuning.stop", "config.get", "events.list"];
+pub const DASHBOARD_METHODS: [&str; 11] = [
+    "status",
+    "policy.get",
+    "history",
+    "session.list",
+    "session.show",
+    "tuning.start",
+    "tuning.stop",
+    "config.get",
+    "events.list",
+    "models.list",
+    "clients.list",
+];
 
 /// Whether a tray icon exists, and if not, why (shown on the dashboard).
 #[derive(Debug, Clone, Serialize)]

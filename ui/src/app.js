@@ -94,6 +94,38 @@ function renderTuning(status) {
   $("stop-tuning").disabled = t.state !== "tuning" && t.state !== "paused";
 }
 
+// ---- usage -------------------------------------------------------------------------------------
+/** "3 processes, 2 models" from status.processes (live processes that fetched a policy). */
+function processesText(processes) {
+  if (!processes || !processes.length) return "No process using the plugin runs now.";
+  const pids = new Set(processes.map((p) => p.pid)), models = new Set(processes.map((p) => p.model));
+  const n = (k, one, many) => `${k} ${k === 1 ? one : many}`;
+  return `${n(pids.size, "process", "processes")}, ${n(models.size, "model", "models")} running now.`;
+}
+/** The last path component of a model name (`/models/Qwen2.5-0.5B` → `Qwen2.5-0.5B`). */
+function shortName(name) {
+  const parts = String(name || "").replace(/\/+$/, "").split("/");
+  return parts[parts.length - 1] || name;
+}
+/** The models card: models.list (every model seen) with status.processes (which run now). */
+function renderUsage(models, error, processes) {
+  $("usage-summary").textContent = error ? `models: ${error}` : processesText(processes);
+  const body = $("models").querySelector("tbody");
+  body.replaceChildren();
+  for (const m of (models && models.models) || []) {
+    const running = (processes || []).filter((p) => p.model === m.fingerprint);
+    const u = m.usage || {};
+    const used = u.reports ? `${u.generations} generations${u.main_batch ? `, mostly batch ${u.main_batch}` : ""}` : "no usage reported";
+    const served = m.best ? `best ${fmt.pct(m.best.ratio)} (${m.best.hash.slice(0, 15)}…)` : "native, not tuned yet";
+    body.append(h("tr", { "data-model": m.fingerprint },
+      h("td", { title: `${m.name || ""}\n${m.fingerprint}` }, m.name ? shortName(m.name) : m.fingerprint),
+      h("td", {}, m.dtype || "—"),
+      h("td", {}, used),
+      h("td", { "data-key": "served" }, served),
+      h("td", { "data-key": "running" }, running.length ? running.map((p) => `pid ${p.pid ?? "?"}`).join(", ") : "—")));
+  }
+}
+
 /** Picks the session to show: the one status names, else the most recent (highest id). */
 function pickSession(status, list) {
   const sessions = (list && list.sessions) || [];
@@ -289,6 +321,8 @@ async function refresh() {
   state.status = status.ok;
   renderDevice(status.ok);
   renderTuning(status.ok);
+  const models = await tryCall("models.list");
+  renderUsage(models.ok, models.error, status.ok.processes);
   $("footer").textContent = `daemon up ${fmt.duration(status.ok.uptime_s)} · home ${status.ok.home} · db ${status.ok.db ? status.ok.db.path : "—"}`;
 
   if (!state.eventsLoaded) {

@@ -91,6 +91,25 @@ test("the page may not call methods outside the dashboard's list", async () => {
   assert.ok(status.pid > 0);
 });
 
+test("a process using the plugin shows in the usage card: its model, weights, use, what it is served", async () => {
+  const plugin = await RawClient.connect(daemon.socket, "tilewise-py/ui-test");
+  try {
+    const fp = "mdl-00112233445566778899aabbccddeeff";
+    await plugin.call("policy.get", { model: fp, mlx: "0.32.4", backend: "cpu", model_name: "/models/Llama-3.2-1B-q4", dtype: "q4" });
+    await plugin.call("usage.report", { model: fp, period_s: 30, generations: [{ batch: 8, prompt_tokens: 256, generated_tokens: 64, count: 5 }] });
+    // Another client's hello is an event: the page refreshes on it.
+    (await RawClient.connect(daemon.socket, "ui-usage-nudge/1")).close();
+    const row = page.locator(`#models tr[data-model='${fp}']`);
+    await row.waitFor({ timeout: 10000 });
+    const cells = await row.locator("td").allInnerTexts();
+    assert.deepEqual(cells.slice(0, 4), ["Llama-3.2-1B-q4", "q4", "5 generations, mostly batch 8", "native, not tuned yet"]);
+    assert.equal(cells[4], `pid ${process.pid}`, "the process, by the pid the kernel gave the daemon");
+    const { processes } = await daemon.client.call("status");
+    assert.deepEqual(processes.map((p) => p.client), ["tilewise-py/ui-test"], "the app's own policy.get calls are not processes");
+    assert.equal(await text("[data-testid=usage-summary]"), "1 process, 1 model running now.");
+  } finally { plugin.close(); }
+});
+
 test("'Start tuning now' and 'Pause' drive the daemon, and the session card shows its session", async (t) => {
   await page.locator("#start-tuning").click();
   // Either a session starts, or the daemon refuses; both must be what the daemon itself says.

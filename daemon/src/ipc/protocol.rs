@@ -24,6 +24,9 @@ pub const EVENT_NOTIFICATION: &str = "event";
 /// Client names of the `tilewise` command line start with this; the daemon does not store their
 /// `client.hello` events.
 pub const CLI_CLIENT_PREFIX: &str = "tilewise-cli/";
+/// tilewise's own tools (the command line, the app, its test bridge): their `policy.get` calls
+/// show a policy to a person and are not recorded as processes running a model.
+pub const TOOL_CLIENT_PREFIXES: [&str; 3] = [CLI_CLIENT_PREFIX, "tilewise-app/", "tilewise-ui-bridge/"];
 
 /// Method names.
 pub mod methods {
