@@ -11,6 +11,7 @@
    the dispatch machinery's cost, the floor any policy touching every layer pays.
 3. Per-call dispatch overhead on one linear layer (patched native vs stock), which predicts (2) for any
    model: overhead per token = calls per token x this.
+4. The usage recorder's cost per forward call (tilewise.usage's hook, on in (2a)): one per token.
 
 Usage:
   python bench/plugin_bench.py [--model synthetic:tiny] [--dtype float32] [--pairs 60]
@@ -44,7 +45,7 @@ sys.path.insert(0, str(REPO / "evaluator"))
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-from tilewise import daemon_client, measure, models, patch, plugin, workloads  # noqa: E402
+from tilewise import daemon_client, measure, models, patch, plugin, usage, workloads  # noqa: E402
 from tilewise import policy as P  # noqa: E402
 
 LINES: list = []
@@ -153,6 +154,7 @@ def _compare(args, model, label, setup_candidate) -> dict:
 
     def stock():
         patch.remove(model)
+        usage.unwatch(model)  # stock mlx_lm: no usage recorder either
         return timed()
 
     def candidate():
@@ -161,6 +163,7 @@ def _compare(args, model, label, setup_candidate) -> dict:
 
     r = measure.interleaved({"stock": stock, "candidate": candidate}, pairs=args.pairs, warmup=args.warmup)
     patch.remove(model)
+    usage.unwatch(model)
     secs = {a: [s["seconds"] for s in r["samples"] if s["arm"] == a] for a in ("stock", "candidate")}
     cpu = {(s["pair"], s["arm"]): s["cpu_seconds"] for s in r["samples"]}
     cpu_ratio = measure.median_ci([cpu[(i, "stock")] / cpu[(i, "candidate")] for i in range(args.pairs)])
@@ -185,18 +188,20 @@ def generation_overhead(args, model) -> dict:
         f"## 2. generation overhead vs stock mlx_lm ({args.pairs} interleaved pairs, {args.warmup} warmups; "
         f"prompt {args.prompt_tokens}, generate {args.gen_tokens} tokens; ratio = stock time / candidate time)"
     )
-    # (a) what the plugin does when native is in force: resolve it, and leave the model stock.
+    # (a) what the plugin does when native is in force: resolve it, leave the layers stock, and
+    #     record usage (the forward hook of tilewise.usage, which the stock arm takes off).
     target = plugin.this_target(model)
     with tempfile.TemporaryDirectory(prefix="tw-bench-native-") as tmp:
         path = Path(tmp) / "native.json"
         path.write_text(json.dumps(P.make_policy(target=dict(target, device="*"), name="native")))
         record = plugin.apply_to(model, path)
     assert record.source == "file" and record.patched_layers == 0, record
+    shapes = models.model_shapes(model)
     a = _compare(
         args,
         model,
-        "(a) the plugin with the native policy in force (it leaves the model stock: an A/A check)",
-        lambda m: None,
+        "(a) the plugin with the native policy in force (layers stock; usage recorded on every forward)",
+        lambda m: usage.watch(m, target["model"], "bench", shapes),
     )
     # (b) the dispatch machinery itself: every linear patched, every plan native (the worst case any
     #     policy that touches all layers pays before its plans do anything).
@@ -208,10 +213,42 @@ def generation_overhead(args, model) -> dict:
         lambda m: patch.apply(m, native),
     )
     say(
-        f"  noise floor: the A/A check (a) spans [{a['cpu']['lo']:.4f}, {a['cpu']['hi']:.4f}] (CPU time), "
+        f"  noise floor: the interval of (a) spans [{a['cpu']['lo']:.4f}, {a['cpu']['hi']:.4f}] (CPU time), "
         f"[{a['lo']:.4f}, {a['hi']:.4f}] (wall): differences inside that are not resolved by this run"
     )
     return {"plugin_native": a, "forced_patch_native": b}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the usage recorder's cost per forward call
+
+
+def recorder_overhead(model, fp, forwards=2000, pairs=15) -> dict:
+    """CPU time of building one decode forward's graph (no eval) with and without tilewise.usage's
+    recording hook, alternated: the recorder's whole cost per token, which (2a) cannot resolve."""
+    x = mx.zeros((1, 1), dtype=mx.int32)
+    shapes = models.model_shapes(model)
+
+    def run():
+        t0 = time.process_time()
+        for _ in range(forwards):
+            model(x)
+        return (time.process_time() - t0) / forwards
+
+    stock, watched = [], []
+    for _ in range(pairs):
+        usage.unwatch(model)
+        stock.append(run())
+        usage.watch(model, fp, "bench", shapes)
+        watched.append(run())
+    usage.unwatch(model)
+    diff = statistics.median(w - s for w, s in zip(watched, stock))
+    say(
+        f"## 4. usage recorder: one decode forward's graph, {forwards} per sample, {pairs} pairs, CPU time: "
+        f"stock {us(statistics.median(stock)).strip()}, recorded {us(statistics.median(watched)).strip()}; "
+        f"median difference {us(diff).strip()} per forward (per generated token)"
+    )
+    return {"stock_s": stock, "recorded_s": watched, "median_diff_s": diff}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +350,7 @@ def main():
         f"{calls * per_call * 1e3:.3f} ms on a {stock_run * 1e3:.1f} ms (CPU) run -> ratio {predicted:.4f}"
     )
     raw["predicted_forced_patch_ratio"] = predicted
+    raw["usage_recorder"] = recorder_overhead(model, fp)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

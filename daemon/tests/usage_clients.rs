@@ -40,6 +40,13 @@ fn fetches_and_usage_are_recorded_bounded_and_shown_by_name() {
                      "params":{"model": FP, "mlx":"0.32.4", "backend":"cpu", "model_name":"/models/Qwen2.5-0.5B-Instruct", "dtype":"bfloat16"}});
     let r = p.call(&get.to_string());
     assert_eq!(r["result"]["source"], "native", "{r}");
+    // Noted in memory on the hot path, written by the daemon within a few seconds (nobody asked).
+    let store = tilewise::store::Store::open(&d.paths.db_file).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while store.fetches(10).unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the fetch was never written");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 
     // Reports out of bounds are refused naming the field; nothing is stored for them.
     for (bad, field) in [
@@ -60,7 +67,6 @@ fn fetches_and_usage_are_recorded_bounded_and_shown_by_name() {
         let reply = p.call(&json!({"jsonrpc":"2.0","id":4,"method":"usage.report","params": report(8)}).to_string());
         assert_eq!(reply["result"]["stored"], true, "{reply}");
     }
-    let store = tilewise::store::Store::open(&d.paths.db_file).unwrap();
     let rows = store.usage_of(FP).unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].reports, rows[0].generations[0].count), (300, 900));

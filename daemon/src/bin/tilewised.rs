@@ -79,6 +79,8 @@ fn main() -> ExitCode {
         }
         // The store's only use-driven growth: one event per MLX start (events.rs).
         tilewise::events::spawn_hello_retention(state.store.clone());
+        // Policy fetches are noted in memory and written every 2 s; fetches and usage are kept 30 days.
+        tilewise::usage::spawn_upkeep(state.fetches.clone(), state.store.clone());
         let server = match Server::bind(state) {
             Ok(s) => s,
             Err(e) => return fail(&e),

@@ -361,6 +361,39 @@ mod tests {
     }
 
     #[test]
+    fn fetches_and_usage_older_than_the_limit_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("t.db")).unwrap();
+        let report = |model: &str| UsageReport {
+            model: model.into(),
+            model_name: None,
+            period_s: 1.0,
+            generations: vec![gen(1, 8, 1)],
+            shapes: vec![],
+        };
+        s.record_usage("p/1", 1, &report("mdl-old")).unwrap();
+        s.record_usage("p/1", 1, &report("mdl-new")).unwrap();
+        let fetch = |model: &str| Fetch {
+            client: "p/1".into(),
+            pid: 1,
+            model: model.into(),
+            model_name: None,
+            dtype: None,
+            source: "native".into(),
+            policy_hash: "sha256:x".into(),
+            at: now(),
+        };
+        s.record_fetches(&[fetch("mdl-old"), fetch("mdl-new")]).unwrap();
+        let long_ago = super::super::time_text(std::time::SystemTime::now() - std::time::Duration::from_secs(31 * 24 * 3600));
+        s.conn.execute("UPDATE usage SET last_at = ?1 WHERE model = 'mdl-old'", [&long_ago]).unwrap();
+        s.conn.execute("UPDATE fetches SET last_at = ?1 WHERE model = 'mdl-old'", [&long_ago]).unwrap();
+        assert_eq!(s.prune_usage(KEEP_USAGE_FOR).unwrap(), 2);
+        assert!(s.usage_of("mdl-old").unwrap().is_empty());
+        assert_eq!(s.usage_of("mdl-new").unwrap().len(), 1);
+        assert_eq!(s.fetches(10).unwrap().iter().map(|f| f.model.as_str()).collect::<Vec<_>>(), vec!["mdl-new"]);
+    }
+
+    #[test]
     fn fetches_count_per_process_and_are_capped() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("t.db")).unwrap();
