@@ -127,6 +127,7 @@ def main():
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--daemon", default=None, help="tilewised binary (default: target/release, else target/debug)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--max-seconds", type=float, default=None, help="start no session after this long (a lent GPU's time)")
     args = ap.parse_args()
     n = 8 if args.quick else args.sessions
     daemon = (
@@ -143,6 +144,10 @@ def main():
     )
     rows, t0 = [], time.monotonic()
     for i in range(n):
+        if args.max_seconds and time.monotonic() - t0 > args.max_seconds:
+            say(f"stopped after {i} sessions: --max-seconds {args.max_seconds:.0f} spent")
+            n = i
+            break
         kind = "unmatched" if i % 4 != 3 else "routed"
         row = one_session(daemon, models_dir, kind, i, args.seed + i)
         rows.append(row)

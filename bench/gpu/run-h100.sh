@@ -13,6 +13,7 @@
 #   tune [BUDGET] [MODEL]  the real daemon (release binaries carried xz-compressed in .devbin/) runs a
 #                    default tuning session (default 240s, synthetic:qwen2.5-0.5b) in /root/twhome; its
 #                    history, policy and database go to $OUT
+#   llama [ARGS]     that best retargeted to a Llama-3.2-1B-shaped bf16 model: decode B = 1 and 8 vs stock
 #   fusion [ARGS]    bench/fusion_bench.py against that daemon's best: bf16 (all workloads), then the
 #                    same policy retargeted to a 4-bit copy (decode B=1, B=8, prefill); ARGS to both
 # Kernel results for gputime/e2e/batched: $KR_SET, else /root/kb/kernel_bench.json (this machine's last kernels
@@ -26,7 +27,7 @@ export PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 install() {
-  if PYTHONPATH=$SITE python3 -c "import mlx.core as mx, mlx_lm; assert mx.cuda.is_available()" 2>/dev/null; then
+  if PYTHONPATH=$SITE python3 -c "import mlx.core as mx, mlx_lm, jsonschema; assert mx.cuda.is_available()" 2>/dev/null; then
     echo "mlx cuda already installed in $SITE"; return 0
   fi
   [ -f "$W/part_aa" ] && [ -f "$W/part_ab" ] || { echo "wheel parts missing in $W (carry .mlxcuda/p1 then p2)"; return 1; }
@@ -88,6 +89,7 @@ for step in ${steps//,/ }; do
       "$TWBIN/tilewise" tune --budget "$budget" ${model:+--model "$model"} 2>&1 | tee -a "$OUT/tune.log" || rc=1
       "$TWBIN/tilewise" history 2>&1 | tee -a "$OUT/history.txt"
       python3 bench/gpu/best_policy.py > "$OUT/best-policies.json" 2>&1
+      cp "$OUT/best-policies.json" "$TILEWISE_HOME/best-policies.json"  # for the llama step on this machine
       "$TWBIN/tilewise" daemon stop
       cp "$TILEWISE_HOME/tilewise.db" "$OUT/tilewise-${model//[^A-Za-z0-9]/_}.db" 2>/dev/null
       ;;
@@ -96,6 +98,15 @@ for step in ${steps//,/ }; do
       python3 bench/fusion_bench.py --model synthetic:qwen2.5-0.5b --from-daemon --tag bf16 --out "$OUT/fusion-bf16" "$@" || rc=1
       python3 bench/fusion_bench.py --model synthetic:qwen2.5-0.5b --from-daemon --quantize 4 --retarget --tag q4 \
         --only decode1,decode8,prefill --out "$OUT/fusion-q4" "$@" || rc=1
+      "$TWBIN/tilewise" daemon stop
+      ;;
+    llama)
+      # The Qwen-shaped session's best, retargeted to a Llama-3.2-1B-shaped model (fusion groups name
+      # sibling roles, not shapes, so they carry over): decode B = 1 against stock.
+      start_daemon || exit 1
+      qwen=$(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['best'][0]['policy']['target']['model'] if isinstance(d['best'][0]['policy'], dict) else json.loads(d['best'][0]['policy'])['target']['model'])" "$TILEWISE_HOME/best-policies.json") || { echo "no best policy from a tune step on this machine"; exit 1; }
+      python3 bench/fusion_bench.py --model synthetic:llama-3.2-1b --dtype bfloat16 --from-daemon --retarget \
+        --retarget-from "$qwen" --tag llama1b --only decode1,decode8 --out "$OUT/fusion-llama1b" "$@" || rc=1
       "$TWBIN/tilewise" daemon stop
       ;;
     *) echo "unknown step $step"; exit 2 ;;
