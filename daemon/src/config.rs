@@ -26,6 +26,8 @@
 //! endpoint = "http://127.0.0.1:8080/v1"   # e.g. `mlx_lm.server --model <path> --port 8080`
 //! model = "default_model"                # mlx_lm.server's name for the model it serves
 //! api_key_env = "OPENAI_API_KEY"
+//! [share]                                # optional: share proven policies through a folder
+//! dir = "/Volumes/team/tilewise"         # bundles are written and imported here (verified first)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -44,6 +46,17 @@ pub struct Config {
     pub idle: IdleConfig,
     /// Optional LLM endpoint that proposes policies; without it mutations are purely random.
     pub llm: Option<LlmConfig>,
+    /// A folder shared with other machines (docs/sharing.md).
+    pub share: ShareConfig,
+}
+
+/// Sharing proven policies through a folder other machines also use (a network drive, Syncthing,
+/// iCloud Drive, a git checkout): this daemon writes its proven policies there as a bundle and
+/// imports the bundles others put there, verifying each here before serving it. Read at start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShareConfig {
+    pub dir: Option<PathBuf>,
 }
 
 /// Limits on the Python evaluator child process.

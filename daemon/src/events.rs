@@ -26,6 +26,12 @@ pub mod kind {
     /// A re-measurement found the best slower than stock (or wrong): the previous best or native is
     /// served again.
     pub const POLICY_DEMOTED: &str = "policy.demoted";
+    /// Policies imported from a bundle (`policy.import`, the shared folder): pending until verified.
+    pub const POLICY_IMPORTED: &str = "policy.imported";
+    /// A bundle refused whole (tampered, malformed, unreadable), with the reason.
+    pub const POLICY_IMPORT_REFUSED: &str = "policy.import_refused";
+    /// A verification session decided an imported policy: verified (served) or rejected.
+    pub const POLICY_VERIFIED: &str = "policy.verified";
     pub const WORKER_FAILED: &str = "worker.failed";
     pub const CONFIG_RELOADED: &str = "config.reloaded";
     pub const MODEL_CHANGED: &str = "model.changed";

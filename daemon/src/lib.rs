@@ -19,6 +19,7 @@ pub mod python;
 pub mod schedule;
 pub mod service;
 pub mod session;
+pub mod share;
 pub mod store;
 pub mod usage;
 pub mod worker;

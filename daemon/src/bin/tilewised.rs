@@ -85,6 +85,14 @@ fn main() -> ExitCode {
             Ok(s) => s,
             Err(e) => return fail(&e),
         };
+        // Proven policies shared through a folder (docs/sharing.md).
+        let share_dir = server.state().config.read().unwrap_or_else(|p| p.into_inner()).share.dir.clone();
+        if let Some(dir) = share_dir {
+            match tilewise::share::folder::spawn(server.state().clone(), dir.clone()) {
+                Ok(()) => tracing::info!(dir = %dir.display(), "sharing proven policies through this folder"),
+                Err(e) => tracing::warn!("sharing is off: {e}"),
+            }
+        }
         tokio::spawn(async move {
             if let Err(e) = tuning.resume_interrupted().await {
                 tracing::warn!("could not resume the interrupted session: {e}");

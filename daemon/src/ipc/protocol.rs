@@ -49,6 +49,12 @@ pub mod methods {
     pub const MODELS_LIST: &str = "models.list";
     /// The processes that fetched a policy, live ones first.
     pub const CLIENTS_LIST: &str = "clients.list";
+    /// A bundle of this machine's proven policies (docs/sharing.md).
+    pub const POLICY_EXPORT: &str = "policy.export";
+    /// Imports a bundle file: its policies wait, pending, for verification here.
+    pub const POLICY_IMPORT: &str = "policy.import";
+    /// Imported policies and what this machine made of them.
+    pub const IMPORTS_LIST: &str = "imports.list";
 }
 
 /// Error codes (JSON-RPC's standard ones, and ours in -32000..-32099).
@@ -350,6 +356,10 @@ pub struct Evidence {
     /// before summaries existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<PolicySummary>,
+    /// Where the policy came from when not from a search here ("imported from Apple M3 Pro (dev-…),
+    /// verified here in session 7"); absent: found and proven on this machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// A policy document inside a reply, kept as the JSON text the daemon sent. Why: clients mostly
@@ -761,4 +771,57 @@ mod tests {
         assert_eq!((p.backend, p.device), (None, None));
         assert!(serde_json::from_value::<PolicyGetParams>(json!({"mlx": "0.32.4"})).is_err());
     }
+}
+
+// ---- sharing ----
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct PolicyExportParams {
+    /// Only this model's policies (a fingerprint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+impl Checked for PolicyExportParams {
+    fn check(&self) -> Result<(), RpcError> {
+        if let Some(m) = &self.model {
+            check_text("model", m, limits::FINGERPRINT, true)?;
+        }
+        Ok(())
+    }
+}
+
+/// `policy.import`: a bundle file by path (the daemon reads it: a bundle may exceed a request line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyImportParams {
+    pub path: PathBuf,
+}
+
+impl Checked for PolicyImportParams {
+    fn check(&self) -> Result<(), RpcError> {
+        check_text("path", &self.path.to_string_lossy(), limits::MODEL_SPEC, true)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyImportResult {
+    pub imported: Vec<crate::share::ImportOutcome>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ImportsListParams {
+    /// Only imports in this state (`pending`, `verified`, `rejected`, `starting_point`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<crate::store::ImportState>,
+}
+
+impl Checked for ImportsListParams {
+    fn check(&self) -> Result<(), RpcError> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportsListResult {
+    pub imports: Vec<crate::store::Import>,
 }

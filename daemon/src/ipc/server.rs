@@ -281,7 +281,7 @@ impl DaemonState {
             best.session_id.map(|s| format!(" in session {s}")).unwrap_or_default(),
             best.promoted_at,
             best.summary.as_ref().map(|s| format!(": {}", s.text)).unwrap_or_default()
-        );
+        ) + &best.origin.as_ref().map(|o| format!(" ({o})")).unwrap_or_default();
         Ok(PolicyGetResult {
             policy: best.policy.into(),
             hash: best.hash,
@@ -294,6 +294,7 @@ impl DaemonState {
                 session_id: best.session_id,
                 promoted_at: best.promoted_at,
                 summary: best.summary,
+                origin: best.origin,
             }),
         })
     }
@@ -640,6 +641,26 @@ async fn dispatch(
             let clients = crate::usage::clients(&state.store(), &state.device_fingerprint, l.live_only, l.limit.unwrap_or(100).min(1000))
                 .map_err(RpcError::internal)?;
             to_value(ClientsListResult { clients })
+        }
+        methods::POLICY_EXPORT => {
+            let e: PolicyExportParams = checked(p)?;
+            let bundle = crate::share::bundle::export(&state.store(), &state.device, &state.device_fingerprint, e.model.as_deref())
+                .map_err(RpcError::internal)?;
+            to_value(bundle)
+        }
+        methods::POLICY_IMPORT => {
+            let i: PolicyImportParams = checked(p)?;
+            let outcomes = crate::share::import_file(&state.store(), &i.path, &state.device_fingerprint, state.device.backend.as_str())
+                .map_err(RpcError::invalid_params)?;
+            let new: Vec<_> = outcomes.iter().filter(|o| o.new).collect();
+            if !new.is_empty() {
+                let _ = state.events.publish(kind::POLICY_IMPORTED, None, json!({"source": i.path, "imported": new}));
+            }
+            to_value(PolicyImportResult { imported: outcomes })
+        }
+        methods::IMPORTS_LIST => {
+            let l: ImportsListParams = checked(p)?;
+            to_value(ImportsListResult { imports: state.store().imports(l.state, None).map_err(RpcError::internal)? })
         }
         methods::MODELS_LIST => {
             let _: ModelsListParams = checked(p)?;

@@ -21,7 +21,8 @@
 //! - after a failed start or a failed session, a backoff (1 min doubling to 1 h) has passed, so a
 //!   missing model or a broken Python does not spin.
 //!
-//! Before a search, a best policy last measured more than a day ago (promoted or re-measured: on an
+//! Before anything else, policies imported from other machines and still pending are verified
+//! (docs/sharing.md), a model at a time. Before a search, a best policy last measured more than a day ago (promoted or re-measured: on an
 //! earlier day, perhaps before the machine, its drivers or its load changed) is measured again in a
 //! session of its own (`remeasure`), which demotes it if it is now slower than stock.
 //!
@@ -62,6 +63,8 @@ pub struct AutoState {
     pub failures: u32,
     /// Best policies this daemon run has already re-measured (or tried to).
     pub remeasured: Vec<String>,
+    /// Models whose pending imports this daemon run has already tried to verify.
+    pub verified_models: Vec<String>,
 }
 
 /// The next move of the auto-starter.
@@ -178,7 +181,21 @@ async fn run(mut deps: AutoStartDeps, daemon_started: Instant) {
             }
         };
         let now = Instant::now();
-        let ago = last_finished_ago(&deps.store, &deps.device, &model);
+        // Imported policies waiting for this machine's verdict go first (each model at most once
+        // per daemon run), by the name this machine knows the model by.
+        let verify = {
+            let store = deps.store.lock().unwrap_or_else(|p| p.into_inner());
+            let names: std::collections::HashMap<String, Option<String>> =
+                store.models_seen().unwrap_or_default().into_iter().map(|m| (m.fingerprint, m.name)).collect();
+            store
+                .imports(Some(crate::store::ImportState::Pending), None)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|i| !state.verified_models.contains(&i.model))
+                .find_map(|i| names.get(&i.model).cloned().flatten().map(|name| (i.model, name)))
+        };
+        // A verification does not wait for the idle model's retune interval.
+        let ago = if verify.is_some() { None } else { last_finished_ago(&deps.store, &deps.device, &model) };
         let step = next_step(now, &state, &decision, &config.idle, now - daemon_started, ago);
         let wait = match step {
             Step::Start => None,
@@ -216,13 +233,19 @@ async fn run(mut deps: AutoStartDeps, daemon_started: Instant) {
             .unwrap_or_default()
             .into_iter()
             .find(|(b, path)| path.is_some() && !state.remeasured.contains(&b.hash));
-        let (params, model) = match stale {
-            Some((best, Some(path))) => {
+        let stale = if verify.is_some() { None } else { stale };
+        let (params, model) = match (verify, stale) {
+            (Some((fingerprint, name)), _) => {
+                state.verified_models.push(fingerprint);
+                tracing::info!(model = %name, "machine idle: verifying imported policies");
+                (StartParams { model: Some(name.clone()), verify: Some(true), ..Default::default() }, name)
+            }
+            (None, Some((best, Some(path)))) => {
                 state.remeasured.push(best.hash.clone());
                 tracing::info!(model = %path, hash = %best.hash, "machine idle: re-measuring a best policy last measured on an earlier day");
                 (StartParams { model: Some(path.clone()), remeasure: Some(true), ..Default::default() }, path)
             }
-            _ => {
+            (None, _) => {
                 let params = StartParams {
                     model: Some(model.clone()),
                     budget: Some(Budget { evaluations: Some(u64::from(config.idle.session_evaluations)), seconds: None }),

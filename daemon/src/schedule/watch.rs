@@ -59,7 +59,7 @@ pub struct WatchError {
 }
 
 /// Starts a `notify` watcher on `dir` whose raw events (paths) arrive on the returned channel.
-fn raw_watch(
+pub(crate) fn raw_watch(
     dir: &Path,
     mode: notify::RecursiveMode,
 ) -> Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<Vec<PathBuf>>), WatchError> {
@@ -80,7 +80,7 @@ fn raw_watch(
 
 /// Waits for the first relevant event, then until none has come for `debounce`; returns the
 /// relevant paths seen, or None when the watcher is gone.
-async fn next_burst(
+pub(crate) async fn next_burst(
     rx: &mut mpsc::UnboundedReceiver<Vec<PathBuf>>,
     debounce: Duration,
     relevant: &(dyn Fn(&Path) -> bool + Send + Sync),

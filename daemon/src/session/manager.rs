@@ -2,7 +2,7 @@
 //! tokio task ([`super::run`]).
 
 use super::run::{retarget, stopped_early, Runner, SavedState};
-use super::settings::{SessionSpec, StartParams};
+use super::settings::{SessionSpec, StartParams, VerifyItem};
 use super::LlmSource;
 use crate::events::{kind, EventBus};
 use crate::evolve::cost::Memo;
@@ -10,7 +10,7 @@ use crate::evolve::engine::Engine;
 use crate::evolve::space::{FusionCandidate, SearchSpace, Shape};
 use crate::ipc::protocol::SessionShowResult;
 use crate::policy::Target;
-use crate::store::{BestKey, NewSession, SessionId, SessionState, SharedStore, StoreError};
+use crate::store::{BestKey, ImportState, NewSession, SessionId, SessionState, SharedStore, StoreError};
 use crate::worker::{Supervisor, WorkerConfig, WorkerError};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
@@ -198,6 +198,9 @@ impl SessionManager {
             mlx: target.mlx.clone(),
             backend: target.backend.clone(),
         };
+        if params.verify == Some(true) {
+            self.prepare_verification(&mut spec, &target)?;
+        }
         let existing = lock(&self.opts.store).resumable_session(&key.device, &key.model, &key.mlx, &key.backend)?;
         // A fixed list (or a re-measurement) is its own session: it never resumes a search (or
         // vice versa).
@@ -206,7 +209,8 @@ impl SessionManager {
             let saved_spec = saved.as_ref().and_then(|v| v.get("spec"));
             let saved_fixed = saved_spec.and_then(|s| s.get("fixed")).is_some_and(|f| !f.is_null());
             let saved_remeasure = saved_spec.and_then(|s| s.get("remeasure")).and_then(Value::as_bool).unwrap_or(false);
-            saved_fixed == spec.fixed.is_some() && saved_remeasure == spec.remeasure
+            let saved_verify = saved_spec.and_then(|s| s.get("verify")).is_some_and(|v| v.as_array().is_some_and(|a| !a.is_empty()));
+            saved_fixed == spec.fixed.is_some() && saved_remeasure == spec.remeasure && saved_verify != spec.verify.is_empty()
         });
         let (session_id, resumed, state) = match resumable {
             Some(s) => {
@@ -258,6 +262,40 @@ impl SessionManager {
         };
         let (id, _) = self.start(p).await?;
         Ok(Some(id))
+    }
+
+    /// Turns `spec` into a verification session: the model's pending imports for this MLX version,
+    /// retargeted to this machine, become its fixed list. Imports for another MLX version become
+    /// starting points; one that is not a valid policy here is rejected. Nothing pending: an error.
+    fn prepare_verification(&self, spec: &mut SessionSpec, target: &Target) -> Result<(), SessionError> {
+        let st = lock(&self.opts.store);
+        let mut fixed = vec![];
+        for imp in st.imports(Some(ImportState::Pending), Some(&target.model))? {
+            if imp.backend != target.backend || imp.mlx != target.mlx {
+                let why = format!(
+                    "proven with MLX {} ({}); this machine runs {} ({}): kept as a starting point only",
+                    imp.mlx, imp.backend, target.mlx, target.backend
+                );
+                st.decide_import(imp.id, ImportState::StartingPoint, &why, None)?;
+                continue;
+            }
+            match retarget(&imp.policy, target) {
+                Ok(p) => {
+                    spec.verify.push(VerifyItem { import_id: imp.id, hash: p.content_hash() });
+                    fixed.push(p.to_value());
+                }
+                Err(e) => st.decide_import(imp.id, ImportState::Rejected, &format!("not a valid policy on this machine: {e}"), None)?,
+            }
+        }
+        if fixed.is_empty() {
+            return Err(SessionError::BadParams(format!(
+                "nothing to verify: no imported policy for model {} with MLX {} ({}) is pending (`tilewise imports` lists them)",
+                target.model, target.mlx, target.backend
+            )));
+        }
+        spec.fixed = Some(fixed);
+        spec.screen = false;
+        Ok(())
     }
 
     fn fresh_state(&self, spec: SessionSpec, target: &Target, loaded: &Value) -> Result<SavedState, SessionError> {

@@ -12,7 +12,7 @@ use crate::evolve::engine::{Engine, Outcome};
 use crate::evolve::space::SearchSpace;
 use crate::gate::{Decision, PauseToken};
 use crate::policy::{Policy, Target};
-use crate::store::{BestKey, CandidateId, NewCandidate, SessionId, SessionState, StoreError};
+use crate::store::{BestKey, CandidateId, ImportState, NewCandidate, SessionId, SessionState, StoreError};
 use crate::worker::{Supervisor, WorkerError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -163,6 +163,9 @@ impl Runner {
                 state.as_str()
             ),
         });
+        if !self.state.spec.verify.is_empty() && state != SessionState::Paused {
+            self.decide_imports();
+        }
         let summary = self.store().session(self.session_id).ok().flatten();
         let best = self.store().best(&self.key).ok().flatten();
         self.publish(
@@ -171,6 +174,55 @@ impl Runner {
                    "best": best.map(|b| json!({"hash": b.hash, "ratio": b.ratio, "lo": b.lo, "hi": b.hi, "session_id": b.session_id}))}),
         );
         self.sup.shutdown().await;
+    }
+
+    /// After a verification session: each import it measured is verified (its policy is the best
+    /// now: served, marked with where it came from) or rejected with what this machine measured.
+    /// One the session never measured (stopped first) stays pending.
+    fn decide_imports(&self) {
+        // Events are published after the store's lock is released: publishing stores the event.
+        let mut decided = vec![];
+        let store = self.store();
+        let best = store.best(&self.key).ok().flatten();
+        let candidates = store.candidates(self.session_id, None).unwrap_or_default();
+        for item in &self.state.spec.verify {
+            let Ok(Some(imp)) = store.import_by_id(item.import_id) else { continue };
+            let from = format!("{} ({})", imp.from_chip.as_deref().unwrap_or("another machine"), imp.from_device);
+            let Some(c) = candidates.iter().find(|c| c.hash == item.hash) else { continue };
+            let measured = store.measurements(c.id).ok().and_then(|m| m.into_iter().rev().find(|m| m.ratio.is_some()));
+            let (state, reason) = match (&best, measured) {
+                (Some(b), Some(_)) if b.hash == item.hash => {
+                    let origin = format!("imported from {from}, verified here in session {}", self.session_id);
+                    let _ = store.set_best_origin(&self.key, &b.hash, &origin);
+                    let reason = format!("verified here: {:.3}x [{:.3}, {:.3}] (session {}); served", b.ratio, b.lo, b.hi, self.session_id);
+                    (ImportState::Verified, reason)
+                }
+                (_, Some(m)) => {
+                    let (r, lo, hi) = (m.ratio.unwrap_or(0.0), m.lo.unwrap_or(0.0), m.hi.unwrap_or(0.0));
+                    let why = if !m.correct {
+                        "its outputs differ from stock here".to_string()
+                    } else if lo > 1.0 {
+                        "faster than stock here but not confirmed faster than the current best".to_string()
+                    } else {
+                        "not proven faster than stock here (the lower bound must beat 1.0)".to_string()
+                    };
+                    (ImportState::Rejected, format!("measured here {r:.3}x [{lo:.3}, {hi:.3}] (session {}): {why}", self.session_id))
+                }
+                (_, None) if c.status == crate::store::CandidateStatus::Failed => {
+                    (ImportState::Rejected, format!("failed here: {}", c.failure_reason.as_deref().unwrap_or("no reason given")))
+                }
+                _ => continue,
+            };
+            if let Err(e) = store.decide_import(imp.id, state, &reason, Some(self.session_id)) {
+                tracing::warn!("could not record the verification of import {}: {e}", imp.id);
+                continue;
+            }
+            decided.push((imp.hash, from, state, reason));
+        }
+        drop(store);
+        for (hash, from, state, reason) in decided {
+            publish_verified(&self.opts.events, self.session_id, &hash, &from, state, &reason);
+        }
     }
 
     async fn run_loop(&mut self) -> Result<End, SessionError> {
@@ -334,4 +386,13 @@ impl Runner {
         self.publish(kind::CANDIDATE_FAILED, json!({"candidate_id": candidate, "reason": reason}));
         Ok(())
     }
+}
+
+/// The `policy.verified` event of one decided import.
+fn publish_verified(events: &crate::events::EventBus, session: SessionId, hash: &str, from: &str, state: ImportState, reason: &str) {
+    let _ = events.publish(
+        kind::POLICY_VERIFIED,
+        Some(session),
+        json!({"hash": hash, "from": from, "state": state.as_str(), "reason": reason}),
+    );
 }

@@ -65,6 +65,10 @@ pub struct StartParams {
     /// what the idle auto-starter runs when a best was last measured on an earlier day.
     #[serde(default)]
     pub remeasure: Option<bool>,
+    /// Measure the model's pending imported policies (docs/sharing.md) and decide each: verified
+    /// (promoted through the normal rule, then served) or rejected with the reason.
+    #[serde(default)]
+    pub verify: Option<bool>,
 }
 
 /// The fully resolved settings of a session, stored with it so a resume runs the same session.
@@ -104,6 +108,17 @@ pub struct SessionSpec {
     /// when given by the caller or the backend's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_from: Option<String>,
+    /// A verification session: the imports it measures (`fixed` holds their policies, retargeted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify: Vec<VerifyItem>,
+}
+
+/// One imported policy a verification session decides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyItem {
+    pub import_id: i64,
+    /// The content hash of the policy as retargeted to this machine (what the session measures).
+    pub hash: String,
 }
 
 impl StartParams {
@@ -152,6 +167,7 @@ impl StartParams {
             now: self.now.unwrap_or(false),
             remeasure: self.remeasure.unwrap_or(false),
             workload_from: None,
+            verify: vec![],
         })
     }
 }

@@ -95,6 +95,10 @@ pub struct Best {
     /// When it was last measured again (`None`: not since its promotion).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remeasured_at: Option<String>,
+    /// Where it came from when not from a search here: "imported from <chip> (<device>), verified
+    /// here" (`None`: found and proven on this machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// One past promotion (the `history` method serves these).
@@ -164,6 +168,7 @@ fn best_from_row(r: &Row<'_>) -> rusqlite::Result<Best> {
         promoted_at: r.get("promoted_at")?,
         summary: summary_col(r, "summary_json")?,
         remeasured_at: r.get("remeasured_at")?,
+        origin: r.get("origin")?,
     })
 }
 
@@ -172,6 +177,25 @@ impl Store {
     pub fn best(&self, key: &BestKey) -> Result<Option<Best>> {
         let mut st = self.conn.prepare_cached("SELECT * FROM best WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4")?;
         Ok(st.query_row(params![key.device, key.model, key.mlx, key.backend], best_from_row).optional()?)
+    }
+
+    /// Marks the best of `key` with hash `hash` as coming from elsewhere (see [`Best::origin`]).
+    pub fn set_best_origin(&self, key: &BestKey, hash: &str, origin: &str) -> Result<bool> {
+        // A write to `best` like a promotion: cached `policy.get` answers must not outlive it.
+        self.own_promotions.set(self.own_promotions.get() + 1);
+        let n = self.conn.execute(
+            "UPDATE best SET origin = ?6 WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4 AND hash = ?5",
+            params![key.device, key.model, key.mlx, key.backend, hash, origin],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Every best of `device` (optionally of one model), newest promotion first.
+    pub fn bests_of_device(&self, device: &str, model: Option<&str>) -> Result<Vec<Best>> {
+        let mut st =
+            self.conn.prepare_cached("SELECT * FROM best WHERE device = ?1 AND (?2 IS NULL OR model = ?2) ORDER BY promoted_at DESC")?;
+        let rows = st.query_map(params![device, model], best_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// The newest best of `model` on `device`, whatever the MLX version and backend.

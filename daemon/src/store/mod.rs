@@ -34,6 +34,7 @@
 mod best;
 mod catalog;
 mod events;
+mod imports;
 mod measurements;
 mod memo;
 mod schema;
@@ -45,6 +46,7 @@ mod wal_watch;
 pub use best::{Best, BestKey, HistoryEntry, Interval, PolicySummary, Promotion, Remeasurement};
 pub use catalog::{DeviceRecord, ModelRecord, NewWorkerFailure, WorkerFailure};
 pub use events::Event;
+pub use imports::{Import, ImportState, NewImport};
 pub use measurements::{Arm, Measurement, NewMeasurement, NewSample, Sample};
 pub use memo::MemoEntry;
 pub use schema::SCHEMA_VERSION;

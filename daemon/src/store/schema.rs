@@ -225,13 +225,41 @@ CREATE TABLE usage (
 CREATE INDEX usage_last_at ON usage (last_at);
 "#;
 
+/// Schema version 6: policies imported from other machines' bundles (share/, store/imports.rs), one
+/// row per (policy hash, target), with what this machine made of each: `pending` until verified
+/// here, then `verified` or `rejected` (with the reason); `starting_point` for one proven for
+/// another model, MLX version or backend (it may seed a search, never be served).
+const V6: &str = r#"
+CREATE TABLE imports (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    hash          TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    mlx           TEXT NOT NULL,
+    backend       TEXT NOT NULL,
+    from_device   TEXT NOT NULL,
+    from_chip     TEXT,
+    policy_json   TEXT NOT NULL,
+    evidence_json TEXT NOT NULL,
+    bundle_hash   TEXT NOT NULL,
+    source        TEXT NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('pending','verified','rejected','starting_point')),
+    reason        TEXT,
+    imported_at   TEXT NOT NULL,
+    decided_at    TEXT,
+    session_id    INTEGER,
+    UNIQUE (hash, model, mlx, backend)
+);
+CREATE INDEX imports_state ON imports (state, model);
+ALTER TABLE best ADD COLUMN origin TEXT;
+"#;
+
 /// Every migration, oldest first.
 pub(crate) fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4), M::up(V5)])
+    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4), M::up(V5), M::up(V6)])
 }
 
 /// The schema version this binary writes (= number of migrations).
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 #[cfg(test)]
 mod tests {

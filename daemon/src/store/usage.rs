@@ -208,6 +208,17 @@ impl Store {
         Ok(())
     }
 
+    /// Records a model known only from an imported bundle, by the exporter's name for it (never
+    /// overwrites what this machine knows; not a use).
+    pub fn note_model_imported(&self, fingerprint: &str, name: &str) -> Result<()> {
+        let at = now();
+        self.conn.execute(
+            "INSERT OR IGNORE INTO models (fingerprint, path, config_json, first_seen, last_seen, name) VALUES (?1, NULL, '{}', ?2, ?2, ?3)",
+            params![fingerprint, at, name],
+        )?;
+        Ok(())
+    }
+
     /// Notes that a model was used (loaded by a session): name and weight type when known.
     pub fn note_model_used(&self, fingerprint: &str, name: Option<&str>, dtype: Option<&str>) -> Result<()> {
         note_model(&self.conn, fingerprint, name, dtype, &now())

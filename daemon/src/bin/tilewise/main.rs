@@ -7,13 +7,14 @@ mod tune;
 
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 use tilewise::config::Config;
 use tilewise::ipc::client::{Client, ClientError};
 use tilewise::ipc::protocol::{
-    ClientRecord, ClientsListParams, HistoryParams, ModelInfo, PolicyGetParams, PolicySource, CLI_CLIENT_PREFIX, VERSION,
+    methods, ClientRecord, ClientsListParams, HistoryParams, ModelInfo, PolicyGetParams, PolicySource, CLI_CLIENT_PREFIX, VERSION,
 };
 use tilewise::paths::Paths;
 
@@ -43,6 +44,37 @@ enum Cmd {
         live: bool,
         #[command(flatten)]
         json: JsonFlag,
+    },
+    /// Write this machine's proven policies, with their evidence, to a bundle another machine can
+    /// import (docs/sharing.md).
+    Export {
+        /// Only this model (name, path or fingerprint).
+        #[arg(long)]
+        model: Option<String>,
+        /// The bundle file (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Import a bundle (a file, or every *.json in a folder): its policies wait, pending, until
+    /// this machine has verified them (`tilewise verify`, or the next idle window).
+    Import {
+        path: PathBuf,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Imported policies and what this machine made of each (pending, verified, rejected, starting
+    /// point).
+    Imports(JsonFlag),
+    /// Verify pending imported policies now: measure them here against stock (correctness gate,
+    /// confirmed A/B); only a verified one is served.
+    Verify {
+        /// The model whose imports to verify (name, path or fingerprint); default: the first model
+        /// with pending imports that this machine can load.
+        #[arg(long)]
+        model: Option<String>,
+        /// Print the final session as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Past promotions of proven policies, newest first.
     History {
@@ -209,6 +241,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("measured: {measured}");
                 }
             }
+            if let Some(origin) = r.evidence.as_ref().and_then(|e| e.origin.as_ref()) {
+                println!("origin: {origin}");
+            }
             println!("why: {}", r.reason);
             println!("{}", serde_json::to_string_pretty(&r.policy.to_value())?);
             Ok(())
@@ -220,6 +255,126 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             print!("{}", render_models(&listed.models));
             Ok(())
+        }
+        Cmd::Export { model, output } => {
+            let mut c = connect(&paths).await?;
+            let model = match model {
+                Some(m) => Some(resolve_model_arg(&mut c, &m).await?),
+                None => None,
+            };
+            let bundle = c.call(methods::POLICY_EXPORT, Some(serde_json::json!({"model": model}))).await?;
+            let text = serde_json::to_string_pretty(&bundle)?;
+            let n = bundle["entries"].as_array().map_or(0, Vec::len);
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, text + "\n").map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    eprintln!("tilewise: wrote {n} proven polic{} to {}", if n == 1 { "y" } else { "ies" }, path.display());
+                }
+                None => println!("{text}"),
+            }
+            if n == 0 {
+                eprintln!(
+                    "tilewise: note: this machine has no proven policy{} yet: the bundle is empty",
+                    if model.is_some() { " for that model" } else { "" }
+                );
+            }
+            Ok(())
+        }
+        Cmd::Import { path, json } => {
+            let mut c = connect(&paths).await?;
+            let files: Vec<PathBuf> = if path.is_dir() {
+                let mut v: Vec<PathBuf> =
+                    std::fs::read_dir(&path)?.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect();
+                v.sort();
+                v
+            } else {
+                vec![path.clone()]
+            };
+            let mut all = vec![];
+            let mut refused = 0;
+            for f in files {
+                let abs = std::fs::canonicalize(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                match c.call(methods::POLICY_IMPORT, Some(serde_json::json!({"path": abs}))).await {
+                    Ok(r) => {
+                        for o in r["imported"].as_array().cloned().unwrap_or_default() {
+                            if !json.json {
+                                println!(
+                                    "{}  {}  {}{}: {}",
+                                    o["state"].as_str().unwrap_or("?"),
+                                    o["hash"].as_str().unwrap_or("").get(..19).unwrap_or(""),
+                                    o["model_name"].as_str().map(short_name).unwrap_or(o["model"].as_str().unwrap_or("?")),
+                                    if o["new"] == true { "" } else { " (imported before)" },
+                                    o["reason"].as_str().unwrap_or("")
+                                );
+                            }
+                            all.push(o);
+                        }
+                    }
+                    Err(e) => {
+                        refused += 1;
+                        eprintln!("tilewise: {e}");
+                    }
+                }
+            }
+            if json.json {
+                print_json(&serde_json::json!({"imported": all}))?;
+            } else if all.iter().any(|o| o["state"] == "pending") {
+                println!("pending policies are served only after this machine verifies them: `tilewise verify` (or the next idle window)");
+            }
+            if refused > 0 {
+                anyhow::bail!("{refused} bundle(s) refused; nothing of them was imported");
+            }
+            Ok(())
+        }
+        Cmd::Imports(f) => {
+            let r = connect(&paths).await?.call(methods::IMPORTS_LIST, Some(serde_json::json!({}))).await?;
+            if f.json {
+                return print_json(&r);
+            }
+            let list = r["imports"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("nothing imported yet (`tilewise import FILE`)");
+            }
+            for i in list {
+                println!(
+                    "{:<14} {}  model {}  mlx {} {}  from {}\n    {}",
+                    i["state"].as_str().unwrap_or("?"),
+                    i["hash"].as_str().unwrap_or("").get(..19).unwrap_or(""),
+                    i["model"].as_str().unwrap_or("?"),
+                    i["mlx"].as_str().unwrap_or("?"),
+                    i["backend"].as_str().unwrap_or("?"),
+                    i["from_chip"].as_str().unwrap_or(i["from_device"].as_str().unwrap_or("?")),
+                    i["reason"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        Cmd::Verify { model, json } => {
+            let mut c = connect(&paths).await?;
+            let pending = c.call(methods::IMPORTS_LIST, Some(serde_json::json!({"state": "pending"}))).await?;
+            let pending: Vec<Value> = pending["imports"].as_array().cloned().unwrap_or_default();
+            let seen = c.models_list().await?.models;
+            let name = match model {
+                Some(m) => {
+                    tilewise::usage::resolve_model(&seen, &m).map_err(|e| anyhow::anyhow!("--model: {e}"))?.name.clone().unwrap_or(m)
+                }
+                None => {
+                    let wanted: Vec<&str> = pending.iter().filter_map(|i| i["model"].as_str()).collect();
+                    let Some(m) = seen.iter().find(|m| wanted.contains(&m.fingerprint.as_str()) && m.name.is_some()) else {
+                        anyhow::bail!(if pending.is_empty() {
+                            "nothing to verify: no imported policy is pending (`tilewise imports`)".to_string()
+                        } else {
+                            format!(
+                                "{} pending import(s), but for models this machine cannot name; verify with --model <path or name>",
+                                pending.len()
+                            )
+                        });
+                    };
+                    m.name.clone().unwrap_or_default()
+                }
+            };
+            let args = tune::TuneArgs { model: Some(name), verify: true, json, ..tune::TuneArgs::default() };
+            tune::run(args, c, connect(&paths).await?).await
         }
         Cmd::Clients { live, json } => {
             let listed = connect(&paths).await?.clients_list(&ClientsListParams { live_only: live, limit: None }).await?;
@@ -329,6 +484,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Daemon(DaemonCmd::Start(f)) => daemon_start(&paths, f.json).await,
         Cmd::Daemon(DaemonCmd::Stop(f)) => daemon_stop(&paths, f.json).await,
         Cmd::Service(c) => tilewise::service::run_cli(c, paths.logs_dir.clone()),
+    }
+}
+
+/// The fingerprint a `--model` argument names (a fingerprint, a name or a path the daemon has seen).
+async fn resolve_model_arg(c: &mut Client, wanted: &str) -> anyhow::Result<String> {
+    let seen = c.models_list().await?.models;
+    match tilewise::usage::resolve_model(&seen, wanted) {
+        Ok(m) => Ok(m.fingerprint.clone()),
+        Err(_) if tilewise::usage::is_model_fingerprint(wanted) => Ok(wanted.to_string()),
+        Err(e) => anyhow::bail!("--model: {e}"),
     }
 }
 

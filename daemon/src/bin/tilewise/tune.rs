@@ -11,7 +11,7 @@ use std::time::Duration;
 use tilewise::ipc::client::Client;
 use tilewise::store::{Budget, Event};
 
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct TuneArgs {
     /// Model: a local mlx_lm directory, a Hugging Face id found in the local cache, or
     /// `synthetic:tiny` / `synthetic:qwen2.5-0.5b` (default: tiny on CPU, the 0.5B shape on a GPU).
@@ -34,6 +34,9 @@ pub struct TuneArgs {
     /// Start the session and return at once.
     #[arg(long)]
     pub detach: bool,
+    /// A verification session (`tilewise verify`): measure the model's pending imports.
+    #[arg(skip)]
+    pub verify: bool,
     /// Print the final session as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -138,6 +141,9 @@ pub async fn run(args: TuneArgs, events: Client, mut rpc: Client) -> anyhow::Res
     }
     if args.llm {
         params["llm"] = json!(true);
+    }
+    if args.verify {
+        params["verify"] = json!(true);
     }
     if let Some(p) = args.pairs {
         params["pairs"] = json!(p);
