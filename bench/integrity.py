@@ -127,7 +127,9 @@ def main():
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--daemon", default=None, help="tilewised binary (default: target/release, else target/debug)")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--max-seconds", type=float, default=None, help="start no session after this long (a lent GPU's time)")
+    ap.add_argument(
+        "--max-seconds", type=float, default=None, help="start no session after this long (a lent GPU's time)"
+    )
     args = ap.parse_args()
     n = 8 if args.quick else args.sessions
     daemon = (

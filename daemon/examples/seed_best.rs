@@ -6,7 +6,7 @@
 //! store code, not on rows faked by the client. Not shipped: an example, built by the tests.
 //!
 //! ```text
-//! cargo run --example seed_best -- POLICY.json [--ratio 1.05 --lo 1.02 --hi 1.08] [--db PATH] [--summary JSON]
+//! cargo run --example seed_best -- POLICY.json [--ratio 1.05 --lo 1.02 --hi 1.08] [--db PATH] [--summary JSON] [--origin TEXT]
 //! ```
 //! The database defaults to the one `TILEWISE_HOME` (or the platform) points at. The policy is
 //! fully validated first, and its target's device, model, mlx and backend (none may be `*`) are the
@@ -37,6 +37,10 @@ struct Args {
     /// The promotion's summary, as the session records it (JSON of `store::PolicySummary`).
     #[arg(long)]
     summary: Option<String>,
+    /// Where it came from, as a verification session records an imported policy it promoted
+    /// ("imported from Apple M3 Max (dev-…), verified here in session 7").
+    #[arg(long)]
+    origin: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -60,7 +64,7 @@ fn main() -> Result<()> {
     let key = BestKey { device: t.device.clone(), model: t.model.clone(), mlx: t.mlx.clone(), backend: t.backend.clone() };
     let hash = policy.content_hash();
     let history_id = store.promote(&Promotion {
-        key,
+        key: key.clone(),
         policy: policy.to_value(),
         hash: hash.clone(),
         ratio: args.ratio,
@@ -70,6 +74,9 @@ fn main() -> Result<()> {
         candidate_id: None,
         summary: args.summary.as_deref().map(serde_json::from_str).transpose().context("--summary: not a policy summary")?,
     })?;
+    if let Some(origin) = &args.origin {
+        store.set_best_origin(&key, &hash, origin)?;
+    }
     println!("{}", serde_json::json!({"hash": hash, "history_id": history_id, "db": db}));
     Ok(())
 }

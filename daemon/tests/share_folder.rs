@@ -46,6 +46,84 @@ fn bundle_files(dir: &Path) -> Vec<std::path::PathBuf> {
     v
 }
 
+/// Stores, in the home's database, a best for synthetic:tiny on this machine that fuses `groups`
+/// (as if a session had proven it 1.06× [1.03, 1.07]); returns its key and hash.
+fn seed_best(home: &Path, groups: &[(&str, &[&str])]) -> (BestKey, String) {
+    let (model, mlx) = tiny_model_and_mlx(home);
+    let key = BestKey { device: tilewise::probe::detect().fingerprint(), model, mlx, backend: "cpu".into() };
+    let policy = json!({"schema": "tilewise.policy/1", "name": "shared fusion",
+        "target": {"device": key.device, "model": key.model, "mlx": key.mlx, "backend": key.backend},
+        "matmul": {"rules": [], "default": {"kind": "native"}},
+        "fusion": {"groups": groups.iter().map(|(s, m)| json!({"scope": s, "members": m})).collect::<Vec<_>>()}});
+    let hash = tilewise::policy::Policy::from_value(&policy).unwrap().content_hash();
+    let paths = Paths::under_home(home);
+    std::fs::create_dir_all(paths.db_file.parent().unwrap()).unwrap();
+    let store = Store::open(&paths.db_file).unwrap();
+    store
+        .promote(&Promotion {
+            key: key.clone(),
+            policy,
+            hash: hash.clone(),
+            ratio: 1.06,
+            lo: 1.03,
+            hi: 1.07,
+            session_id: None,
+            candidate_id: None,
+            summary: None,
+        })
+        .unwrap();
+    (key, hash)
+}
+
+/// Origins of a session's candidates, in the order measured.
+fn origins(shown: &Value) -> Vec<String> {
+    shown["candidates"].as_array().unwrap().iter().map(|c| c["origin"].as_str().unwrap().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_policy_is_measured_first_by_a_search_unless_it_starts_cold() {
+    // Machine A proved gate/up fusion alone (not the search's first seed here), and exports it.
+    let (home_a, home_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (key, _) = seed_best(home_a.path(), &[("model.layers.*.mlp", &["gate_proj", "up_proj"])]);
+    let bundle_file = home_b.path().join("from-a.json");
+    {
+        let a = Daemon::start_with_idle(home_a.path(), &[], "enabled = false\n");
+        let mut c = a.client().await;
+        let bundle = call(&mut c, "policy.export", json!({})).await;
+        std::fs::write(&bundle_file, bundle.to_string()).unwrap();
+    }
+    let b = Daemon::start_with_idle(home_b.path(), &[], "enabled = false\n");
+    let mut c = b.client().await;
+    let imported = call(&mut c, "policy.import", json!({"path": bundle_file})).await;
+    assert_eq!(imported["imported"][0]["state"], "pending", "{imported}");
+    let one_evaluation = json!({"model": "synthetic:tiny", "now": true, "pairs": 4, "warmup": 1, "budget": {"evaluations": 1}});
+
+    // Cold: the search's own seeds, the import untouched.
+    let mut cold = one_evaluation.clone();
+    cold["cold"] = json!(true);
+    let sid = call(&mut c, "tuning.start", cold).await["session_id"].as_i64().unwrap();
+    let shown = wait_finished(&mut c, sid, Duration::from_secs(600)).await;
+    assert!(origins(&shown).iter().all(|o| !o.starts_with("warm:")), "{:?}", origins(&shown));
+    assert_eq!(call(&mut c, "imports.list", json!({})).await["imports"][0]["state"], "pending");
+
+    // Warm: the import is the first candidate, the session says so, and it is decided after.
+    let mut events = b.client().await.subscribe_events(Some(vec!["session.started".into()])).await.unwrap();
+    let sid = call(&mut c, "tuning.start", one_evaluation).await["session_id"].as_i64().unwrap();
+    let started = next(&mut events, "session.started", Duration::from_secs(60)).await;
+    let warm = started.data["warm_start"].as_array().unwrap();
+    assert_eq!(warm.len(), 1, "{}", started.data);
+    assert_eq!(warm[0]["same_model"], true);
+    let shown = wait_finished(&mut c, sid, Duration::from_secs(600)).await;
+    let first = &shown["candidates"][0];
+    assert!(first["origin"].as_str().unwrap().starts_with("warm:"), "{:?}", origins(&shown));
+    assert_eq!(first["hash"], warm[0]["hash"]);
+    let imp = call(&mut c, "imports.list", json!({})).await["imports"][0].clone();
+    assert!(["verified", "rejected"].contains(&imp["state"].as_str().unwrap()), "{imp}");
+    assert_eq!(imp["session_id"], json!(sid));
+    let served = call(&mut c, "policy.get", json!({"model": key.model, "mlx": key.mlx, "backend": "cpu"})).await;
+    assert_eq!(served["hash"] == first["hash"], imp["state"] == "verified", "served iff verified: {served}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_shared_through_a_folder_is_served_only_after_this_machine_verified_it() {
     let shared = tempfile::tempdir().unwrap();
@@ -53,32 +131,10 @@ async fn a_policy_shared_through_a_folder_is_served_only_after_this_machine_veri
     let config = format!("enabled = false\n\n[share]\ndir = {:?}\n", shared.path().display().to_string());
 
     // Machine A has proven a fusion of the tiny model (written through its store before it starts).
-    let (model, mlx) = tiny_model_and_mlx(home_a.path());
-    let key = BestKey { device: tilewise::probe::detect().fingerprint(), model: model.clone(), mlx, backend: "cpu".into() };
-    let groups = [("model.layers.*.self_attn", vec!["q_proj", "k_proj", "v_proj"]), ("model.layers.*.mlp", vec!["gate_proj", "up_proj"])];
-    let policy = json!({"schema": "tilewise.policy/1", "name": "fuse-siblings",
-        "target": {"device": key.device, "model": key.model, "mlx": key.mlx, "backend": key.backend},
-        "matmul": {"rules": [], "default": {"kind": "native"}},
-        "fusion": {"groups": groups.iter().map(|(s, m)| json!({"scope": s, "members": m})).collect::<Vec<_>>()}});
-    let hash = tilewise::policy::Policy::from_value(&policy).unwrap().content_hash();
-    {
-        let paths = Paths::under_home(home_a.path());
-        std::fs::create_dir_all(paths.db_file.parent().unwrap()).unwrap();
-        let store = Store::open(&paths.db_file).unwrap();
-        store
-            .promote(&Promotion {
-                key: key.clone(),
-                policy: policy.clone(),
-                hash: hash.clone(),
-                ratio: 1.06,
-                lo: 1.03,
-                hi: 1.07,
-                session_id: None,
-                candidate_id: None,
-                summary: None,
-            })
-            .unwrap();
-    }
+    let (key, hash) = seed_best(
+        home_a.path(),
+        &[("model.layers.*.self_attn", &["q_proj", "k_proj", "v_proj"]), ("model.layers.*.mlp", &["gate_proj", "up_proj"])],
+    );
     let a = Daemon::start_with_idle(home_a.path(), &[], &config);
     let a_file = wait_for("A's bundle in the shared folder", Duration::from_secs(30), || bundle_files(shared.path()).into_iter().next());
     let bundle = tilewise::share::bundle::check(&std::fs::read_to_string(&a_file).unwrap()).unwrap();
@@ -112,7 +168,7 @@ async fn a_policy_shared_through_a_folder_is_served_only_after_this_machine_veri
 
     // B verifies it here (what `tilewise verify` and the idle auto-starter run).
     let started =
-        call(&mut c, "tuning.start", json!({"model": "synthetic:tiny", "verify": true, "now": true, "pairs": 6, "warmup": 1})).await;
+        call(&mut c, "tuning.start", json!({"model": "synthetic:tiny", "verify": true, "now": true, "pairs": 10, "warmup": 1})).await;
     let sid = started["session_id"].as_i64().unwrap();
     let shown = wait_finished(&mut c, sid, Duration::from_secs(900)).await;
     let decided = call(&mut c, "imports.list", json!({})).await;

@@ -197,6 +197,10 @@ function renderPolicy(got, error) {
   tbody.replaceChildren();
   $("policy-what").replaceChildren();
   $("policy-source").textContent = got ? got.source : "";
+  // Where a served policy came from: proven by a session here, or imported and verified here.
+  const origin = got && got.source === "best" && got.evidence ? got.evidence.origin : null;
+  $("policy-origin").textContent = got && got.source === "best" ? (origin ? "imported · verified here" : "proven here") : "";
+  $("policy-origin").title = origin || "";
   if (error || !got) { $("policy-summary").textContent = error || "No model has been tuned yet."; return; }
   const p = got.policy || {}, ev = got.evidence;
   const summary = [h("span", { class: "mono" }, got.hash)];
@@ -207,6 +211,7 @@ function renderPolicy(got, error) {
   // for promotions recorded before summaries existed).
   const what = ev && ev.summary ? ev.summary.text : fmt.fusion(p);
   if (what) $("policy-what").append(h("div", { "data-testid": "policy-what-text" }, what));
+  if (origin) $("policy-what").append(h("div", { class: "muted", "data-testid": "policy-origin-text" }, origin));
   const workloads = (ev && ev.summary && ev.summary.workloads) || {};
   const measured = ["decode", "prefill", "inference", "training"].filter((k) => workloads[k])
     .map((k) => `${k} ${fmt.pctInterval(workloads[k].ratio, workloads[k].lo, workloads[k].hi)}`);

@@ -4,6 +4,8 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
+import path from "node:path";
+import { execFileSync } from "node:child_process";
 import { startDaemon, stopDaemon, startBridge, launchBrowser, RawClient, until, BIN } from "./harness.mjs";
 import fmt from "../src/format.js";
 
@@ -108,6 +110,31 @@ test("a process using the plugin shows in the usage card: its model, weights, us
     assert.deepEqual(processes.map((p) => p.client), ["tilewise-py/ui-test"], "the app's own policy.get calls are not processes");
     assert.equal(await text("[data-testid=usage-summary]"), "1 process, 1 model running now.");
   } finally { plugin.close(); }
+});
+
+test("the policy card says where the served policy came from: proven here, or imported and verified here", async () => {
+  const { device_fingerprint } = await daemon.client.call("status");
+  const target = { device: device_fingerprint, model: "mdl-99887766554433221100ffeeddccbbaa", mlx: "0.32.4", backend: "cpu" };
+  const file = path.join(daemon.home, "provenance-policy.json");
+  fs.writeFileSync(file, JSON.stringify({ schema: "tilewise.policy/1", name: "ui provenance", target,
+    matmul: { rules: [], default: { kind: "native" } }, fusion: { groups: [{ scope: "model.layers.*.mlp", members: ["gate_proj", "up_proj"] }] } }));
+  // Stored through the real store code, as a promotion (and a verification) records it.
+  const seed = (...extra) => execFileSync(path.join(BIN, "examples", "seed_best"), [file, "--db", path.join(daemon.home, "tilewise.db"), ...extra]);
+  const nudge = async () => (await RawClient.connect(daemon.socket, "ui-provenance-nudge/1")).close();
+  const shown = async (want) => until(`the origin tag to read "${want}"`, async () => (await text("[data-testid=policy-origin]")) === want, 15000);
+
+  seed();
+  await nudge();
+  await shown("proven here");
+  assert.equal(await page.locator("[data-testid=policy-origin-text]").count(), 0);
+
+  const origin = "imported from Apple M3 Max (dev-0123456789abcdef), verified here in session 7";
+  seed("--origin", origin);
+  await nudge();
+  await shown("imported · verified here");
+  const served = await daemon.client.call("policy.get", target);
+  assert.equal(served.evidence.origin, origin);
+  assert.equal(await text("[data-testid=policy-origin-text]"), served.evidence.origin);
 });
 
 test("'Start tuning now' and 'Pause' drive the daemon, and the session card shows its session", async (t) => {

@@ -119,6 +119,9 @@ pub struct Engine {
     /// Children handed in from outside (the LLM mutator), proposed with the next generation.
     #[serde(default)]
     pub injected: Vec<(Policy, String)>,
+    /// Policies proven on other machines (imports), proposed first in generation 0: a warm start.
+    #[serde(default)]
+    pub warm: Vec<(Policy, String)>,
 }
 
 fn stream(seed: u64, generation: u64, island: usize) -> ChaCha8Rng {
@@ -149,6 +152,7 @@ impl Engine {
             pending: Vec::new(),
             stalls: 0,
             injected: Vec::new(),
+            warm: Vec::new(),
         }
     }
 
@@ -190,6 +194,12 @@ impl Engine {
     /// Queues externally made policies (LLM replies) for the next generation.
     pub fn inject(&mut self, policy: Policy, origin: String) {
         self.injected.push((policy, origin));
+    }
+
+    /// Queues a policy proven elsewhere to be measured before the seeds (call before the first
+    /// `next_child`; `admit` it first to learn whether it would be proposed at all).
+    pub fn warm_start(&mut self, policy: Policy, origin: String) {
+        self.warm.push((policy, origin));
     }
 
     /// The best member over all islands.
@@ -270,6 +280,14 @@ impl Engine {
     pub fn propose(&mut self, space: &SearchSpace) -> Vec<Child> {
         let mut out: Vec<Child> = Vec::new();
         let taken = |c: &Child, out: &Vec<Child>| out.iter().any(|o| o.key == c.key);
+        // What another machine proved comes first: it is the likeliest win here too.
+        for (policy, origin) in std::mem::take(&mut self.warm) {
+            if let Some(c) = self.candidate_child(space, policy, 0, origin, vec![]) {
+                if !taken(&c, &out) {
+                    out.push(c);
+                }
+            }
+        }
         if self.generation == 0 {
             // Fusion first (the level where the time is), then the seed document's tile heuristic.
             let mut seeds = space.fusion_seeds();
@@ -382,6 +400,57 @@ mod tests {
             e.resolve(i, fake_outcome(&s, &c.policy));
         }
         assert_eq!(got, full);
+    }
+
+    /// Evaluations until a child reaches `goal` fitness (None: not within `limit`).
+    fn evaluations_to(e: &mut Engine, s: &SearchSpace, goal: f64, limit: usize) -> Option<usize> {
+        for n in 1..=limit {
+            let (i, c) = e.next_child(s)?;
+            let o = fake_outcome(s, &c.policy);
+            let reached = o.fitness() >= goal;
+            e.resolve(i, o);
+            if reached {
+                return Some(n);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_warm_start_reaches_what_another_machine_proved_in_fewer_evaluations() {
+        // "Another machine": a long search's best, as its bundle would carry it.
+        let s = tiny_space("cpu");
+        let (_, long) = run(11, 120);
+        let proven = long.best().unwrap().clone();
+        assert!(proven.fitness > 1.05);
+        let goal = proven.fitness - 1e-9;
+        for seed in [1, 2, 3] {
+            let cold = evaluations_to(&mut Engine::new(seed, EngineConfig::default(), &s), &s, goal, 400);
+            let mut warm = Engine::new(seed, EngineConfig::default(), &s);
+            let imported = warm.admit(&s, proven.policy.clone()).expect("admitted");
+            warm.warm_start(imported, "warm:another machine".into());
+            let (i, first) = warm.next_child(&s).unwrap();
+            assert_eq!(first.origin, "warm:another machine", "the import is measured first");
+            warm.resolve(i, fake_outcome(&s, &first.policy));
+            assert!(fake_outcome(&s, &first.policy).fitness() >= goal);
+            eprintln!("seed {seed}: cold start {cold:?} evaluations, warm start 1");
+            assert!(cold.is_none_or(|n| n > 1), "seed {seed}: cold start reached it in {cold:?}");
+        }
+        // An import that behaves like a seed is proposed once, as the import: that seed is not.
+        let mut e = Engine::new(5, EngineConfig::default(), &s);
+        let fused = s.fusion_seeds().remove(0);
+        let seed_origin = format!("seed:{}", fused.name.clone().unwrap_or_default());
+        e.warm_start(fused, "warm:x".into());
+        let mut origins = vec![];
+        while let Some((i, c)) = e.next_child(&s) {
+            if c.generation > 0 {
+                break;
+            }
+            origins.push(c.origin.clone());
+            e.resolve(i, fake_outcome(&s, &c.policy));
+        }
+        assert_eq!(origins[0], "warm:x");
+        assert!(origins.len() > 1 && !origins.contains(&seed_origin), "{origins:?}");
     }
 
     #[test]

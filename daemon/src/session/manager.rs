@@ -2,7 +2,7 @@
 //! tokio task ([`super::run`]).
 
 use super::run::{retarget, stopped_early, Runner, SavedState};
-use super::settings::{SessionSpec, StartParams, VerifyItem};
+use super::settings::{SessionSpec, StartParams, VerifyItem, WarmItem};
 use super::LlmSource;
 use crate::events::{kind, EventBus};
 use crate::evolve::cost::Memo;
@@ -17,6 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// Imported policies a search proposes first at most (each costs an evaluation).
+const MAX_WARM_START: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -298,7 +301,37 @@ impl SessionManager {
         Ok(())
     }
 
-    fn fresh_state(&self, spec: SessionSpec, target: &Target, loaded: &Value) -> Result<SavedState, SessionError> {
+    /// Imported policies to propose before the seeds: pending or starting-point imports of this
+    /// backend, those proven for this model first, newest first, at most `MAX_WARM_START`.
+    fn warm_start(&self, spec: &mut SessionSpec, space: &SearchSpace, engine: &mut Engine) -> Result<(), SessionError> {
+        if spec.cold || spec.fixed.is_some() || spec.remeasure {
+            return Ok(());
+        }
+        let mut imports: Vec<_> = lock(&self.opts.store)
+            .imports(None, None)?
+            .into_iter()
+            .filter(|i| matches!(i.state, ImportState::Pending | ImportState::StartingPoint) && i.backend == space.target.backend)
+            .collect();
+        imports.sort_by_key(|i| (i.model != space.target.model, std::cmp::Reverse(i.id)));
+        for imp in imports {
+            if spec.warm_start.len() >= MAX_WARM_START {
+                break;
+            }
+            let Ok(policy) = retarget(&imp.policy, &space.target) else { continue };
+            let Ok(policy) = engine.admit(space, policy) else { continue };
+            let from = format!("{} ({})", imp.from_chip.as_deref().unwrap_or("another machine"), imp.from_device);
+            spec.warm_start.push(WarmItem {
+                import_id: imp.id,
+                hash: policy.content_hash(),
+                from: from.clone(),
+                same_model: imp.model == space.target.model,
+            });
+            engine.warm_start(policy, format!("warm:{from}"));
+        }
+        Ok(())
+    }
+
+    fn fresh_state(&self, mut spec: SessionSpec, target: &Target, loaded: &Value) -> Result<SavedState, SessionError> {
         let space = SearchSpace {
             target: target.clone(),
             shapes: shapes_of(loaded)?,
@@ -312,7 +345,8 @@ impl SessionManager {
                 retarget(doc, target).map_err(|e| SessionError::InvalidPolicy(format!("policies[{i}]: {e}")))?;
             }
         }
-        let engine = Engine::new(spec.seed, spec.engine.clone(), &space);
+        let mut engine = Engine::new(spec.seed, spec.engine.clone(), &space);
+        self.warm_start(&mut spec, &space, &mut engine)?;
         Ok(SavedState {
             spec,
             space,
@@ -411,6 +445,7 @@ impl SessionManager {
                 "archive_cells": state.engine.archive.len(), "screened": state.screened, "shape_items": state.shape_items,
                 "elapsed_s": state.elapsed_s, "budget": state.spec.budget, "llm": state.llm,
                 "workload": state.spec.workload, "workload_from": state.spec.workload_from,
+                "warm_start": state.spec.warm_start,
                 "screen_bias": state.calibration.bias(), "screen_bias_samples": state.calibration.pairs.len(),
             })
         });

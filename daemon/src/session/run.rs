@@ -138,7 +138,7 @@ impl Runner {
             if resumed { kind::SESSION_RESUMED } else { kind::SESSION_STARTED },
             json!({"model": self.state.spec.model, "seed": self.state.spec.seed, "budget": self.state.spec.budget,
                    "target": self.key, "resumed": resumed, "workload": self.state.spec.workload,
-                   "workload_from": self.state.spec.workload_from}),
+                   "workload_from": self.state.spec.workload_from, "warm_start": self.state.spec.warm_start}),
         );
         let end = match self.run_loop().await {
             Ok(end) => end,
@@ -163,7 +163,7 @@ impl Runner {
                 state.as_str()
             ),
         });
-        if !self.state.spec.verify.is_empty() && state != SessionState::Paused {
+        if (!self.state.spec.verify.is_empty() || !self.state.spec.warm_start.is_empty()) && state != SessionState::Paused {
             self.decide_imports();
         }
         let summary = self.store().session(self.session_id).ok().flatten();
@@ -178,26 +178,34 @@ impl Runner {
 
     /// After a verification session: each import it measured is verified (its policy is the best
     /// now: served, marked with where it came from) or rejected with what this machine measured.
-    /// One the session never measured (stopped first) stays pending.
+    /// One the session never measured (stopped first) stays pending. After a warm-started search,
+    /// the same for the imports it proposed, except that one that lost is rejected only when it was
+    /// pending for this very model (a starting point stays one).
     fn decide_imports(&self) {
         // Events are published after the store's lock is released: publishing stores the event.
         let mut decided = vec![];
         let store = self.store();
         let best = store.best(&self.key).ok().flatten();
         let candidates = store.candidates(self.session_id, None).unwrap_or_default();
-        for item in &self.state.spec.verify {
-            let Ok(Some(imp)) = store.import_by_id(item.import_id) else { continue };
+        let items = self.state.spec.verify.iter().map(|v| (v.import_id, &v.hash, true));
+        let items = items.chain(self.state.spec.warm_start.iter().map(|w| (w.import_id, &w.hash, false)));
+        for (import_id, hash, verifying) in items {
+            let Ok(Some(imp)) = store.import_by_id(import_id) else { continue };
+            if !verifying && !matches!(imp.state, ImportState::Pending | ImportState::StartingPoint) {
+                continue;
+            }
+            let may_reject = verifying || (imp.state == ImportState::Pending && imp.model == self.key.model);
             let from = format!("{} ({})", imp.from_chip.as_deref().unwrap_or("another machine"), imp.from_device);
-            let Some(c) = candidates.iter().find(|c| c.hash == item.hash) else { continue };
+            let Some(c) = candidates.iter().find(|c| &c.hash == hash) else { continue };
             let measured = store.measurements(c.id).ok().and_then(|m| m.into_iter().rev().find(|m| m.ratio.is_some()));
             let (state, reason) = match (&best, measured) {
-                (Some(b), Some(_)) if b.hash == item.hash => {
+                (Some(b), Some(_)) if &b.hash == hash && imp.model == self.key.model => {
                     let origin = format!("imported from {from}, verified here in session {}", self.session_id);
                     let _ = store.set_best_origin(&self.key, &b.hash, &origin);
                     let reason = format!("verified here: {:.3}x [{:.3}, {:.3}] (session {}); served", b.ratio, b.lo, b.hi, self.session_id);
                     (ImportState::Verified, reason)
                 }
-                (_, Some(m)) => {
+                (_, Some(m)) if may_reject => {
                     let (r, lo, hi) = (m.ratio.unwrap_or(0.0), m.lo.unwrap_or(0.0), m.hi.unwrap_or(0.0));
                     let why = if !m.correct {
                         "its outputs differ from stock here".to_string()
@@ -303,7 +311,7 @@ impl Runner {
         let list = self.state.spec.fixed.clone().unwrap_or_default();
         let Some(doc) = list.get(self.state.fixed_next) else { return Ok(false) };
         let policy = retarget(doc, &self.state.space.target).map_err(SessionError::InvalidPolicy)?;
-        let origin = "given".to_string();
+        let origin = if self.state.spec.verify.is_empty() { "given" } else { "imported" }.to_string();
         // None: stopped or paused mid-measurement; the same policy is measured again on resume.
         if self.measure_candidate(&policy, 0, 0, &origin, vec![]).await?.is_some() {
             self.state.fixed_next += 1;
@@ -319,7 +327,9 @@ impl Runner {
         let hash = child.policy.content_hash();
         let existing = self.store().find_candidate(self.session_id, &hash)?;
         let mut predicted = None;
-        if existing.is_none() && self.state.spec.screen {
+        // A warm start is measured end to end: another machine proved it that way, and the screen's
+        // matmul-time prediction is no judge of what it measured there.
+        if existing.is_none() && self.state.spec.screen && !child.origin.starts_with("warm:") {
             match self.screen(&child.policy).await? {
                 Screen::Predicted(raw) => {
                     let threshold = self.state.spec.screen_threshold;

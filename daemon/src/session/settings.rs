@@ -69,6 +69,10 @@ pub struct StartParams {
     /// (promoted through the normal rule, then served) or rejected with the reason.
     #[serde(default)]
     pub verify: Option<bool>,
+    /// Start the search cold: no imported policy seeds its first generation (docs/sharing.md,
+    /// "Warm start").
+    #[serde(default)]
+    pub cold: Option<bool>,
 }
 
 /// The fully resolved settings of a session, stored with it so a resume runs the same session.
@@ -111,6 +115,24 @@ pub struct SessionSpec {
     /// A verification session: the imports it measures (`fixed` holds their policies, retargeted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub verify: Vec<VerifyItem>,
+    /// No warm start (see `StartParams::cold`).
+    #[serde(default)]
+    pub cold: bool,
+    /// The imported policies that seeded the first generation, in the order proposed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warm_start: Vec<WarmItem>,
+}
+
+/// An imported policy proposed first by a search session (a warm start).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WarmItem {
+    pub import_id: i64,
+    /// The content hash as retargeted to this machine (the candidate's hash).
+    pub hash: String,
+    /// "Apple M3 Max (dev-…)": the machine that proved it.
+    pub from: String,
+    /// Whether it was proven for this very model (else a sibling model of the same backend).
+    pub same_model: bool,
 }
 
 /// One imported policy a verification session decides.
@@ -168,6 +190,8 @@ impl StartParams {
             remeasure: self.remeasure.unwrap_or(false),
             workload_from: None,
             verify: vec![],
+            cold: self.cold.unwrap_or(false),
+            warm_start: vec![],
         })
     }
 }

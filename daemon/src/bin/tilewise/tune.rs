@@ -31,6 +31,9 @@ pub struct TuneArgs {
     /// docs/sessions.md).
     #[arg(long)]
     pub llm: bool,
+    /// Start the search cold: policies imported from other machines do not seed it.
+    #[arg(long)]
+    pub cold: bool,
     /// Start the session and return at once.
     #[arg(long)]
     pub detach: bool,
@@ -142,6 +145,9 @@ pub async fn run(args: TuneArgs, events: Client, mut rpc: Client) -> anyhow::Res
     if args.llm {
         params["llm"] = json!(true);
     }
+    if args.cold {
+        params["cold"] = json!(true);
+    }
     if args.verify {
         params["verify"] = json!(true);
     }
@@ -162,6 +168,15 @@ pub async fn run(args: TuneArgs, events: Client, mut rpc: Client) -> anyhow::Res
     );
     if let Some(why) = shown["search"]["workload_from"].as_str() {
         eprintln!("tilewise: workload {why}");
+    }
+    if let Some(warm) = shown["search"]["warm_start"].as_array().filter(|w| !w.is_empty()) {
+        let from: std::collections::BTreeSet<&str> = warm.iter().filter_map(|w| w["from"].as_str()).collect();
+        eprintln!(
+            "tilewise: warm start: {} imported {} from {} measured first (`--cold` to skip)",
+            warm.len(),
+            if warm.len() == 1 { "policy" } else { "policies" },
+            from.into_iter().collect::<Vec<_>>().join(", ")
+        );
     }
     if let Some(asked) = args.budget.filter(|b| resumed && *b != budget) {
         eprintln!(
