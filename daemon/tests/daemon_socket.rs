@@ -375,11 +375,18 @@ async fn error_codes_follow_the_protocol() {
     assert_eq!(code(&raw.call(r#"{"jsonrpc":"1.0","id":1,"method":"status"}"#)), codes::INVALID_REQUEST);
     assert_eq!(code(&raw.call(r#"{"jsonrpc":"2.0","id":1,"method":"no.such"}"#)), codes::METHOD_NOT_FOUND);
     assert_eq!(code(&raw.call(r#"{"jsonrpc":"2.0","id":1,"method":"policy.get","params":{"model":5}}"#)), codes::INVALID_PARAMS);
-    // A method this daemon does not have (sharing through bundles is not built yet) is -32601 with
-    // the request's id, never a fake success.
-    for m in ["policy.export", "policy.import"] {
-        let reply = raw.call(&format!(r#"{{"jsonrpc":"2.0","id":"{m}","method":"{m}","params":{{"session_id":1,"key":"k","value":1}}}}"#));
-        assert_eq!(code(&reply), codes::METHOD_NOT_FOUND, "{m}: {reply}");
+    // The sharing methods refuse what they were not asked (-32602 naming the problem, the request's
+    // id kept) and never read a file a relative path would name in the daemon's directory.
+    let bad = [
+        ("policy.export", r#"{"session_id":1}"#, "unknown field"),
+        ("policy.import", r#"{"path":"bundle.json"}"#, "path: must be absolute"),
+        ("policy.import", r#"{"path":"/nonexistent/tilewise-bundle.json"}"#, "/nonexistent/tilewise-bundle.json"),
+        ("imports.list", r#"{"state":"served"}"#, "state"),
+    ];
+    for (m, params, says) in bad {
+        let reply = raw.call(&format!(r#"{{"jsonrpc":"2.0","id":"{m}","method":"{m}","params":{params}}}"#));
+        assert_eq!(code(&reply), codes::INVALID_PARAMS, "{m} {params}: {reply}");
+        assert!(reply["error"]["message"].as_str().unwrap().contains(says), "{m} {params}: {reply}");
         assert_eq!(reply["id"], json!(m));
     }
     // A notification (no id) gets no reply: the next line read answers the next request.

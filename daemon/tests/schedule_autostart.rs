@@ -98,11 +98,8 @@ async fn automatic_tuning_off_starts_nothing_until_turned_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_configured_model_the_most_used_untuned_model_is_tuned() {
     let home = tempfile::tempdir().unwrap();
-    let activity = home.path().join("activity.json");
-    set(&activity, ActivityFile { user_idle_s: 0.0, ..Default::default() }); // a person is active
-    let idle = "enabled = true\nmin_idle_s = 1\nrequire_ac_power = true\nsession_evaluations = 2\nretune_after_h = 24\n";
-    let d = Daemon::start_with_idle(home.path(), &[("TILEWISE_ACTIVITY_FILE", activity.to_str().unwrap())], idle);
-    // The tiny model in a directory of its own, and its fingerprint, as a plugin would see them.
+    // The tiny model in a directory of its own, and its fingerprint, as a plugin would see them
+    // (made before the daemon starts: it takes seconds on a loaded box).
     let out = std::process::Command::new(python())
         .args(["-c", "from tilewise import models; d = models.synthesize('tiny'); print(d); print(models.load_model(str(d))[2]['model_fingerprint'])"])
         .env("TILEWISE_HOME", home.path())
@@ -114,6 +111,14 @@ async fn without_a_configured_model_the_most_used_untuned_model_is_tuned() {
         let mut lines = text.lines();
         (lines.next().unwrap().to_string(), lines.next().unwrap().to_string())
     };
+    // A person is active until the plugin's report is in: idle time grows from the file's last
+    // write, and 5 s of it open the gate (far more than one call takes, even on a loaded box).
+    let activity = home.path().join("activity.json");
+    let active = || set(&activity, ActivityFile { user_idle_s: 0.0, ..Default::default() });
+    active();
+    let idle = "enabled = true\nmin_idle_s = 5\nrequire_ac_power = true\nsession_evaluations = 2\nretune_after_h = 24\n";
+    let d = Daemon::start_with_idle(home.path(), &[("TILEWISE_ACTIVITY_FILE", activity.to_str().unwrap())], idle);
+    active();
     let mut c = d.client().await;
     let report = json!({"model": fp, "model_name": dir, "period_s": 60.0,
                         "generations": [{"batch": 1, "prompt_tokens": 32, "generated_tokens": 16, "count": 5}]});
@@ -121,6 +126,6 @@ async fn without_a_configured_model_the_most_used_untuned_model_is_tuned() {
     let mut events = d.client().await.subscribe_events(None).await.unwrap();
     set(&activity, ActivityFile::default()); // the person leaves
     let auto = next(&mut events, "tuning.auto_started", Duration::from_secs(60)).await;
-    assert_eq!(auto.data["model"], json!(dir), "{}", auto.data);
+    assert_eq!(auto.data["model"], json!(dir), "{}\n{}", auto.data, std::fs::read_to_string(&d.log).unwrap_or_default());
     assert_eq!(call(&mut c, "tuning.stop", json!({})).await["stopped"], true);
 }

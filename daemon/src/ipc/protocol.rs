@@ -776,6 +776,7 @@ mod tests {
 // ---- sharing ----
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct PolicyExportParams {
     /// Only this model's policies (a fingerprint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -793,13 +794,19 @@ impl Checked for PolicyExportParams {
 
 /// `policy.import`: a bundle file by path (the daemon reads it: a bundle may exceed a request line).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PolicyImportParams {
     pub path: PathBuf,
 }
 
 impl Checked for PolicyImportParams {
     fn check(&self) -> Result<(), RpcError> {
-        check_text("path", &self.path.to_string_lossy(), limits::MODEL_SPEC, true)
+        check_text("path", &self.path.to_string_lossy(), limits::MODEL_SPEC, true)?;
+        // The daemon's working directory is not the caller's: a relative path would name another file.
+        if !self.path.is_absolute() {
+            return Err(RpcError::invalid_params("path: must be absolute"));
+        }
+        Ok(())
     }
 }
 
@@ -809,15 +816,30 @@ pub struct PolicyImportResult {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct ImportsListParams {
     /// Only imports in this state (`pending`, `verified`, `rejected`, `starting_point`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<crate::store::ImportState>,
+    pub state: Option<String>,
+}
+
+impl ImportsListParams {
+    /// The state asked for, once `check` has accepted it.
+    pub fn state(&self) -> Option<crate::store::ImportState> {
+        let want = self.state.as_deref()?;
+        crate::store::ImportState::ALL.into_iter().find(|s| s.as_str() == want)
+    }
 }
 
 impl Checked for ImportsListParams {
     fn check(&self) -> Result<(), RpcError> {
-        Ok(())
+        match &self.state {
+            Some(s) if self.state().is_none() => Err(RpcError::invalid_params(format!(
+                "state: {:?} is not one of pending, verified, rejected, starting_point",
+                s.chars().take(64).collect::<String>()
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -660,7 +660,7 @@ async fn dispatch(
         }
         methods::IMPORTS_LIST => {
             let l: ImportsListParams = checked(p)?;
-            to_value(ImportsListResult { imports: state.store().imports(l.state, None).map_err(RpcError::internal)? })
+            to_value(ImportsListResult { imports: state.store().imports(l.state(), None).map_err(RpcError::internal)? })
         }
         methods::MODELS_LIST => {
             let _: ModelsListParams = checked(p)?;

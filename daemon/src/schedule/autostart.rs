@@ -177,6 +177,9 @@ async fn run(mut deps: AutoStartDeps, daemon_started: Instant) {
             // What people run most and is not tuned yet, else the embedded default.
             None => {
                 let used = crate::usage::most_used_untuned(&deps.store.lock().unwrap_or_else(|p| p.into_inner()), &deps.device);
+                if let Err(e) = &used {
+                    tracing::warn!("cannot tell which model people use most: {e}; tuning the default model");
+                }
                 used.ok().flatten().unwrap_or_else(|| idle_model(&config.idle, &deps.backend))
             }
         };

@@ -233,7 +233,7 @@ impl Store {
              ON CONFLICT (device, model, mlx, backend) DO UPDATE SET hash = excluded.hash,
                policy_json = excluded.policy_json, ratio = excluded.ratio, lo = excluded.lo, hi = excluded.hi,
                session_id = excluded.session_id, candidate_id = excluded.candidate_id, promoted_at = excluded.promoted_at,
-               summary_json = excluded.summary_json, remeasured_at = NULL",
+               summary_json = excluded.summary_json, remeasured_at = NULL, origin = NULL",
             params![k.device, k.model, k.mlx, k.backend, p.hash, policy_json, p.ratio, p.lo, p.hi, p.session_id, p.candidate_id, at, summary_json],
         )?;
         tx.execute(
@@ -307,7 +307,7 @@ impl Store {
         let previous: Option<Best> = {
             let mut st = tx.prepare(
                 "SELECT device, model, mlx, backend, hash, policy_json, ratio, lo, hi, session_id, candidate_id, promoted_at,
-                        summary_json, NULL AS remeasured_at
+                        summary_json, NULL AS remeasured_at, NULL AS origin
                  FROM best_history WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4 AND kind = 'promotion'
                  AND hash != ?5 ORDER BY id DESC",
             )?;
@@ -327,7 +327,7 @@ impl Store {
             Some(b) => {
                 tx.execute(
                     "UPDATE best SET hash = ?5, policy_json = ?6, ratio = ?7, lo = ?8, hi = ?9, session_id = ?10, candidate_id = ?11,
-                       promoted_at = ?12, summary_json = ?13, remeasured_at = NULL
+                       promoted_at = ?12, summary_json = ?13, remeasured_at = NULL, origin = NULL
                      WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4",
                     params![
                         k.device,

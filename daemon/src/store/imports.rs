@@ -29,6 +29,9 @@ impl ImportState {
         }
     }
 
+    /// Every state, for checking what a client names.
+    pub const ALL: [ImportState; 4] = [ImportState::Pending, ImportState::Verified, ImportState::Rejected, ImportState::StartingPoint];
+
     fn parse(s: &str) -> ImportState {
         match s {
             "verified" => ImportState::Verified,
