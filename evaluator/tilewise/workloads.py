@@ -60,10 +60,21 @@ def run_inference(model, prompt, gen_tokens, prefill_step_size=2048, should_stop
         if first is None:
             first = time.perf_counter()
         tokens.append(tok)
-        if should_stop is not None and should_stop():
-            from .measure import Cancelled
+        stop_if_asked(should_stop)
+    return generation_timings(tic, first, cpu, tokens)
 
-            raise Cancelled()
+
+def stop_if_asked(should_stop):
+    """Raises measure.Cancelled when `should_stop()` says so (polled after every generated token)."""
+    if should_stop is not None and should_stop():
+        from .measure import Cancelled
+
+        raise Cancelled()
+
+
+def generation_timings(tic, first, cpu, tokens):
+    """The result of a generation started at `tic` (perf_counter; `cpu`: process_time) whose first
+    token came at `first`: wall, prefill and decode seconds, CPU seconds and the tokens."""
     end = time.perf_counter()
     return {
         "seconds": end - tic,
@@ -109,18 +120,8 @@ def run_batch_inference(model, prompts, gen_tokens, prefill_step_size=2048, shou
             nxt = step(cur[:, None])
             mx.async_eval(nxt)
         tokens.append(cur.tolist())
-        if should_stop is not None and should_stop():
-            from .measure import Cancelled
-
-            raise Cancelled()
-    end = time.perf_counter()
-    return {
-        "seconds": end - tic,
-        "prefill_s": first - tic,
-        "decode_s": end - first,
-        "cpu_s": time.process_time() - cpu,
-        "tokens": tokens,
-    }
+        stop_if_asked(should_stop)
+    return generation_timings(tic, first, cpu, tokens)
 
 
 def make_batch(model, batch, seq, seed):
