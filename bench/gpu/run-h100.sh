@@ -13,6 +13,8 @@
 #   tune [BUDGET] [MODEL]  the real daemon (release binaries carried xz-compressed in .devbin/) runs a
 #                    default tuning session (default 240s, synthetic:qwen2.5-0.5b) in /root/twhome; its
 #                    history, policy and database go to $OUT
+#   remeasure [ARGS] bench/remeasure.py ARGS (bf16): fresh homes, each a promotion, its re-measurement in a
+#                    fresh worker and a later-day re-measurement session; the figure is the deviation
 #   llama [ARGS]     that best retargeted to a Llama-3.2-1B-shaped bf16 model: decode B = 1 and 8 vs stock
 #   fusion [ARGS]    bench/fusion_bench.py against that daemon's best: bf16 (all workloads), then the
 #                    same policy retargeted to a 4-bit copy (decode B=1, B=8, prefill); ARGS to both
@@ -42,12 +44,14 @@ install || exit 1
 # The daemon for `tune` and `fusion`: release binaries carried as .devbin/*.xz, unpacked once per machine.
 TWBIN=/root/twbin
 export TILEWISE_HOME=${TILEWISE_HOME:-/root/twhome} TILEWISE_PYTHON=python3
+unpack_daemon() {
+  [ -x "$TWBIN/tilewised" ] && return 0
+  mkdir -p "$TWBIN"
+  for f in .devbin/*.xz; do xz -dc "$f" > "$TWBIN/$(basename "${f%.xz}")" || return 1; done
+  chmod +x "$TWBIN"/*
+}
 start_daemon() {
-  if [ ! -x "$TWBIN/tilewised" ]; then
-    mkdir -p "$TWBIN"
-    for f in .devbin/*.xz; do xz -dc "$f" > "$TWBIN/$(basename "${f%.xz}")" || return 1; done
-    chmod +x "$TWBIN"/*
-  fi
+  unpack_daemon || return 1
   "$TWBIN/tilewise" status >/dev/null 2>&1 || "$TWBIN/tilewise" daemon start
 }
 export PYTHONPATH=$SITE:$PWD/evaluator
@@ -92,6 +96,12 @@ for step in ${steps//,/ }; do
       cp "$OUT/best-policies.json" "$TILEWISE_HOME/best-policies.json"  # for the llama step on this machine
       "$TWBIN/tilewise" daemon stop
       cp "$TILEWISE_HOME/tilewise.db" "$OUT/tilewise-${model//[^A-Za-z0-9]/_}.db" 2>/dev/null
+      ;;
+    remeasure)
+      # Fresh homes of their own (not $TILEWISE_HOME): promotion, re-measurement, later-day session.
+      unpack_daemon || exit 1
+      python3 bench/remeasure.py --daemon "$TWBIN/tilewised" --dtype bfloat16 --later-day \
+        --out "$OUT/remeasure.txt" "$@" || rc=1
       ;;
     fusion)
       start_daemon || exit 1

@@ -462,7 +462,7 @@ class MisbehavingDaemon:
             if self.behaviour == "garbage":
                 conn.sendall(b"this is not json\n")
             elif self.behaviour == "huge":
-                conn.sendall(b"x" * (daemon_client.MAX_LINE + 10))
+                conn.sendall(b"x" * (daemon_client.MAX_REPLY_LINE + 10))
             elif self.behaviour == "close":
                 conn.close()
             # "silent": accept and never answer
@@ -493,6 +493,33 @@ def test_misbehaving_daemon_costs_at_most_the_timeout(behaviour, tiny_dir, fresh
     # the socket part is bounded by the 0.2 s budget; fingerprinting, cache checks and patching the
     # tiny model take milliseconds (headroom for loaded CI machines; a hang would be unbounded)
     assert elapsed < 2.0, elapsed
+
+
+def test_client_reads_a_reply_longer_than_the_request_limit():
+    """Requests are capped at 64 KiB but replies may run to 16 MiB: `session.show` of a long session
+    (every candidate's policy, the shape memo) passed 64 KiB in a loaded CI run and the client gave up."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="tw-big-")) / "s.sock"
+    big = {"candidates": ["x" * 1000] * (3 * daemon_client.MAX_REQUEST_LINE // 1000)}
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def answer():
+        conn, _ = server.accept()
+        with conn, conn.makefile("rb") as f:
+            req = json.loads(f.readline())
+            event = {"jsonrpc": "2.0", "method": "event", "params": {"kind": "x"}}
+            reply = {"jsonrpc": "2.0", "id": req["id"], "result": big}
+            conn.sendall((json.dumps(event) + "\n" + json.dumps(reply) + "\n").encode())
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        with daemon_client.DaemonClient(path, timeout=30) as c:
+            assert c.call("session.show", {"session_id": 1}) == big
+    finally:
+        server.close()
 
 
 class AnsweringDaemon(MisbehavingDaemon):

@@ -22,7 +22,8 @@ def rust_const(file, name):
 
 def test_socket_protocol_version_and_frame_limit_agree():
     assert daemon_client.PROTOCOL == rust_const("ipc/protocol.rs", "PROTOCOL_VERSION")
-    assert daemon_client.MAX_LINE == rust_const("ipc/protocol.rs", "MAX_REQUEST_LINE")
+    assert daemon_client.MAX_REQUEST_LINE == rust_const("ipc/protocol.rs", "MAX_REQUEST_LINE")
+    assert daemon_client.MAX_REPLY_LINE == rust_const("ipc/protocol.rs", "MAX_REPLY_LINE")
 
 
 def test_worker_protocol_version_and_line_limit_agree():

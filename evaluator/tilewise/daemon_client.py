@@ -23,8 +23,11 @@ from typing import Any, Mapping, Optional
 
 #: Protocol major version this client speaks (``hello.protocol``).
 PROTOCOL = 1
-#: Longest line either side may send (docs/protocol.md, "Framing").
-MAX_LINE = 64 * 1024
+#: Longest request line the daemon reads (docs/protocol.md, "Framing").
+MAX_REQUEST_LINE = 64 * 1024
+#: Longest reply line accepted from the daemon: replies such as ``session.show`` of a long session
+#: run past the request limit.
+MAX_REPLY_LINE = 16 * 1024 * 1024
 #: Default budget for connect + handshake + one request: short, because it runs in the user's process.
 DEFAULT_TIMEOUT_S = 0.2
 
@@ -99,7 +102,7 @@ class DaemonClient:
         self.path = Path(path) if path is not None else socket_path()
         self.deadline = time.monotonic() + timeout
         self._sock: Optional[socket.socket] = None
-        self._buf = b""
+        self._buf = bytearray()
         self._next_id = 1
 
     # -- connection -----------------------------------------------------------------------------
@@ -151,8 +154,8 @@ class DaemonClient:
     # -- framing --------------------------------------------------------------------------------
     def _send(self, msg: dict) -> None:
         data = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-        if len(data) > MAX_LINE:
-            raise ValueError(f"request of {len(data)} bytes exceeds the {MAX_LINE}-byte frame limit")
+        if len(data) > MAX_REQUEST_LINE:
+            raise ValueError(f"request of {len(data)} bytes exceeds the {MAX_REQUEST_LINE}-byte frame limit")
         assert self._sock is not None, "connect() first"
         try:
             self._sock.settimeout(self._remaining())
@@ -164,9 +167,11 @@ class DaemonClient:
 
     def _read_line(self) -> bytes:
         assert self._sock is not None, "connect() first"
-        while b"\n" not in self._buf:
-            if len(self._buf) > MAX_LINE:
-                raise DaemonUnavailable(f"daemon sent a line longer than {MAX_LINE} bytes")
+        searched = 0  # the buffer before this offset holds no newline: a big reply is scanned once
+        while (end := self._buf.find(b"\n", searched)) < 0:
+            if len(self._buf) > MAX_REPLY_LINE:
+                raise DaemonUnavailable(f"daemon sent a line longer than {MAX_REPLY_LINE} bytes")
+            searched = len(self._buf)
             try:
                 self._sock.settimeout(self._remaining())
                 chunk = self._sock.recv(65536)
@@ -177,7 +182,8 @@ class DaemonClient:
             if not chunk:
                 raise DaemonUnavailable("daemon closed the connection")
             self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
+        line = bytes(self._buf[:end])
+        del self._buf[: end + 1]
         return line
 
     def call(self, method: str, params: Optional[dict] = None) -> Any:
