@@ -5,11 +5,14 @@
 #
 #   bash bench/suite_under_load.sh [RUNS] [REPORT]
 #
-# The build uses its own scratch target dir and `cargo clean`s it between builds, so the load never
+# Run it from a clone of its own (with .venv linked and target/debug copied) to keep editing
+# meanwhile: the tests read the checkout's files as they go. The build uses its own scratch target dir and `cargo clean`s it between builds, so the load never
 # stops and the repository's target/ is untouched. Each run's line records pytest's summary, its
 # wall time and the 1-minute load average at its end, so the report shows the load was real.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# This checkout's evaluator, even where the venv's editable install points at another clone.
+export PYTHONPATH="$PWD/evaluator${PYTHONPATH:+:$PYTHONPATH}"
 
 runs=${1:-10}
 report=${2:-bench/results/suite-under-load-$(date -u +%Y-%m-%d).txt}
