@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -62,11 +63,44 @@ def history(d):
         return c.call("history", {})["promotions"]
 
 
-def one_home(daemon_bin, env, args, model, seed):
+def interval(part):
+    return [part["ratio"], part["lo"], part["hi"]] if part else None
+
+
+def measurements(db_path, hash_):
+    """Every stored measurement of `hash_` with its per-workload figures, oldest first: the first
+    measurement, its confirmation, then each re-measurement."""
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT m.id, c.origin, m.ratio, m.detail_json FROM measurements m JOIN candidates c ON c.id = m.candidate_id"
+            " WHERE c.hash = ? ORDER BY m.id",
+            (hash_,),
+        ).fetchall()
+    finally:
+        db.close()
+    out = []
+    for mid, origin, ratio, detail in rows:
+        d = json.loads(detail)
+        out.append(
+            {
+                "id": mid,
+                "origin": origin,
+                "combined": ratio,
+                "inference": interval(d.get("inference")),
+                "training": interval(d.get("training")),
+            }
+        )
+    return out
+
+
+def one_home(daemon_bin, env, args, model, seed, workload):
     """One fresh home: a search session, then (optionally) a later-day re-measurement."""
     home = Path(tempfile.mkdtemp(prefix="tw-remeasure-"))
     base = {"model": model, **({"dtype": args.dtype} if args.dtype else {})}
-    row = {"model": model, "seed": seed}
+    if workload is not None:
+        base["workload"] = workload
+    row = {"model": model, "seed": seed, "workload": workload}
     try:
         with daemon_client.LocalDaemon(daemon_bin, home, env=env) as d:
             shown = run_session(d, {**base, "seed": seed, "budget": {"evaluations": args.evaluations}}, args.timeout)
@@ -82,6 +116,9 @@ def one_home(daemon_bin, env, args, model, seed):
             with daemon_client.LocalDaemon(daemon_bin, home, env=env) as d:
                 row["later_day_state"] = run_session(d, {**base, "remeasure": True}, args.timeout)["session"]["state"]
                 entries = history(d)
+        promoted = [e["hash"] for e in entries if e["kind"] == "promotion"]
+        if promoted:
+            row["measurements"] = measurements(home / "tilewise.db", promoted[0])
     finally:
         shutil.rmtree(home, ignore_errors=True)
     entries = sorted(entries, key=lambda e: e["id"])
@@ -97,10 +134,48 @@ def one_home(daemon_bin, env, args, model, seed):
     return row
 
 
+def summarize(rows, workload):
+    label = "default workload" if workload is None else json.dumps(workload, separators=(",", ":"))
+    devs = [
+        m["ratio"] / row["promoted"][0] - 1
+        for row in rows
+        if "promoted" in row and row["promoted"][0] > 1 + EFFECT_FLOOR
+        for m in row["remeasured"]
+    ]
+    if not devs:
+        say(f"{label}: no promoted effect above {EFFECT_FLOOR:.0%}: the ±{GOAL:.0%} goal is not measured")
+        return
+    within = sum(abs(d) <= GOAL for d in devs)
+    say(
+        f"{label}: re-measurements of effects above {EFFECT_FLOOR:.0%}: {len(devs)}; deviation of the median: "
+        f"median {100 * statistics.median(devs):+.1f} %, range [{100 * min(devs):+.1f}, {100 * max(devs):+.1f}] %; "
+        f"within ±{GOAL:.0%}: {within} of {len(devs)}"
+    )
+    # How much each workload's ratio moves between measurements of the same policy (max - min over
+    # the mean, per home): which workload carries the spread.
+    for w in ("inference", "training"):
+        spreads = []
+        for row in rows:
+            xs = [m[w][0] for m in row.get("measurements", []) if m[w]]
+            if len(xs) >= 2:
+                spreads.append((max(xs) - min(xs)) / statistics.fmean(xs))
+        if spreads:
+            say(
+                f"    {w}: spread between measurements of one policy, per home: "
+                + ", ".join(f"{100 * x:.1f} %" for x in spreads)
+            )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", help="repeatable (default synthetic:tiny)")
     ap.add_argument("--dtype", default=None)
+    ap.add_argument(
+        "--workload",
+        action="append",
+        type=json.loads,
+        help="a tuning.start workload (JSON); repeat to alternate them across homes (an A/B in one run)",
+    )
     ap.add_argument("--sessions", type=int, default=3, help="fresh homes per model")
     ap.add_argument("--evaluations", type=int, default=2, help="session budget: the seed and its confirmation")
     ap.add_argument("--later-day", action="store_true", help="also run the later-day re-measurement session")
@@ -129,13 +204,15 @@ def main():
         f"{daemon}; load {os.getloadavg()[0]:.2f}"
     )
     say("model                       seed  promoted                  re-measured (deviation of the median)")
+    workloads = args.workload or [None]
     rows, t0 = [], time.monotonic()
     for i in range(args.sessions):
         for model in models:
             if args.max_seconds and time.monotonic() - t0 > args.max_seconds:
                 say(f"stopped: --max-seconds {args.max_seconds:.0f} spent")
                 break
-            row = one_home(daemon, env, args, model, args.seed + i)
+            workload = workloads[i % len(workloads)]
+            row = one_home(daemon, env, args, model, args.seed + i, workload)
             rows.append(row)
             save(args.out, rows)  # a lent GPU's call may be cut off: keep what is measured so far
             if "promoted" not in row:
@@ -155,23 +232,10 @@ def main():
         else:
             continue
         break
-    devs = [
-        m["ratio"] / row["promoted"][0] - 1
-        for row in rows
-        if "promoted" in row and row["promoted"][0] > 1 + EFFECT_FLOOR
-        for m in row["remeasured"]
-    ]
     promoted = sum("promoted" in r for r in rows)
     say(f"sessions {len(rows)}, promoted {promoted}; {time.monotonic() - t0:.0f} s")
-    if devs:
-        within = sum(abs(d) <= GOAL for d in devs)
-        say(
-            f"re-measurements of effects above {EFFECT_FLOOR:.0%}: {len(devs)}; deviation of the median: "
-            f"median {100 * statistics.median(devs):+.1f} %, range [{100 * min(devs):+.1f}, {100 * max(devs):+.1f}] %; "
-            f"within ±{GOAL:.0%}: {within} of {len(devs)}"
-        )
-    else:
-        say(f"no promoted effect above {EFFECT_FLOOR:.0%}: the ±{GOAL:.0%} goal is not measured by this run")
+    for workload in workloads:
+        summarize([r for r in rows if r["workload"] == workload], workload)
     save(args.out, rows)
     return 0
 
