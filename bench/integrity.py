@@ -55,6 +55,18 @@ def aa_policy(kind, i):
     }
 
 
+def daemon_binary(given):
+    """`given`, else this checkout's release build, else its debug build; exits when there is none."""
+    daemon = (
+        Path(given)
+        if given
+        else next((p for p in (REPO / "target/release/tilewised", REPO / "target/debug/tilewised") if p.exists()), None)
+    )
+    if daemon is None or not daemon.exists():
+        sys.exit("no tilewised binary: cargo build -p tilewise --bins")
+    return daemon
+
+
 def clopper_pearson(k, n, level=0.95):
     """Exact binomial interval for k successes in n trials (bisection on the binomial tails)."""
     alpha = (1 - level) / 2
@@ -132,13 +144,7 @@ def main():
     )
     args = ap.parse_args()
     n = 8 if args.quick else args.sessions
-    daemon = (
-        Path(args.daemon)
-        if args.daemon
-        else next((p for p in (REPO / "target/release/tilewised", REPO / "target/debug/tilewised") if p.exists()), None)
-    )
-    if daemon is None or not daemon.exists():
-        sys.exit("no tilewised binary: cargo build -p tilewise --bins")
+    daemon = daemon_binary(args.daemon)
     models_dir = Path(os.environ.get("TILEWISE_MODELS_DIR") or tempfile.mkdtemp(prefix="tw-aa-models-"))
     say(
         f"# integrity {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {n} A/A sessions through {daemon}, "

@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "evaluator"))
 
+from integrity import daemon_binary  # noqa: E402
+
 from tilewise import daemon_client  # noqa: E402
 
 LINES: list = []
@@ -186,13 +188,7 @@ def main():
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     models = args.model or ["synthetic:tiny"]
-    daemon = (
-        Path(args.daemon)
-        if args.daemon
-        else next((p for p in (REPO / "target/release/tilewised", REPO / "target/debug/tilewised") if p.exists()), None)
-    )
-    if daemon is None or not daemon.exists():
-        sys.exit("no tilewised binary: cargo build -p tilewise --bins")
+    daemon = daemon_binary(args.daemon)
     env = dict(
         os.environ,
         TILEWISE_MODELS_DIR=os.environ.get("TILEWISE_MODELS_DIR") or tempfile.mkdtemp(prefix="tw-remeasure-models-"),
