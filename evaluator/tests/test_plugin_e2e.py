@@ -217,6 +217,16 @@ def test_cli_wrapper_gets_the_daemons_policy(binaries, home, tiny):
 #: 1-minute load average per core above which a 5 % effect is not resolvable by a session (the
 #: suite alone keeps it near 1; the suite beside a release build, ~2.3).
 OVERSUBSCRIBED = 1.75
+#: Half-width of a measurement's 95 % interval at or above which a ~5 % effect cannot be resolved (a
+#: quiet 2-core box measures the fusion seed at 0.012-0.018).
+UNRESOLVED_HALFWIDTH = 0.04
+
+
+def _figure(m):
+    """'ratio [lo, hi]' of a session.show measurement (None figures when it was not timed)."""
+    if m.get("ratio") is None or m.get("lo") is None:
+        return "not timed"
+    return f"{m['ratio']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
 
 
 def run_session(d, info, seed, budget=12, timeout_s=900, **settings):
@@ -242,9 +252,9 @@ def run_session(d, info, seed, budget=12, timeout_s=900, **settings):
 def test_a_default_session_finds_fusion_and_mlx_lm_processes_get_it(binaries, home, tiny):
     """From search to user: a tuning session with default settings (budget aside) on the default CPU
     model promotes a fusion policy by itself, and a separate mlx_lm process runs it fused, with the
-    same generated text as stock. On a box oversubscribed through every try (`OVERSUBSCRIBED`) no
-    5 % effect is provable; there it checks that the fusion was measured correct and not promoted,
-    and skips with the figures."""
+    same generated text as stock. On a box that cannot resolve a 5 % effect (oversubscribed through
+    every try, or every fusion measurement wider than `UNRESOLVED_HALFWIDTH`) it checks that the
+    fusion was measured correct and skips with the figures."""
     _, _, info = tiny
     env = dict(os.environ, TILEWISE_PYTHON=sys.executable)
     with daemon_client.LocalDaemon(binaries["daemon"], home, env=env) as d:
@@ -254,24 +264,35 @@ def test_a_default_session_finds_fusion_and_mlx_lm_processes_get_it(binaries, ho
         # So the later tries keep the default search but measure what fusion speeds up most
         # (decode: +7 % quiet) with twice the pairs, which proves it under moderate load.
         decode = {"pairs": 20, "workload": {"inference": {"prompt_tokens": 16, "gen_tokens": 48}}, "budget": 6}
-        tried, loads, fused = [], [], []
+        tried, loads, fused, per_try = [], [], [], []
         for seed, settings in ((3, {}), (4, decode), (5, decode)):
             answer, session = run_session(d, info, seed, **settings)
             loads.append(os.getloadavg()[0] / (os.cpu_count() or 1))
             measured = [(c["origin"], c.get("measurement")) for c in session.get("candidates", [])]
             tried.append((answer["reason"], settings, f"load {loads[-1]:.1f}/core", measured[:6]))
             # A later session of the same target may go on from the saved search instead of seeding.
-            fused += [m for origin, m in measured if origin == "seed:fuse-siblings" and m]
+            per_try.append([m for origin, m in measured if origin == "seed:fuse-siblings" and m])
+            fused += per_try[-1]
             if answer["source"] == "best":
                 break
-        if answer["source"] != "best" and min(loads) >= OVERSUBSCRIBED:
-            assert fused and all(m["correct"] for m in fused), ("the fusion seed must be measured, correct", tried)
-            # Beside a release build (load ~2.3 per core) a pair's times swing by tens of percent and
-            # 120 pairs left the fusion at 1.10 [1.00, 1.14]: the rule rightly refuses to call that
-            # proven. What this test claims (the search finds fusion and users get it) needs a box
-            # that can resolve a 5 % effect; here the refusal is the correct outcome.
-            pytest.skip(f"every session ran oversubscribed ({', '.join(f'{x:.1f}' for x in loads)} per core): {tried}")
-        assert answer["source"] == "best", tried
+        if answer["source"] != "best":
+            figures = "; ".join(
+                f"{(why or '')[:60]} | load {load:.1f}/core | fusion seed "
+                + (", ".join(_figure(m) for m in seed_measurements) or "not measured in this session")
+                for why, load, seed_measurements in zip((t[0] for t in tried), loads, per_try)
+            )
+            assert fused and all(m["correct"] for m in fused), f"the fusion seed must be measured, correct: {figures}"
+            # A box whose noise hides a 5 % effect cannot prove it, and refusing is then the rule
+            # working: beside a release build (~2.3 runnable per core) pairs swing by tens of percent
+            # and 120 pairs left the fusion at 1.10 [1.00, 1.14]. Two signs of such a box, either
+            # enough: every try ran oversubscribed by the load average (which lags the build's
+            # phases), or every measurement of the fusion seed came out wider than a quiet box ever
+            # gives (there: half-width 0.012-0.018, tune-fusion and remeasure results in results/cpu).
+            # On a box that resolved the effect no promotion is a failure.
+            unresolved = all(m["lo"] is not None and (m["hi"] - m["lo"]) / 2 >= UNRESOLVED_HALFWIDTH for m in fused)
+            if min(loads) >= OVERSUBSCRIBED or unresolved:
+                pytest.skip(f"this box could not resolve a 5 % effect: {figures}")
+            pytest.fail(f"no session promoted the fusion on a box that resolved it: {figures}")
         policy = answer["policy"] if isinstance(answer["policy"], dict) else json.loads(answer["policy"])
         assert P.fusion_groups(policy), policy
         assert answer["evidence"]["lo"] > 1.0
