@@ -12,7 +12,8 @@ next timed run and shows up as a bias against whichever arm happens to allocate 
 exists when a measurement starts (the model, mlx_lm, every imported module) is moved to the
 collector's permanent generation for the measurement's duration (`gc.freeze`): a full collection of
 it cost about 50 ms per sample on the tiny CPU model — a third of an evaluation — while the garbage
-the arms make is young and is still collected before every sample.
+the arms make is young and is still collected before every sample. A heap someone else froze
+first (a library may) is left as it is: see `interleaved`.
 
 Racing (`Race`): an end-to-end evaluation may stop before all its pairs when it can no longer be
 promoted — after at least `min_pairs` pairs, the combined upper bound (finished workloads at their
@@ -205,11 +206,14 @@ def interleaved(arms, pairs, warmup, *, seed=0, should_stop=None, on_sample=None
     """
     race = race if race is not None else _RACE.get()
     race_name = race.begin() if race is not None else None
-    # Someone else's freeze is left alone (unfreeze would undo it): then only what we add is frozen
-    # too, and stays so.
+    # Only a heap nobody froze before is frozen (and thawed after). Freezing on top of someone else's
+    # freeze could never be undone without undoing theirs, so whatever was alive at the start (a
+    # policy's fused weights, half a GiB on a 0.5B model) would stay frozen, unreachable but never
+    # collected, once per evaluation. Their freeze already holds most of the heap.
     ours = gc.get_freeze_count() == 0
     gc.collect()
-    gc.freeze()
+    if ours:
+        gc.freeze()
     try:
         return _interleaved(arms, pairs, warmup, seed, should_stop, on_sample, race, race_name)
     finally:
