@@ -15,6 +15,8 @@
 #                    history, policy and database go to $OUT
 #   remeasure [ARGS] bench/remeasure.py ARGS (bf16): fresh homes, each a promotion, its re-measurement in a
 #                    fresh worker and a later-day re-measurement session; the figure is the deviation
+#   levels [ARGS]    bench/gpu/training_levels.py ARGS (the training ratio's levels, per sample, by variant)
+#   fusionmem [ARGS] bench/gpu/fusion_memory.py ARGS (active memory after each stage of a fused evaluation)
 #   llama [ARGS]     that best retargeted to a Llama-3.2-1B-shaped bf16 model: decode B = 1 and 8 vs stock
 #   fusion [ARGS]    bench/fusion_bench.py against that daemon's best: bf16 (all workloads), then the
 #                    same policy retargeted to a 4-bit copy (decode B=1, B=8, prefill); ARGS to both
@@ -102,6 +104,15 @@ for step in ${steps//,/ }; do
       unpack_daemon || exit 1
       python3 bench/remeasure.py --daemon "$TWBIN/tilewised" --dtype bfloat16 --later-day \
         --out "$OUT/remeasure.txt" "$@" || rc=1
+      ;;
+    levels)
+      # The training ratio's levels: per-sample figures of the evaluator's own measurement, by variant.
+      ( nvidia-smi --query-gpu=timestamp,clocks.sm,utilization.gpu,power.draw --format=csv -lms 500 > "$OUT/clocks.csv" & echo $! > /tmp/smi.pid )
+      python3 bench/gpu/training_levels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/training_levels.txt" | grep -v '^      ' || rc=1
+      kill "$(cat /tmp/smi.pid)" 2>/dev/null
+      ;;
+    fusionmem)
+      python3 bench/gpu/fusion_memory.py "$@" 2>&1 | tee "$OUT/fusion_memory.txt" || rc=1
       ;;
     fusion)
       start_daemon || exit 1
