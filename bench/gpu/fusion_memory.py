@@ -89,7 +89,9 @@ def main():
         ("training", training),
     ]
     base = active_mib()
-    print(f"# {args.model} {args.dtype} on {mx.default_device()}: active {base:.0f} MiB after load; objects frozen by imports: {gc.get_freeze_count()}")
+    print(
+        f"# {args.model} {args.dtype} on {mx.default_device()}: active {base:.0f} MiB after load; objects already frozen (gc.freeze) before any measurement: {gc.get_freeze_count()}"
+    )
     print(
         f"{'stage':10s} "
         + " ".join(f"{'after ' + str(i + 1):>10s}" for i in range(args.repeats))
