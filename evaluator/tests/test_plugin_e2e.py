@@ -269,7 +269,20 @@ def test_a_default_session_finds_fusion_and_mlx_lm_processes_get_it(binaries, ho
             answer, session = run_session(d, info, seed, **settings)
             loads.append(os.getloadavg()[0] / (os.cpu_count() or 1))
             measured = [(c["origin"], c.get("measurement")) for c in session.get("candidates", [])]
-            tried.append((answer["reason"], settings, f"load {loads[-1]:.1f}/core", measured[:6]))
+            state = session.get("session") or {}
+            outline = ", ".join(
+                f"{c['origin']}:{c['status']}" + (f" ({c['failure_reason']})" if c.get("failure_reason") else "")
+                for c in session.get("candidates", [])[:4]
+            )
+            tried.append(
+                (
+                    answer["reason"],
+                    settings,
+                    f"session {state.get('state')} ({state.get('reason')}), "
+                    f"{len(session.get('candidates', []))} candidates: {outline}",
+                    measured[:6],
+                )
+            )
             # A later session of the same target may go on from the saved search instead of seeding.
             per_try.append([m for origin, m in measured if origin == "seed:fuse-siblings" and m])
             fused += per_try[-1]
@@ -277,9 +290,11 @@ def test_a_default_session_finds_fusion_and_mlx_lm_processes_get_it(binaries, ho
                 break
         if answer["source"] != "best":
             figures = "; ".join(
-                f"{(why or '')[:60]} | load {load:.1f}/core | fusion seed "
+                f"{(why or '')[:60]} | load {load:.1f}/core | {what} | fusion seed "
                 + (", ".join(_figure(m) for m in seed_measurements) or "not measured in this session")
-                for why, load, seed_measurements in zip((t[0] for t in tried), loads, per_try)
+                for why, what, load, seed_measurements in zip(
+                    (t[0] for t in tried), (t[2] for t in tried), loads, per_try
+                )
             )
             assert fused and all(m["correct"] for m in fused), f"the fusion seed must be measured, correct: {figures}"
             # A box whose noise hides a 5 % effect cannot prove it, and refusing is then the rule
