@@ -328,8 +328,12 @@ impl Runner {
         let existing = self.store().find_candidate(self.session_id, &hash)?;
         let mut predicted = None;
         // A warm start is measured end to end: another machine proved it that way, and the screen's
-        // matmul-time prediction is no judge of what it measured there.
-        if existing.is_none() && self.state.spec.screen && !child.origin.starts_with("warm:") {
+        // matmul-time prediction is no judge of what it measured there. So are the search's seeds (a
+        // handful per session, fusion first): fusion's gain is mostly per-call launch cost, which
+        // matmul microbenchmarks barely see, and on a loaded machine their noise screened fusion
+        // seeds out, leaving a session that never measured the one change that makes models faster.
+        let measured_anyway = child.origin.starts_with("warm:") || child.origin.starts_with("seed:");
+        if existing.is_none() && self.state.spec.screen && !measured_anyway {
             match self.screen(&child.policy).await? {
                 Screen::Predicted(raw) => {
                     let threshold = self.state.spec.screen_threshold;
