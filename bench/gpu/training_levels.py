@@ -36,7 +36,6 @@ sys.path.insert(0, str(REPO / "evaluator"))
 import gc  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
@@ -75,19 +74,9 @@ def kept_optimizer_step(optimizers):
     """run_training_step with one AdamW per parameter layout (stock, fused) kept across steps."""
 
     def step(model, batch, learning_rate=1e-5):
-        saved = model.parameters()
-        layout = tuple(k for k, _ in tree_flatten(saved))
+        layout = tuple(k for k, _ in tree_flatten(model.parameters()))
         optimizer = optimizers.setdefault(layout, optim.AdamW(learning_rate=learning_rate))
-        grad_fn = nn.value_and_grad(model, workloads.loss_fn)
-        cpu = time.process_time()
-        tic = time.perf_counter()
-        loss, grads = grad_fn(model, *batch)
-        optimizer.update(model, grads)
-        mx.eval(loss, model.parameters(), optimizer.state)
-        seconds = time.perf_counter() - tic
-        cpu_s = time.process_time() - cpu
-        model.update(saved)
-        return {"seconds": seconds, "cpu_s": cpu_s, "loss": loss.item()}
+        return SHIPPED_STEP(model, batch, optimizer=optimizer)
 
     return step
 

@@ -142,10 +142,11 @@ def loss_and_grads(model, batch):
     return loss, grads
 
 
-def run_training_step(model, batch, learning_rate=1e-5):
-    """One full training step, timed; the weights are restored afterwards (see module doc)."""
+def run_training_step(model, batch, learning_rate=1e-5, optimizer=None):
+    """One full training step, timed; the weights are restored afterwards (see module doc).
+    `optimizer`: one kept across steps (its state then carries over); None makes a fresh AdamW."""
     saved = model.parameters()
-    optimizer = optim.AdamW(learning_rate=learning_rate)
+    optimizer = optimizer if optimizer is not None else optim.AdamW(learning_rate=learning_rate)
     step = nn.value_and_grad(model, loss_fn)
     cpu = time.process_time()
     tic = time.perf_counter()
