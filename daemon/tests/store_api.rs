@@ -302,6 +302,41 @@ fn promotion_replaces_best_and_appends_history() {
 }
 
 #[test]
+fn a_demotion_that_serves_an_imported_policy_again_keeps_where_it_came_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let sid = session(&store);
+    let key = BestKey { device: "dev".into(), model: "model".into(), mlx: "0.32.4".into(), backend: "cpu".into() };
+    let promo = |hash: &str, ratio: f64| Promotion {
+        key: key.clone(),
+        policy: json!({"h": hash}),
+        hash: hash.into(),
+        ratio,
+        lo: ratio - 0.02,
+        hi: ratio + 0.02,
+        session_id: Some(sid),
+        candidate_id: None,
+        summary: None,
+    };
+    let origin = "imported from Apple M3 Max (dev-other), verified here in session 1";
+    store.promote(&promo("sha256:imported", 1.10)).unwrap();
+    assert!(!store.set_best_origin(&key, "sha256:not-the-best", origin).unwrap(), "only the best is labelled");
+    assert!(store.set_best_origin(&key, "sha256:imported", origin).unwrap());
+    assert_eq!(store.history(None, 10).unwrap()[0].origin.as_deref(), Some(origin));
+
+    // A policy found here replaces it (no label), then is found slower than stock: the imported
+    // one is served again, still labelled, and the demotion row says so.
+    store.promote(&promo("sha256:local", 1.20)).unwrap();
+    assert_eq!(store.best(&key).unwrap().unwrap().origin, None);
+    assert_eq!(store.history(None, 10).unwrap()[0].origin, None);
+    assert_eq!(store.demote(&key, "sha256:local", "slower than stock").unwrap().as_deref(), Some("sha256:imported"));
+    let best = store.best(&key).unwrap().unwrap();
+    assert_eq!((best.hash.as_str(), best.origin.as_deref()), ("sha256:imported", Some(origin)));
+    let demotion = &store.history(None, 10).unwrap()[0];
+    assert_eq!((demotion.kind.as_str(), demotion.origin.as_deref()), ("demotion", Some(origin)));
+}
+
+#[test]
 fn events_devices_models_and_worker_failures_persist_across_reopen() {
     let tmp = tempfile::tempdir().unwrap();
     {

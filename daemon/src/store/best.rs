@@ -128,6 +128,10 @@ pub struct HistoryEntry {
     /// Why (remeasurements and demotions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Where the policy came from when not from a search here (promotions and demotions; see
+    /// [`Best::origin`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 fn promotion_kind() -> String {
@@ -179,15 +183,27 @@ impl Store {
         Ok(st.query_row(params![key.device, key.model, key.mlx, key.backend], best_from_row).optional()?)
     }
 
-    /// Marks the best of `key` with hash `hash` as coming from elsewhere (see [`Best::origin`]).
+    /// Marks the best of `key` with hash `hash` as coming from elsewhere (see [`Best::origin`]), and
+    /// its promotion in the history with it, so that a demotion which serves it again keeps the
+    /// label. One transaction; `false` (nothing written) when `hash` is not the best.
     pub fn set_best_origin(&self, key: &BestKey, hash: &str, origin: &str) -> Result<bool> {
         // A write to `best` like a promotion: cached `policy.get` answers must not outlive it.
         self.own_promotions.set(self.own_promotions.get() + 1);
-        let n = self.conn.execute(
+        let tx = self.conn.unchecked_transaction()?;
+        let n = tx.execute(
             "UPDATE best SET origin = ?6 WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4 AND hash = ?5",
             params![key.device, key.model, key.mlx, key.backend, hash, origin],
         )?;
-        Ok(n == 1)
+        if n != 1 {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE best_history SET origin = ?6 WHERE id = (SELECT max(id) FROM best_history
+               WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4 AND hash = ?5 AND kind = 'promotion')",
+            params![key.device, key.model, key.mlx, key.backend, hash, origin],
+        )?;
+        tx.commit()?;
+        Ok(true)
     }
 
     /// Every best of `device` (optionally of one model), newest promotion first.
@@ -307,7 +323,7 @@ impl Store {
         let previous: Option<Best> = {
             let mut st = tx.prepare(
                 "SELECT device, model, mlx, backend, hash, policy_json, ratio, lo, hi, session_id, candidate_id, promoted_at,
-                        summary_json, NULL AS remeasured_at, NULL AS origin
+                        summary_json, NULL AS remeasured_at, origin
                  FROM best_history WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4 AND kind = 'promotion'
                  AND hash != ?5 ORDER BY id DESC",
             )?;
@@ -327,7 +343,7 @@ impl Store {
             Some(b) => {
                 tx.execute(
                     "UPDATE best SET hash = ?5, policy_json = ?6, ratio = ?7, lo = ?8, hi = ?9, session_id = ?10, candidate_id = ?11,
-                       promoted_at = ?12, summary_json = ?13, remeasured_at = NULL, origin = NULL
+                       promoted_at = ?12, summary_json = ?13, remeasured_at = NULL, origin = ?14
                      WHERE device = ?1 AND model = ?2 AND mlx = ?3 AND backend = ?4",
                     params![
                         k.device,
@@ -342,7 +358,8 @@ impl Store {
                         b.session_id,
                         b.candidate_id,
                         b.promoted_at,
-                        b.summary.as_ref().map(to_json).transpose()?
+                        b.summary.as_ref().map(to_json).transpose()?,
+                        b.origin
                     ],
                 )?;
                 (b.hash.clone(), to_json(&b.policy)?)
@@ -356,10 +373,11 @@ impl Store {
             }
         };
         let (ratio, lo, hi) = previous.as_ref().map_or((1.0, 1.0, 1.0), |b| (b.ratio, b.lo, b.hi));
+        let origin = previous.as_ref().and_then(|b| b.origin.clone());
         tx.execute(
-            "INSERT INTO best_history (device, model, mlx, backend, hash, policy_json, ratio, lo, hi, replaced_hash, promoted_at, kind, reason)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'demotion', ?12)",
-            params![k.device, k.model, k.mlx, k.backend, served_hash, served_policy, ratio, lo, hi, hash, at, reason],
+            "INSERT INTO best_history (device, model, mlx, backend, hash, policy_json, ratio, lo, hi, replaced_hash, promoted_at, kind, reason, origin)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'demotion', ?12, ?13)",
+            params![k.device, k.model, k.mlx, k.backend, served_hash, served_policy, ratio, lo, hi, hash, at, reason, origin],
         )?;
         tx.commit()?;
         Ok(previous.map(|b| b.hash))
@@ -382,7 +400,7 @@ impl Store {
     pub fn history(&self, model: Option<&str>, limit: u32) -> Result<Vec<HistoryEntry>> {
         let mut st = self.conn.prepare_cached(
             "SELECT id, promoted_at, device, model, mlx, backend, hash, ratio, lo, hi, session_id, candidate_id, replaced_hash, summary_json,
-                    kind, reason
+                    kind, reason, origin
              FROM best_history WHERE (?1 IS NULL OR model = ?1) ORDER BY id DESC LIMIT ?2",
         )?;
         let rows = st.query_map(params![model, limit], |r| {
@@ -403,6 +421,7 @@ impl Store {
                 summary: summary_col(r, "summary_json")?,
                 kind: r.get("kind")?,
                 reason: r.get("reason")?,
+                origin: r.get("origin")?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

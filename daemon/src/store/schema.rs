@@ -253,13 +253,19 @@ CREATE INDEX imports_state ON imports (state, model);
 ALTER TABLE best ADD COLUMN origin TEXT;
 "#;
 
+/// Schema version 7: a promotion's history row keeps where its policy came from (`best.origin`),
+/// so that a demotion which serves an imported policy again serves it with its label.
+const V7: &str = r#"
+ALTER TABLE best_history ADD COLUMN origin TEXT;
+"#;
+
 /// Every migration, oldest first.
 pub(crate) fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4), M::up(V5), M::up(V6)])
+    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4), M::up(V5), M::up(V6), M::up(V7)])
 }
 
 /// The schema version this binary writes (= number of migrations).
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 7;
 
 #[cfg(test)]
 mod tests {
@@ -270,5 +276,23 @@ mod tests {
         super::migrations().to_latest(&mut conn).unwrap();
         let v: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
         assert_eq!(v, super::SCHEMA_VERSION);
+    }
+
+    /// A database written before history rows had an origin opens with its rows intact (origin
+    /// NULL: found here, which is what every row before imports existed was).
+    #[test]
+    fn a_version_6_history_migrates_with_its_rows() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        super::migrations().to_version(&mut conn, 6).unwrap();
+        conn.execute(
+            "INSERT INTO best_history (device, model, mlx, backend, hash, policy_json, ratio, lo, hi, promoted_at)
+             VALUES ('d', 'm', '0.32.4', 'cpu', 'sha256:a', '{}', 1.2, 1.1, 1.3, '2026-12-01T00:00:00Z')",
+            [],
+        )
+        .unwrap();
+        super::migrations().to_latest(&mut conn).unwrap();
+        let row: (String, f64, Option<String>) =
+            conn.query_row("SELECT hash, ratio, origin FROM best_history", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+        assert_eq!(row, ("sha256:a".to_string(), 1.2, None));
     }
 }

@@ -421,6 +421,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(reason) = &p.reason {
                     println!("    {reason}");
                 }
+                if let Some(origin) = &p.origin {
+                    println!("    {origin}");
+                }
                 if let Some(summary) = &p.summary {
                     let measured = summary.measured_text();
                     println!("    {}{}", summary.text, if measured.is_empty() { String::new() } else { format!("; {measured}") });
