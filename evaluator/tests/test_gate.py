@@ -74,17 +74,29 @@ def test_incorrect_candidate_gets_no_timing(model):
 
 PAIRS = 24
 
+# How much slower than stock the native policy routed through the patch may measure before the test
+# calls it a bias. Every linear call of the candidate pays the patch's dispatch (a dict lookup and a
+# counter, ~0.3 µs): on this tiny model, whose matmuls take microseconds, that is a real 0–2 % cost
+# (quiet box, six seeds: inference 0.982–1.000, three of six intervals wholly below 1). Under a
+# concurrent build the intervals widen and that cost alone put inference below 1 twice in a row
+# (0.978 [0.834, 0.995], then 0.942 [0.889, 0.987]). A cost is not a promotion risk; a dispatch path
+# gone wrong (plans resolved per call, a copy per call) costs far more than 5 %.
+PATCH_COST_MARGIN = 0.05
+
 
 def test_a_a_interval_contains_one(model):
-    """Candidate = the native policy: stock and candidate do the same work, so the interval of the
-    ratio must contain 1.0 (and promotion, which needs lo > 1, cannot happen).
+    """Candidate = the native policy, every layer routed through the patch: stock and candidate
+    compute the same thing, so the interval must not lie above 1.0 (promotion needs lo > 1) and may
+    lie below it only by the patch's small dispatch cost (`PATCH_COST_MARGIN`).
 
     Three 95 % intervals (inference, training, combined) all contain 1.0 by chance in only about
     90 % of runs even when nothing is wrong (CI saw training 1.054 [1.001, 1.170] once). So a run
-    whose intervals miss 1.0 is repeated once with another seed, and the test fails only if that
-    one misses too ON THE SAME SIDE for the same workload: a real bias of the patch is one-sided and
-    shows in both runs, while CI once saw noise miss both ways (inference 0.964 [0.910, 0.985],
-    then 1.028 [1.005, 1.076])."""
+    whose intervals miss is repeated once with another seed, and the test fails only if that one
+    misses too ON THE SAME SIDE for the same workload — as the promotion rule promotes only what a
+    second, independent measurement confirms. A real bias is one-sided and shows in both runs, while
+    CI once saw noise miss both ways (inference 0.964 [0.910, 0.985], then 1.028 [1.005, 1.076]).
+    Above 1 a miss is any lower bound over 1.0 (that is what a false promotion needs); below, an
+    upper bound under 1 - PATCH_COST_MARGIN."""
 
     # Longer samples than SMALL: they are less at the mercy of other processes on a shared machine.
     # Every layer patched (reachable_only=False): the candidate really runs through the patch.
@@ -105,12 +117,14 @@ def test_a_a_interval_contains_one(model):
         return r, stages
 
     def misses(r):
-        """{workload: +1 if the interval lies above 1.0, -1 if below} for those that miss it."""
-        return {
-            w: (1 if r[w]["lo"] > 1.0 else -1)
-            for w in ("inference", "training", "combined")
-            if not r[w]["lo"] <= 1.0 <= r[w]["hi"]
-        }
+        """{workload: +1 if the interval lies above 1.0, -1 if below 1 - margin} for those that miss."""
+        out = {}
+        for w in ("inference", "training", "combined"):
+            if r[w]["lo"] > 1.0:
+                out[w] = 1
+            elif r[w]["hi"] < 1.0 - PATCH_COST_MARGIN:
+                out[w] = -1
+        return out
 
     def show(r):
         return {w: (r[w]["ratio"], r[w]["lo"], r[w]["hi"]) for w in ("inference", "training", "combined")}
@@ -119,11 +133,11 @@ def test_a_a_interval_contains_one(model):
     assert r["correct"]
     first = misses(r)
     if first:
-        print("first run missed 1.0 (chance, or a bias: the second run decides):", show(r))
+        print("first run missed (chance, or a bias: the second run decides):", show(r))
         r, stages = run(12)
         assert r["correct"]
         twice = {w: side for w, side in misses(r).items() if first.get(w) == side}
-        assert not twice, ("missed 1.0 on the same side twice", twice, show(r))
+        assert not twice, ("missed on the same side twice", twice, show(r))
     for work in ("inference", "training"):
         w = r[work]
         print(work, w["ratio"], w["lo"], w["hi"])
