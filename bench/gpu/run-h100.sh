@@ -20,6 +20,9 @@
 #   llama [ARGS]     that best retargeted to a Llama-3.2-1B-shaped bf16 model: decode B = 1 and 8 vs stock
 #   fusion [ARGS]    bench/fusion_bench.py against that daemon's best: bf16 (all workloads), then the
 #                    same policy retargeted to a 4-bit copy (decode B=1, B=8, prefill); ARGS to both
+#   fusionfile POLICY  bench/fusion_bench.py without a daemon: POLICY (a policy file, e.g. run13's
+#                    fuse-siblings.policy.json) retargeted to a 4-bit Qwen copy (decode B=1, prefill 512)
+#                    and to a Llama-3.2-1B-shaped bf16 model (decode B=1, B=8)
 # Kernel results for gputime/e2e/batched: $KR_SET, else /root/kb/kernel_bench.json (this machine's last kernels
 # step), else results/h100/run8-kernels-full/kernel_bench.json (committed: the data-chain sweep of all 30 rows).
 set -uo pipefail
@@ -120,6 +123,13 @@ for step in ${steps//,/ }; do
       python3 bench/fusion_bench.py --model synthetic:qwen2.5-0.5b --from-daemon --quantize 4 --retarget --tag q4 \
         --only decode1,decode8,prefill --out "$OUT/fusion-q4" "$@" || rc=1
       "$TWBIN/tilewise" daemon stop
+      ;;
+    fusionfile)
+      policy=${1:?fusionfile needs a policy file}; shift
+      python3 bench/fusion_bench.py --model synthetic:qwen2.5-0.5b --policy "$policy" --quantize 4 --retarget --tag q4 \
+        --only decode1,prefill --out "$OUT/fusion-q4" "$@" || rc=1
+      python3 bench/fusion_bench.py --model synthetic:llama-3.2-1b --dtype bfloat16 --policy "$policy" --retarget \
+        --tag llama1b --only decode1,decode8 --out "$OUT/fusion-llama1b" "$@" || rc=1
       ;;
     llama)
       # The Qwen-shaped session's best, retargeted to a Llama-3.2-1B-shaped model (fusion groups name
