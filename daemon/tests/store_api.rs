@@ -260,14 +260,9 @@ fn shape_memo_upserts_by_key() {
     assert!(store.memo("dev", "0.32.5", "cpu", 512, 896, 4864, "float32", "sha256:p").unwrap().is_none());
 }
 
-#[test]
-fn promotion_replaces_best_and_appends_history() {
-    let tmp = tempfile::tempdir().unwrap();
-    let store = open(tmp.path());
-    let sid = session(&store);
-    let key = BestKey { device: "dev".into(), model: "model".into(), mlx: "0.32.4".into(), backend: "cpu".into() };
-    assert!(store.best(&key).unwrap().is_none());
-    let promo = |hash: &str, ratio: f64| Promotion {
+/// A promotion of `hash` for `key` at `ratio` ± 0.02, from session `sid`.
+fn promotion(key: &BestKey, sid: SessionId, hash: &str, ratio: f64) -> Promotion {
+    Promotion {
         key: key.clone(),
         policy: json!({"h": hash}),
         hash: hash.into(),
@@ -277,7 +272,17 @@ fn promotion_replaces_best_and_appends_history() {
         session_id: Some(sid),
         candidate_id: None,
         summary: None,
-    };
+    }
+}
+
+#[test]
+fn promotion_replaces_best_and_appends_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let sid = session(&store);
+    let key = BestKey { device: "dev".into(), model: "model".into(), mlx: "0.32.4".into(), backend: "cpu".into() };
+    assert!(store.best(&key).unwrap().is_none());
+    let promo = |hash: &str, ratio: f64| promotion(&key, sid, hash, ratio);
     store.promote(&promo("sha256:one", 1.05)).unwrap();
     store.promote(&promo("sha256:two", 1.10)).unwrap();
     let best = store.best(&key).unwrap().unwrap();
@@ -307,17 +312,7 @@ fn a_demotion_that_serves_an_imported_policy_again_keeps_where_it_came_from() {
     let store = open(tmp.path());
     let sid = session(&store);
     let key = BestKey { device: "dev".into(), model: "model".into(), mlx: "0.32.4".into(), backend: "cpu".into() };
-    let promo = |hash: &str, ratio: f64| Promotion {
-        key: key.clone(),
-        policy: json!({"h": hash}),
-        hash: hash.into(),
-        ratio,
-        lo: ratio - 0.02,
-        hi: ratio + 0.02,
-        session_id: Some(sid),
-        candidate_id: None,
-        summary: None,
-    };
+    let promo = |hash: &str, ratio: f64| promotion(&key, sid, hash, ratio);
     let origin = "imported from Apple M3 Max (dev-other), verified here in session 1";
     store.promote(&promo("sha256:imported", 1.10)).unwrap();
     assert!(!store.set_best_origin(&key, "sha256:not-the-best", origin).unwrap(), "only the best is labelled");
